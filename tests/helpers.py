@@ -1,0 +1,59 @@
+"""Builders the tests share: tiny random models, small labelled tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "card arrived late lost stolen pin blocked transfer cancel refund fee exchange rate "
+    "top up failed cash withdrawal atm declined payment pending balance account verify "
+    "identity change address phone contactless apple pay"
+).split()
+
+
+def make_tiny_bert(directory: Path) -> str:
+    """Save a random 2-layer BERT (hidden 32) and a word-level tokenizer under `directory`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def make_ticket_rows(n: int, labels: list[str], seed: int = 0) -> list[dict]:
+    """`n` rows of text and category where each category has its own words (learnable)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        anchor = WORDS[(labels.index(label) * 3) % len(WORDS)]
+        filler = rng.sample(WORDS, 3)
+        rows.append({"text": " ".join([anchor, *filler, anchor]), "category": label})
+    return rows
