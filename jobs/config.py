@@ -7,6 +7,7 @@ the dotted key as the user types it and a fix.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 import json
@@ -14,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -146,7 +154,12 @@ class TrainConfig(_Strict):
     length_window: int = Field(
         8, ge=1, description="Batches whose rows are sorted by length together (bucketing)."
     )
-    seed: int = Field(17, description="Seed for weights, shuffling and dropout.")
+    shuffle_buffer_rows: int = Field(
+        10_000,
+        ge=0,
+        description="Rows each worker shuffles locally per epoch (0: stream order).",
+    )
+    seed: int = Field(17, description="Seed for weights and dropout.")
     checkpoint_dir: str = Field(
         ".raylift/checkpoints", description="Ray Train storage_path: local path or s3:// URI."
     )
@@ -173,6 +186,12 @@ class PromoteConfig(_Strict):
     alias: str = Field("production", description="Alias the gate moves.")
     metric: str = Field("val_accuracy", description="Metric the floor applies to.")
     min_value: float = Field(0.5, description="Floor the metric must clear to promote.")
+    max_regression: float = Field(
+        0.005,
+        ge=0,
+        description="How far below the current alias's metric a candidate may be, when both "
+        "were evaluated on the same table snapshot and split.",
+    )
 
 
 class AutoscalingConfig(_Strict):
@@ -227,6 +246,17 @@ class ScoreConfig(_Strict):
     torch_threads: int = Field(2, ge=1, description="Torch threads per Predictor actor.")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="Inference precision.")
     run_date: str | None = Field(None, description="YYYY-MM-DD the rows belong to; today (UTC).")
+    quarantine_table: str = Field(
+        "support.ticket_predictions_quarantine",
+        description="Where rows that cannot be scored (null or empty text) go, with the reason.",
+    )
+
+    @field_validator("run_date")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            datetime.date.fromisoformat(value)
+        return value
 
 
 class LifecycleConfig(_Strict):
@@ -316,7 +346,7 @@ def _describe(err: dict[str, Any]) -> str:
     value = err.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
     hint = _field_description(loc)
-    return f"  {key}: {err['msg']} (got {shown}); {hint}"
+    return f"  {key}: {err['msg']}, got {shown}. This key: {hint}"
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

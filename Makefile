@@ -1,0 +1,38 @@
+# raylift: `make demo` runs the whole lifecycle on the embedded default; `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.raylift-installed
+CONFIG ?= configs/banking77/minilm_lora.yaml
+
+.PHONY: setup demo test lint format bench clean-state
+
+setup: $(STAMP)
+
+# torch first and pinned: the CPU wheel of 2.13.0 is what dev machines and CI have; letting a
+# dependency pull torch unpinned would download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/raylift demo --config $(CONFIG)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit tests/integration tests/e2e
+
+bench: setup
+	$(BIN)/pytest -q -s -p no:cacheprovider tests/benchmarks
+
+clean-state:
+	rm -rf .raylift

@@ -1,0 +1,163 @@
+"""The `raylift` command: a dispatch table of subcommands, each a thin call into a job.
+
+Every job module also runs on its own, so the same work goes to any Ray cluster with
+`ray job submit --working-dir . -- python -m jobs.finetune --config FILE [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
+from typing import Any
+
+from jobs.config import ConfigError, LifecycleConfig, load_config, parse_overrides
+
+__all__ = ["COMMANDS", "build_parser", "main", "run_job"]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[argparse.Namespace], Any]
+    needs_config: bool = True
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _config(args: argparse.Namespace) -> LifecycleConfig:
+    return load_config(args.config, parse_overrides(args.overrides))
+
+
+def _validate(args: argparse.Namespace) -> dict[str, Any]:
+    config = _config(args)
+    return {"config": args.config, "valid": True, "name": config.name}
+
+
+def _warehouse(args: argparse.Namespace) -> Any:
+    from jobs import load
+
+    return load.main(_config(args))
+
+
+def _finetune(args: argparse.Namespace) -> Any:
+    from jobs import finetune
+
+    return finetune.main(_config(args))
+
+
+def _promote(args: argparse.Namespace) -> Any:
+    from jobs import promote
+
+    return promote.main(_config(args), version=args.version)
+
+
+def _serve(args: argparse.Namespace) -> Any:
+    from serving import app
+
+    return app.deploy(_config(args), model_uri=args.model_uri, blocking=True)
+
+
+def _score(args: argparse.Namespace) -> Any:
+    from jobs import score
+
+    return score.main(_config(args))
+
+
+def _demo(args: argparse.Namespace) -> Any:
+    from jobs import demo
+
+    return demo.main(_config(args))
+
+
+def _version_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", help="Registered version to promote (default: newest).")
+
+
+def _model_uri_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-uri", help="Model to serve (default: the promoted alias).")
+
+
+def _warehouse_action(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["load"], help="load: file → Iceberg tables.")
+
+
+COMMANDS: dict[str, Command] = {
+    "validate": Command("Check a config; list every error with its key and a fix.", _validate),
+    "warehouse": Command(
+        "Load the source file into the Iceberg tables.", _warehouse,
+        add_arguments=_warehouse_action,
+    ),
+    "finetune": Command("Fine-tune with Ray Train + DeepSpeed; register the model.", _finetune),
+    "promote": Command("Gate a registered version and move the alias.", _promote,
+                       add_arguments=_version_argument),
+    "serve": Command("Serve the promoted model with Ray Serve (blocks).", _serve,
+                     add_arguments=_model_uri_argument),
+    "score": Command("Batch-score a table with Ray Data into the predictions table.", _score),
+    "demo": Command("The whole lifecycle on the embedded default.", _demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylift", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        child = sub.add_parser(name, help=command.help, description=command.help)
+        if command.add_arguments:
+            command.add_arguments(child)
+        if command.needs_config:
+            _add_config_arguments(child)
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="Lifecycle YAML, e.g. configs/...")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    return _dispatch(lambda: COMMANDS[args.command].run(args))
+
+
+def run_job(job_main: Callable[[LifecycleConfig], Any], doc: str | None) -> None:
+    """`python -m jobs.<name> --config FILE [key=value ...]`."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    _add_config_arguments(parser)
+    args = parser.parse_args()
+    _setup_logging()
+    sys.exit(_dispatch(lambda: job_main(load_config(args.config,
+                                                    parse_overrides(args.overrides)))))
+
+
+def _dispatch(call: Callable[[], Any]) -> int:
+    try:
+        result = call()
+    except ConfigError as exc:
+        print(f"error: invalid config {exc}", file=sys.stderr)
+        return 2
+    except (LookupError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(json.dumps(_plain(result), indent=2, default=str))
+    return 0
+
+
+def _plain(result: Any) -> Any:
+    return asdict(result) if is_dataclass(result) else result
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("RAYLIFT_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

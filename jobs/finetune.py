@@ -1,0 +1,109 @@
+"""Fine-tune a pretrained model on a warehouse table with Ray Train + DeepSpeed; register it.
+
+    python -m jobs.finetune --config configs/banking77/minilm_lora.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster import init_ray
+from jobs import tracking
+from jobs.config import LifecycleConfig, config_hash
+from jobs.train_loop import LoopInputs, train_func
+from jobs.training_data import PreparedData, prepare_training_data
+
+__all__ = ["FinetuneResult", "main"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    model_name: str
+    version: str
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    wall_s: float
+
+
+def main(config: LifecycleConfig) -> FinetuneResult:
+    started = time.perf_counter()
+    init_ray()
+    data = prepare_training_data(config)
+    tags = tracking.lineage_tags(config, data.lineage())
+    with tracking.tracked_run(config, tags) as run_id:
+        result = _train(config, data, tags)
+        checkpoint, metrics = _best_checkpoint(result, config.promote.metric)
+        tracking.log_history(result.metrics_dataframe)
+        with checkpoint.as_directory() as directory:
+            version = tracking.register(config, run_id, directory, tags, metrics)
+    finished = FinetuneResult(
+        run_id=run_id, model_name=config.registry.model_name, version=version,
+        metrics=metrics, checkpoint_path=checkpoint.path, wall_s=time.perf_counter() - started,
+    )
+    log.info("registered %s version %s (%s)", finished.model_name, version, _fmt(metrics))
+    return finished
+
+
+def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str]):
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = config.train
+    inputs = LoopInputs(
+        config=config.model_dump(mode="json"), labels=data.labels,
+        train_rows=data.train_rows, meta=tags,
+    )
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=inputs.as_dict(),
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{config.name}-{config_hash(config)}-{int(time.time())}",
+            storage_path=_storage_path(train.checkpoint_dir),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=config.promote.metric,
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets=data.datasets,
+    )
+    return trainer.fit()
+
+
+def _storage_path(checkpoint_dir: str) -> str:
+    if "://" in checkpoint_dir:
+        return checkpoint_dir
+    path = Path(checkpoint_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _best_checkpoint(result, metric: str):
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if not ranked:
+        raise RuntimeError(f"training reported no checkpoint with metric {metric!r}")
+    return max(ranked, key=lambda item: item[1][metric])
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    keys = ("epoch", "val_accuracy", "val_macro_f1", "train_rows_per_s")
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_job
+
+    run_job(main, __doc__)

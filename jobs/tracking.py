@@ -1,0 +1,101 @@
+"""Experiment tracking for jobs: a tracked MLflow run, its lineage tags, and registration."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from jobs.config import LifecycleConfig, config_hash
+from serving import registry
+
+__all__ = ["git_sha", "lineage_tags", "log_history", "register", "tracked_run"]
+
+_LOGGED_METRICS = (
+    "train_loss", "train_rows_per_s", "data_wait_fraction", "learning_rate",
+    "val_accuracy", "val_macro_f1", "val_loss",
+)
+
+
+def git_sha() -> str:
+    """The commit the code runs from, '+dirty' if it has local changes, 'unknown' outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def lineage_tags(config: LifecycleConfig, data_lineage: dict[str, str]) -> dict[str, str]:
+    return {
+        "raylift.config_name": config.name,
+        "raylift.config_hash": config_hash(config),
+        "raylift.git_sha": git_sha(),
+        "raylift.base_model": config.model.base,
+        "raylift.method": config.model.method,
+        "raylift.task": config.task.type,
+        "raylift.validation_split": (
+            f"fraction={config.data.validation.fraction},seed={config.data.validation.seed}"
+        ),
+        **{f"raylift.{k}": v for k, v in data_lineage.items()},
+    }
+
+
+@contextlib.contextmanager
+def tracked_run(config: LifecycleConfig, tags: dict[str, str]) -> Iterator[str]:
+    """An MLflow run with the config as params; marked FAILED if the body raises."""
+    import mlflow
+
+    experiment_id = registry.configure_tracking(
+        config.registry.tracking_uri, config.registry.experiment
+    )
+    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
+        mlflow.log_params(_flat_params(config.model_dump(include={"model", "train", "data",
+                                                                  "task"})))
+        yield run.info.run_id
+
+
+def log_history(history) -> None:
+    """Per-epoch metrics from Ray Train's metrics dataframe, with the epoch as MLflow step."""
+    import mlflow
+
+    if history is None:
+        return
+    for row in history.to_dict("records"):
+        step = int(row.get("epoch", 0))
+        values = {k: float(row[k]) for k in _LOGGED_METRICS if k in row and row[k] == row[k]}
+        mlflow.log_metrics(values, step=step)
+
+
+def register(
+    config: LifecycleConfig, run_id: str, checkpoint_dir: str | Path, tags: dict[str, str],
+    metrics: dict[str, Any],
+) -> str:
+    """Register the checkpoint as a new version; its metrics ride along as version tags."""
+    metric_tags = {
+        f"metric.{k}": f"{float(metrics[k]):.6f}"
+        for k in _LOGGED_METRICS if k in metrics
+    }
+    metric_tags["metric.epoch"] = str(metrics.get("epoch", ""))
+    return registry.register_checkpoint(
+        config.registry.model_name, run_id, checkpoint_dir, {**tags, **metric_tags}
+    )
+
+
+def _flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:500]
+    return flat

@@ -1,0 +1,309 @@
+"""The per-worker training function Ray Train runs (and Ray Tune will call).
+
+Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage from the config), reads
+its shard of the tokenized Ray Data stream, trains with per-batch padding over length-sorted
+windows, evaluates on its validation shard, and reports metrics plus a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.config import LifecycleConfig, TrainConfig
+from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
+from jobs.tasks import Task, get_task
+
+__all__ = ["LoopInputs", "deepspeed_config", "pad_batch", "train_func", "windowed_batches"]
+
+INPUT_IDS = "input_ids"
+TARGETS = "targets"
+_HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker (plain data: it travels by pickle)."""
+
+    config: dict[str, Any]
+    labels: list[str]
+    train_rows: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "labels": self.labels,
+            "train_rows": self.train_rows,
+            "meta": self.meta,
+        }
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    inputs = LoopInputs(**loop_config)
+    config = LifecycleConfig.model_validate(inputs.config)
+    _configure_worker(config.train)
+    context = ray.train.get_context()
+    task = get_task(config.task.type)
+    engine = _setup_engine(config, task, inputs, context.get_world_size())
+    tokenizer = load_tokenizer(resolve_base_model(config.model.base), config.model.trust_remote_code)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    pad_id = tokenizer.pad_token_id
+    for epoch in range(1, config.train.epochs + 1):
+        stats = _train_epoch(engine, train_shard, config.train, pad_id, epoch)
+        evaluation = _evaluate(engine, val_shard, task, config.train, len(inputs.labels), pad_id)
+        metrics = {"epoch": epoch, **stats, **evaluation}
+        _report(engine, metrics, tokenizer, inputs, config, context.get_world_rank())
+
+
+def _configure_worker(train: TrainConfig) -> None:
+    # Ray sets OMP_NUM_THREADS from the task's CPUs; say what we want explicitly instead.
+    torch.set_num_threads(train.torch_threads or max(1, math.ceil(train.cpus_per_worker)))
+    if not train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    random.seed(train.seed)
+    np.random.seed(train.seed)
+    torch.manual_seed(train.seed)
+
+
+def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        # The optimizer is torch's AdamW (DeepSpeed's fused Adam needs CUDA).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world_size: int):
+    import deepspeed
+    from transformers import get_linear_schedule_with_warmup
+
+    model = build_model(config.model, task, inputs.labels)
+    train = config.train
+    steps_per_epoch = math.ceil(inputs.train_rows / world_size / train.batch_size)
+    if train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
+    total_steps = max(1, steps_per_epoch * train.epochs)
+    optimizer = torch.optim.AdamW(_param_groups(model, train), lr=train.learning_rate)
+
+    def schedule(opt):
+        warmup = int(train.warmup_ratio * total_steps)
+        return get_linear_schedule_with_warmup(opt, warmup, total_steps)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(train)
+    )
+    return engine
+
+
+def _param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+    head, body, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if any(f"{h}." in name for h in _HEAD_NAMES):
+            head.append(param)
+        elif param.ndim < 2:  # biases and LayerNorm weights are not decayed
+            no_decay.append(param)
+        else:
+            body.append(param)
+    groups = [
+        {"params": body, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": head, "weight_decay": train.weight_decay, "lr": _head_lr(train)},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _head_lr(train: TrainConfig) -> float:
+    return train.head_learning_rate or train.learning_rate
+
+
+def pad_batch(sequences: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of this batch only (not to max_length)."""
+    longest = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
+def windowed_batches(
+    window: dict[str, np.ndarray], batch_size: int, rng: random.Random | None
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """Sort a window of rows by length, cut it into batches, shuffle the batch order.
+
+    Rows of similar length share a batch, so per-batch padding wastes little; the window (a few
+    batches) keeps the length bucketing from undoing the shuffle of the stream.
+    """
+    sequences = list(window[INPUT_IDS])
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    starts = list(range(0, len(order), batch_size))
+    if rng is not None:
+        rng.shuffle(starts)
+    for start in starts:
+        picked = order[start : start + batch_size]
+        yield [sequences[i] for i in picked], window[TARGETS][picked]
+
+
+def _stream(shard, config: TrainConfig, rng: random.Random | None):
+    """Batches of one shard; shuffled (rng given) through a local buffer, then length-bucketed.
+
+    Warehouse tables are often sorted (by time, by class). A local shuffle buffer as large as a
+    worker's shard is a full shuffle for small tables and a sliding one for large tables, at
+    the cost of buffer memory, not of a cluster-wide shuffle on every epoch.
+    """
+    window_rows = config.batch_size * config.length_window
+    buffer = config.shuffle_buffer_rows if rng is not None else None
+    for window in shard.iter_batches(
+        batch_size=window_rows, batch_format="numpy", local_shuffle_buffer_size=buffer or None
+    ):
+        yield from windowed_batches(window, config.batch_size, rng)
+
+
+def _all_ranks_have(has_batch: bool) -> tuple[bool, bool]:
+    """(any rank has a batch, every rank has one): keeps collectives in step on uneven shards."""
+    import torch.distributed as dist
+
+    flags = torch.tensor([int(has_batch), int(not has_batch)])
+    dist.all_reduce(flags)
+    return bool(flags[0] > 0), bool(flags[1] == 0)
+
+
+def _train_epoch(engine, shard, train: TrainConfig, pad_id: int, epoch: int) -> dict[str, float]:
+    engine.train()
+    rng = random.Random(train.seed * 1000 + epoch)
+    batches = _stream(shard, train, rng)
+    loss_sum, rows, steps, waited = 0.0, 0, 0, 0.0
+    start = time.perf_counter()
+    while train.max_steps_per_epoch is None or steps < train.max_steps_per_epoch:
+        fetch = time.perf_counter()
+        item = next(batches, None)
+        waited += time.perf_counter() - fetch
+        _, all_have = _all_ranks_have(item is not None)
+        if not all_have:  # a rank ran dry: stop together so ZeRO collectives never hang
+            break
+        sequences, targets = item
+        inputs = pad_batch(sequences, pad_id)
+        loss = engine(**inputs, labels=torch.from_numpy(targets)).loss
+        engine.backward(loss)
+        engine.step()
+        loss_sum += float(loss.detach()) * len(sequences)
+        rows += len(sequences)
+        steps += 1
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": _global_mean(loss_sum, rows),
+        "train_steps": steps,
+        "train_rows_per_s": _global_sum(rows) / max(elapsed, 1e-9),
+        "data_wait_fraction": waited / max(elapsed, 1e-9),
+        "learning_rate": float(engine.get_lr()[0]),
+    }
+
+
+@torch.no_grad()
+def _evaluate(
+    engine, shard, task: Task, train: TrainConfig, n: int, pad_id: int
+) -> dict[str, float]:
+    engine.eval()
+    batches = _stream(shard, train, rng=None)
+    confusion = torch.zeros((n, n), dtype=torch.float64)
+    loss_sum, rows = 0.0, 0
+    dummy = None
+    while True:
+        item = next(batches, None)
+        any_have, _ = _all_ranks_have(item is not None)
+        if not any_have:
+            break
+        if item is None:  # ZeRO-3 gathers weights in forward: every rank must take part
+            dummy = dummy or pad_batch([np.array([pad_id])], pad_id)
+            engine(**dummy)
+            continue
+        sequences, targets = item
+        labels = torch.from_numpy(targets)
+        out = engine(**pad_batch(sequences, pad_id), labels=labels)
+        loss_sum += float(out.loss) * len(sequences)
+        rows += len(sequences)
+        predicted = out.logits.float().argmax(dim=-1)
+        confusion.index_put_((labels, predicted), torch.ones(len(labels), dtype=torch.float64),
+                             accumulate=True)
+    import torch.distributed as dist
+
+    dist.all_reduce(confusion)
+    metrics = task.metrics(confusion.numpy())
+    return {
+        **{f"val_{k}": v for k, v in metrics.items()},
+        "val_loss": _global_mean(loss_sum, rows),
+        "val_rows": int(confusion.sum()),
+    }
+
+
+def _global_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor[0])
+
+
+def _global_mean(total: float, count: int) -> float:
+    denominator = _global_sum(count)
+    return _global_sum(total) / denominator if denominator else float("nan")
+
+
+def _report(engine, metrics, tokenizer, inputs: LoopInputs, config: LifecycleConfig, rank: int):
+    import ray.train
+
+    # Under ZeRO-3 the weights are partitioned: every rank joins the gather, rank 0 saves.
+    state_dict = None
+    if config.train.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="raylift-ckpt-") as directory:
+        if state_dict is not None:
+            state_dict = {k: v.float() for k, v in state_dict.items()}
+        save_checkpoint(
+            engine.module, tokenizer, directory, _checkpoint_meta(inputs, config, metrics),
+            state_dict=state_dict,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _checkpoint_meta(inputs: LoopInputs, config: LifecycleConfig, metrics: dict) -> dict:
+    return {
+        "task": config.task.type,
+        "labels": inputs.labels,
+        "base_model": config.model.base,
+        "method": config.model.method,
+        "adapter": config.model.lora.model_dump() if config.model.method in ("lora", "qlora")
+        else None,
+        "max_length": config.task.max_length,
+        "text_column": config.task.text_column,
+        "trust_remote_code": config.model.trust_remote_code,
+        "metrics": metrics,
+        "config": inputs.config,
+        "lineage": inputs.meta,
+    }

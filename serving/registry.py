@@ -1,0 +1,143 @@
+"""The model registry (MLflow): tracked runs, registered versions with lineage, aliases.
+
+A version is only ever created from artifacts already uploaded to its run, so the registry never
+holds a version without its checkpoint. `resolve_model` turns `models:/name@alias`,
+`models:/name/3` or a local checkpoint directory into a local path plus its registry identity.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHECKPOINT_ARTIFACT",
+    "ResolvedModel",
+    "configure_tracking",
+    "get_alias_version",
+    "previous_alias",
+    "register_checkpoint",
+    "resolve_model",
+    "set_alias",
+]
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str
+    name: str | None
+    version: str | None
+    uri: str
+
+
+def absolute_tracking_uri(tracking_uri: str) -> str:
+    """Make a relative sqlite path absolute: Ray workers may run in another directory."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not tracking_uri.startswith(prefix + "/"):
+        db = Path(tracking_uri[len(prefix) :]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(db)
+    return tracking_uri
+
+
+def configure_tracking(tracking_uri: str, experiment: str | None = None) -> str | None:
+    """Point MLflow at `tracking_uri`; create `experiment` (artifacts beside a sqlite db)."""
+    import mlflow
+
+    uri = absolute_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if experiment is None:
+        return None
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=location)
+
+
+def register_checkpoint(
+    model_name: str, run_id: str, checkpoint_dir: str | Path, tags: dict[str, str]
+) -> str:
+    """Upload `checkpoint_dir` to the run, then create a model version from it; return it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT)
+    try:
+        client.create_registered_model(model_name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
+    version = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+    return str(version.version)
+
+
+def get_alias_version(model_name: str, alias: str) -> Any | None:
+    """The ModelVersion behind `alias`, or None if the alias (or the model) is not set."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def previous_alias(alias: str) -> str:
+    """Where the old target of `alias` is kept: @previous for @production."""
+    return "previous" if alias == "production" else f"{alias}-previous"
+
+
+def set_alias(model_name: str, alias: str, version: str) -> str | None:
+    """Point `alias` at `version`, keeping the old target under `previous_alias`; return it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    current = get_alias_version(model_name, alias)
+    previous = str(current.version) if current is not None else None
+    if previous is not None and previous != str(version):
+        client.set_registered_model_alias(model_name, previous_alias(alias), previous)
+    client.set_registered_model_alias(model_name, alias, str(version))
+    return previous
+
+
+def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
+    """A local checkpoint directory for `uri`, downloading registry artifacts when needed."""
+    if Path(uri).is_dir():
+        return ResolvedModel(path=str(Path(uri).resolve()), name=None, version=None, uri=uri)
+    match = _MODELS_URI.match(uri)
+    if match is None:
+        raise ValueError(
+            f"model URI {uri!r} is neither a checkpoint directory nor models:/<name>@<alias> "
+            "or models:/<name>/<version>"
+        )
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri:
+        configure_tracking(tracking_uri)
+    name = match["name"]
+    try:
+        if match["alias"]:
+            version = MlflowClient().get_model_version_by_alias(name, match["alias"])
+        else:
+            version = MlflowClient().get_model_version(name, match["version"])
+    except MlflowException as exc:
+        raise LookupError(
+            f"{uri} is not in the registry at {mlflow.get_registry_uri()}: {exc.message}; "
+            "train and promote a model first (raylift finetune, raylift promote)"
+        ) from None
+    path = mlflow.artifacts.download_artifacts(artifact_uri=version.source)
+    return ResolvedModel(path=path, name=name, version=str(version.version), uri=uri)
