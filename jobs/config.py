@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -245,18 +244,13 @@ class ScoreConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Predictor actor.")
     torch_threads: int = Field(2, ge=1, description="Torch threads per Predictor actor.")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="Inference precision.")
-    run_date: str | None = Field(None, description="YYYY-MM-DD the rows belong to; today (UTC).")
+    run_date: datetime.date | None = Field(
+        None, description="YYYY-MM-DD the rows belong to; today (UTC) if unset."
+    )
     quarantine_table: str = Field(
         "support.ticket_predictions_quarantine",
         description="Where rows that cannot be scored (null or empty text) go, with the reason.",
     )
-
-    @field_validator("run_date")
-    @classmethod
-    def _iso_date(cls, value: str | None) -> str | None:
-        if value is not None:
-            datetime.date.fromisoformat(value)
-        return value
 
 
 class LifecycleConfig(_Strict):
@@ -292,8 +286,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError("overrides", [f"  {item!r}: expected key=value, e.g. train.epochs=2"])
-        overrides[key.strip()] = yaml.safe_load(raw) if raw else None
+        overrides[key.strip()] = _parse_value(raw)
     return overrides
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML typing for override values ('2' → 2, 'true' → True); the raw text if not YAML."""
+    if not raw:
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError):
+        return raw
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> LifecycleConfig:
@@ -303,7 +307,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Li
         raise ConfigError(str(path), [f"  file not found: {path}; pass a YAML from configs/"])
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         raise ConfigError(str(path), [f"  not valid YAML: {exc}"]) from exc
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["  top level must be a mapping of sections"])

@@ -71,7 +71,7 @@ def main(config: LifecycleConfig) -> ScoreResult:
     started = time.perf_counter()
     init_ray()
     score = config.score
-    run_date = score.run_date or datetime.datetime.now(datetime.UTC).date().isoformat()
+    run_date = (score.run_date or datetime.datetime.now(datetime.UTC).date()).isoformat()
     pinned = _pin_version(config)
     source = warehouse.read_table(
         config.catalog, score.input_table,

@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, config_hash, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert len(SHIPPED) >= 2
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.name
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and "--config" in first_line, "first comment: the command"
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_error_reported_at_once_with_key_and_fix(tmp_path):
+    path = _write(
+        tmp_path,
+        "name: x\ntrain:\n  epocs: 2\n  batch_size: 0\nmodel:\n  method: lorra\n"
+        "serve:\n  autoscaling: {min_replicas: 3, max_replicas: 1}\n",
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert len(err.value.errors) == 4
+    assert "train.epocs: unknown key; did you mean 'train.epochs'?" in text
+    assert "train.batch_size" in text and "got 0" in text
+    assert "model.method" in text and "'lorra'" in text
+    assert "serve.autoscaling" in text and "max_replicas must be >= min_replicas" in text
+
+
+def test_unknown_section_lists_known_keys(tmp_path):
+    with pytest.raises(ConfigError, match="zzz: unknown key; known keys here: name, task"):
+        load_config(_write(tmp_path, "name: x\nzzz: 1\n"))
+
+
+def test_missing_name_is_required(tmp_path):
+    with pytest.raises(ConfigError, match="name: required"):
+        load_config(_write(tmp_path, "task: {}\n"))
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = _write(tmp_path, "name: x\n")
+    overrides = parse_overrides(["train.epochs=5", "model.method=full", "train.use_gpu=false"])
+    config = load_config(path, overrides)
+    assert config.train.epochs == 5 and config.model.method == "full"
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["train.epochs"])
+
+
+def test_override_of_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.lr: unknown key"):
+        load_config(_write(tmp_path, "name: x\n"), parse_overrides(["train.lr=1"]))
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
+        load_config(_write(tmp_path, "name: x\ntrain: {precision: fp16}\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "name: x\nscore: {run_date: 2026-13-45}\n"))
+    with pytest.raises(ConfigError, match="score.run_date"):
+        load_config(_write(tmp_path, "name: x\n"), parse_overrides(["score.run_date=2026-13-45"]))
+    config = load_config(_write(tmp_path, "name: x\n"), {"score.run_date": "2026-11-22"})
+    assert config.score.run_date.isoformat() == "2026-11-22"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "name: [unclosed\n"))
+
+
+def test_config_hash_tracks_training_settings_only(tmp_path):
+    path = _write(tmp_path, "name: x\n")
+    base = config_hash(load_config(path))
+    assert config_hash(load_config(path, {"serve.port": 9000})) == base
+    assert config_hash(load_config(path, {"train.epochs": 9})) != base
