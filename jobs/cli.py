@@ -88,14 +88,19 @@ def _warehouse_action(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "validate": Command("Check a config; list every error with its key and a fix.", _validate),
     "warehouse": Command(
-        "Load the source file into the Iceberg tables.", _warehouse,
+        "Load the source file into the Iceberg tables.",
+        _warehouse,
         add_arguments=_warehouse_action,
     ),
     "finetune": Command("Fine-tune with Ray Train + DeepSpeed; register the model.", _finetune),
-    "promote": Command("Gate a registered version and move the alias.", _promote,
-                       add_arguments=_version_argument),
-    "serve": Command("Serve the promoted model with Ray Serve (blocks).", _serve,
-                     add_arguments=_model_uri_argument),
+    "promote": Command(
+        "Gate a registered version and move the alias.", _promote, add_arguments=_version_argument
+    ),
+    "serve": Command(
+        "Serve the promoted model with Ray Serve (blocks).",
+        _serve,
+        add_arguments=_model_uri_argument,
+    ),
     "score": Command("Batch-score a table with Ray Data into the predictions table.", _score),
     "demo": Command("The whole lifecycle on the embedded default.", _demo),
 }
@@ -130,8 +135,7 @@ def run_job(job_main: Callable[[LifecycleConfig], Any], doc: str | None) -> None
     _add_config_arguments(parser)
     args = parser.parse_args()
     _setup_logging()
-    sys.exit(_dispatch(lambda: job_main(load_config(args.config,
-                                                    parse_overrides(args.overrides)))))
+    sys.exit(_dispatch(lambda: job_main(load_config(args.config, parse_overrides(args.overrides)))))
 
 
 def _dispatch(call: Callable[[], Any]) -> int:

@@ -46,7 +46,8 @@ class CatalogConfig(_Strict):
         description="Catalog URI (SQLAlchemy URL for 'sql', endpoint for 'rest').",
     )
     warehouse: str = Field(
-        ".raylift/warehouse", description="Where table files live: a local path or s3:// / gs:// URI."
+        ".raylift/warehouse",
+        description="Where table files live: a local path or s3:// / gs:// URI.",
     )
     properties: dict[str, str] = Field(
         default_factory=dict,

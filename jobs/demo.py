@@ -61,8 +61,10 @@ def _serve_and_ask(config: LifecycleConfig) -> tuple[str, dict[str, Any]]:
     base_url = app.deploy(config)
     url = f"{base_url}/v1/models/{config.registry.model_name}/predict"
     request = urllib.request.Request(
-        url, data=json.dumps({"texts": SAMPLE_TEXTS}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
+        url,
+        data=json.dumps({"texts": SAMPLE_TEXTS}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         return url, json.loads(response.read())

@@ -1,6 +1,6 @@
 """Fine-tune a pretrained model on a warehouse table with Ray Train + DeepSpeed; register it.
 
-    python -m jobs.finetune --config configs/banking77/minilm_lora.yaml [key=value ...]
+python -m jobs.finetune --config configs/banking77/minilm_lora.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash
 from jobs.train_loop import LoopInputs, train_func
 from jobs.training_data import PreparedData, prepare_training_data
+from serving import registry
 
 __all__ = ["FinetuneResult", "main"]
 
@@ -38,27 +39,34 @@ def main(config: LifecycleConfig) -> FinetuneResult:
     data = prepare_training_data(config)
     tags = tracking.lineage_tags(config, data.lineage())
     with tracking.tracked_run(config, tags) as run_id:
-        result = _train(config, data, tags)
+        result = _train(config, data, tags, run_id)
         checkpoint, metrics = _best_checkpoint(result, config.promote.metric)
-        tracking.log_history(result.metrics_dataframe)
         with checkpoint.as_directory() as directory:
             version = tracking.register(config, run_id, directory, tags, metrics)
     finished = FinetuneResult(
-        run_id=run_id, model_name=config.registry.model_name, version=version,
-        metrics=metrics, checkpoint_path=checkpoint.path, wall_s=time.perf_counter() - started,
+        run_id=run_id,
+        model_name=config.registry.model_name,
+        version=version,
+        metrics=metrics,
+        checkpoint_path=checkpoint.path,
+        wall_s=time.perf_counter() - started,
     )
     log.info("registered %s version %s (%s)", finished.model_name, version, _fmt(metrics))
     return finished
 
 
-def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str]):
+def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], run_id: str):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = config.train
     inputs = LoopInputs(
-        config=config.model_dump(mode="json"), labels=data.labels,
-        train_rows=data.train_rows, meta=tags,
+        config=config.model_dump(mode="json"),
+        labels=data.labels,
+        train_rows=data.train_rows,
+        meta=tags,
+        tracking_uri=registry.absolute_tracking_uri(config.registry.tracking_uri),
+        run_id=run_id,
     )
     trainer = TorchTrainer(
         train_func,
@@ -67,7 +75,10 @@ def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str]):
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": train.cpus_per_worker,
+                **({"GPU": 1} if train.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
             name=f"{config.name}-{config_hash(config)}-{int(time.time())}",

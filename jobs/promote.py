@@ -1,6 +1,6 @@
 """Gate a registered version and, if it passes, move the alias (the old target kept as @previous).
 
-    python -m jobs.promote --config configs/banking77/minilm_lora.yaml
+python -m jobs.promote --config configs/banking77/minilm_lora.yaml
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from serving import registry
 __all__ = ["GateRefused", "PromoteResult", "evaluate_gates", "main"]
 
 # Versions are comparable only when evaluated on the same rows.
-_COMPARABLE_TAGS = ("raylift.iceberg_table", "raylift.iceberg_snapshot_id",
-                    "raylift.validation_split")
+_COMPARABLE_TAGS = (
+    "raylift.iceberg_table",
+    "raylift.iceberg_snapshot_id",
+    "raylift.validation_split",
+)
 
 
 class GateRefused(ValueError):
@@ -44,12 +47,19 @@ def main(config: LifecycleConfig, version: str | None = None) -> PromoteResult:
     verdict = "passed" if passed else "refused"
     client.set_model_version_tag(name, candidate.version, f"raylift.gate.{gate.alias}", verdict)
     if not passed:
-        raise GateRefused(f"{name} version {candidate.version} not promoted to @{gate.alias}: "
-                          + "; ".join(checks))
+        raise GateRefused(
+            f"{name} version {candidate.version} not promoted to @{gate.alias}: "
+            + "; ".join(checks)
+        )
     previous = registry.set_alias(name, gate.alias, str(candidate.version))
     return PromoteResult(
-        model_name=name, version=str(candidate.version), alias=gate.alias, metric=gate.metric,
-        value=_metric(candidate.tags, gate.metric), previous_version=previous, checks=checks,
+        model_name=name,
+        version=str(candidate.version),
+        alias=gate.alias,
+        metric=gate.metric,
+        value=_metric(candidate.tags, gate.metric),
+        previous_version=previous,
+        checks=checks,
     )
 
 
@@ -67,8 +77,10 @@ def evaluate_gates(
         incumbent = _metric(current, gate.metric)
         ok = value >= incumbent - gate.max_regression
         passed = passed and ok
-        checks.append(f"{gate.metric}={value:.4f} vs @{gate.alias} {incumbent:.4f} "
-                      f"({'within' if ok else 'beyond'} max_regression {gate.max_regression})")
+        checks.append(
+            f"{gate.metric}={value:.4f} vs @{gate.alias} {incumbent:.4f} "
+            f"({'within' if ok else 'beyond'} max_regression {gate.max_regression})"
+        )
     else:
         checks.append(f"@{gate.alias} was evaluated on other rows: regression check skipped")
     return passed, checks
@@ -77,8 +89,10 @@ def evaluate_gates(
 def _metric(tags: dict[str, str], metric: str) -> float:
     raw = tags.get(f"metric.{metric}")
     if raw is None:
-        raise GateRefused(f"the version has no metric.{metric} tag; set promote.metric to a "
-                          "metric the training run reported, e.g. val_accuracy")
+        raise GateRefused(
+            f"the version has no metric.{metric} tag; set promote.metric to a "
+            "metric the training run reported, e.g. val_accuracy"
+        )
     return float(raw)
 
 

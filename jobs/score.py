@@ -61,7 +61,8 @@ class RowsWithText:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         usable = np.fromiter(
             (isinstance(t, str) and bool(t.strip()) for t in batch[self._text]),
-            dtype=bool, count=len(batch[self._text]),
+            dtype=bool,
+            count=len(batch[self._text]),
         )
         mask = usable if self._keep else ~usable
         return {name: column[mask] for name, column in batch.items()}
@@ -74,7 +75,8 @@ def main(config: LifecycleConfig) -> ScoreResult:
     run_date = (score.run_date or datetime.datetime.now(datetime.UTC).date()).isoformat()
     pinned = _pin_version(config)
     source = warehouse.read_table(
-        config.catalog, score.input_table,
+        config.catalog,
+        score.input_table,
         columns=[*score.key_columns, config.task.text_column],
     ).map_batches(RowsWithText(config.task.text_column, keep=True), batch_format="numpy")
     predictions = _predict(config, source, pinned).map_batches(
@@ -85,9 +87,14 @@ def main(config: LifecycleConfig) -> ScoreResult:
     scored = warehouse.count_rows(config.catalog, score.output_table, run_date=run_date)
     wall = time.perf_counter() - started
     return ScoreResult(
-        input_table=score.input_table, output_table=score.output_table, run_date=run_date,
-        model_name=pinned.name or "", model_version=pinned.version or "",
-        rows_scored=scored, rows_quarantined=quarantined, wall_s=wall,
+        input_table=score.input_table,
+        output_table=score.output_table,
+        run_date=run_date,
+        model_name=pinned.name or "",
+        model_version=pinned.version or "",
+        rows_scored=scored,
+        rows_quarantined=quarantined,
+        wall_s=wall,
         rows_per_s=scored / wall if wall else 0.0,
     )
 
@@ -126,7 +133,10 @@ def _quarantine(config: LifecycleConfig, run_date: str) -> int:
         config.catalog, score.input_table, columns=[*score.key_columns, text]
     ).map_batches(RowsWithText(text, keep=False), batch_format="numpy")
     return warehouse.write_quarantine(
-        bad, config.catalog, score.quarantine_table, run_date=run_date,
+        bad,
+        config.catalog,
+        score.quarantine_table,
+        run_date=run_date,
         reason=f"{text} is null or empty",
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import numpy as np
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]
@@ -96,4 +97,3 @@ SEQUENCE_CLASSIFICATION = register_task(
         postprocess=_softmax_top1,
     )
 )
-

@@ -11,11 +11,16 @@ from typing import Any
 from jobs.config import LifecycleConfig, config_hash
 from serving import registry
 
-__all__ = ["git_sha", "lineage_tags", "log_history", "register", "tracked_run"]
+__all__ = ["git_sha", "lineage_tags", "register", "tracked_run"]
 
 _LOGGED_METRICS = (
-    "train_loss", "train_rows_per_s", "data_wait_fraction", "learning_rate",
-    "val_accuracy", "val_macro_f1", "val_loss",
+    "train_loss",
+    "train_rows_per_s",
+    "data_wait_fraction",
+    "learning_rate",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_loss",
 )
 
 
@@ -27,7 +32,9 @@ def git_sha() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -58,31 +65,22 @@ def tracked_run(config: LifecycleConfig, tags: dict[str, str]) -> Iterator[str]:
         config.registry.tracking_uri, config.registry.experiment
     )
     with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
-        mlflow.log_params(_flat_params(config.model_dump(include={"model", "train", "data",
-                                                                  "task"})))
+        mlflow.log_params(
+            _flat_params(config.model_dump(include={"model", "train", "data", "task"}))
+        )
         yield run.info.run_id
 
 
-def log_history(history) -> None:
-    """Per-epoch metrics from Ray Train's metrics dataframe, with the epoch as MLflow step."""
-    import mlflow
-
-    if history is None:
-        return
-    for row in history.to_dict("records"):
-        step = int(row.get("epoch", 0))
-        values = {k: float(row[k]) for k in _LOGGED_METRICS if k in row and row[k] == row[k]}
-        mlflow.log_metrics(values, step=step)
-
-
 def register(
-    config: LifecycleConfig, run_id: str, checkpoint_dir: str | Path, tags: dict[str, str],
+    config: LifecycleConfig,
+    run_id: str,
+    checkpoint_dir: str | Path,
+    tags: dict[str, str],
     metrics: dict[str, Any],
 ) -> str:
     """Register the checkpoint as a new version; its metrics ride along as version tags."""
     metric_tags = {
-        f"metric.{k}": f"{float(metrics[k]):.6f}"
-        for k in _LOGGED_METRICS if k in metrics
+        f"metric.{k}": f"{float(metrics[k]):.6f}" for k in _LOGGED_METRICS if k in metrics
     }
     metric_tags["metric.epoch"] = str(metrics.get("epoch", ""))
     return registry.register_checkpoint(

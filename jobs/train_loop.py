@@ -38,14 +38,11 @@ class LoopInputs:
     labels: list[str]
     train_rows: int
     meta: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: str | None = None  # MLflow run rank 0 logs each epoch to
+    run_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "labels": self.labels,
-            "train_rows": self.train_rows,
-            "meta": self.meta,
-        }
+        return dict(self.__dict__)
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
@@ -57,7 +54,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     task = get_task(config.task.type)
     engine = _setup_engine(config, task, inputs, context.get_world_size())
-    tokenizer = load_tokenizer(resolve_base_model(config.model.base), config.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        resolve_base_model(config.model.base), config.model.trust_remote_code
+    )
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     pad_id = tokenizer.pad_token_id
@@ -65,7 +64,25 @@ def train_func(loop_config: dict[str, Any]) -> None:
         stats = _train_epoch(engine, train_shard, config.train, pad_id, epoch)
         evaluation = _evaluate(engine, val_shard, task, config.train, len(inputs.labels), pad_id)
         metrics = {"epoch": epoch, **stats, **evaluation}
+        if context.get_world_rank() == 0:
+            _log_epoch(inputs, metrics, epoch)
         _report(engine, metrics, tokenizer, inputs, config, context.get_world_rank())
+
+
+def _log_epoch(inputs: LoopInputs, metrics: dict[str, Any], epoch: int) -> None:
+    """Live per-epoch tracking (a Tune trial is tracked the same way)."""
+    if not (inputs.tracking_uri and inputs.run_id):
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    logged = [
+        Metric(key, float(value), now, epoch)
+        for key, value in metrics.items()
+        if key != "epoch" and isinstance(value, int | float)
+    ]
+    MlflowClient(inputs.tracking_uri).log_batch(inputs.run_id, metrics=logged)
 
 
 def _configure_worker(train: TrainConfig) -> None:
@@ -246,8 +263,9 @@ def _evaluate(
         loss_sum += float(out.loss) * len(sequences)
         rows += len(sequences)
         predicted = out.logits.float().argmax(dim=-1)
-        confusion.index_put_((labels, predicted), torch.ones(len(labels), dtype=torch.float64),
-                             accumulate=True)
+        confusion.index_put_(
+            (labels, predicted), torch.ones(len(labels), dtype=torch.float64), accumulate=True
+        )
     import torch.distributed as dist
 
     dist.all_reduce(confusion)
@@ -286,7 +304,10 @@ def _report(engine, metrics, tokenizer, inputs: LoopInputs, config: LifecycleCon
         if state_dict is not None:
             state_dict = {k: v.float() for k, v in state_dict.items()}
         save_checkpoint(
-            engine.module, tokenizer, directory, _checkpoint_meta(inputs, config, metrics),
+            engine.module,
+            tokenizer,
+            directory,
+            _checkpoint_meta(inputs, config, metrics),
             state_dict=state_dict,
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -298,7 +319,8 @@ def _checkpoint_meta(inputs: LoopInputs, config: LifecycleConfig, metrics: dict)
         "labels": inputs.labels,
         "base_model": config.model.base,
         "method": config.model.method,
-        "adapter": config.model.lora.model_dump() if config.model.method in ("lora", "qlora")
+        "adapter": config.model.lora.model_dump()
+        if config.model.method in ("lora", "qlora")
         else None,
         "max_length": config.task.max_length,
         "text_column": config.task.text_column,

@@ -17,8 +17,8 @@ import pyarrow as pa
 from jobs import warehouse
 from jobs.config import LifecycleConfig
 from jobs.modeling import load_tokenizer, resolve_base_model
-from jobs.train_loop import INPUT_IDS, TARGETS
 from jobs.tasks import get_task
+from jobs.train_loop import INPUT_IDS, TARGETS
 
 __all__ = ["PreparedData", "prepare_training_data", "tokenize_batch"]
 
@@ -79,8 +79,11 @@ def prepare_training_data(config: LifecycleConfig) -> PreparedData:
     catalog, data, task = config.catalog, config.data, config.task
     snapshot = data.snapshot_id or warehouse.table_snapshot(catalog, data.table)
     keys = warehouse.scan_labels(
-        catalog, data.table, snapshot_id=snapshot,
-        key_column=task.key_column, label_column=task.label_column,
+        catalog,
+        data.table,
+        snapshot_id=snapshot,
+        key_column=task.key_column,
+        label_column=task.label_column,
     )
     key_values = keys.column(task.key_column).to_numpy()
     label_values = np.asarray(keys.column(task.label_column).to_pylist(), dtype=object)
@@ -88,23 +91,31 @@ def prepare_training_data(config: LifecycleConfig) -> PreparedData:
     thresholds = warehouse.split_thresholds(
         key_values, label_values, data.validation.fraction, data.validation.seed
     )
-    in_validation = warehouse.key_hash(key_values, data.validation.seed) < np.fromiter(
-        (thresholds[str(v)] for v in label_values), dtype=np.uint64, count=len(label_values)
+
+    def split(side: str) -> warehouse.SplitFilter:
+        return warehouse.SplitFilter(
+            thresholds, task.key_column, task.label_column, keep=side, seed=data.validation.seed
+        )
+
+    validation_rows = int(
+        split("validation").mask(key_values, keys.column(task.label_column)).sum()
     )
     source = warehouse.read_table(
-        catalog, data.table, snapshot_id=snapshot,
+        catalog,
+        data.table,
+        snapshot_id=snapshot,
         columns=[task.key_column, task.text_column, task.label_column],
     )
     datasets = {
-        side: _tokenized(config, labels, source.map_batches(
-            warehouse.SplitFilter(thresholds, task.key_column, task.label_column, keep=side),
-            batch_format="pyarrow",
-        ))
+        side: _tokenized(config, labels, source.map_batches(split(side), batch_format="pyarrow"))
         for side in ("train", "validation")
     }
     return PreparedData(
-        table=data.table, snapshot_id=snapshot, labels=labels,
-        train_rows=int((~in_validation).sum()), validation_rows=int(in_validation.sum()),
+        table=data.table,
+        snapshot_id=snapshot,
+        labels=labels,
+        train_rows=len(key_values) - validation_rows,
+        validation_rows=validation_rows,
         datasets=datasets,
     )
 

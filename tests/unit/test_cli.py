@@ -9,8 +9,15 @@ def test_dispatch_table_and_help_agree(capsys):
     shown = capsys.readouterr().out
     for name in COMMANDS:
         assert name in shown
-    assert set(COMMANDS) >= {"validate", "warehouse", "finetune", "promote", "serve", "score",
-                             "demo"}
+    assert set(COMMANDS) >= {
+        "validate",
+        "warehouse",
+        "finetune",
+        "promote",
+        "serve",
+        "score",
+        "demo",
+    }
 
 
 def test_validate_ok_and_error_exit_codes(tmp_path, capsys):

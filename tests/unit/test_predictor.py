@@ -1,0 +1,152 @@
+"""Predictor on a tiny LoRA checkpoint: columns, order under length sorting, bf16, bad rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.helpers import WORDS
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_bert, tmp_path_factory) -> str:
+    import torch
+
+    from jobs.config import ModelConfig
+    from jobs.modeling import build_model, load_tokenizer, save_checkpoint
+    from jobs.tasks import get_task
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(base=tiny_bert, method="lora", lora={"target_modules": ["query", "value"]})
+    model = build_model(cfg, get_task("sequence-classification"), LABELS)
+    meta = {
+        "task": "sequence-classification",
+        "labels": LABELS,
+        "base_model": tiny_bert,
+        "max_length": 32,
+        "text_column": "text",
+    }
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-lora"
+    return str(save_checkpoint(model, load_tokenizer(tiny_bert), directory, meta))
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _texts(n: int, seed: int = 0) -> np.ndarray:
+    """Texts of 1..30 words in shuffled length order, so sorting has work to undo."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 31, size=n)
+    return np.array([" ".join(rng.choice(WORDS, size=k)) for k in lengths], dtype=object)
+
+
+def _predictor(checkpoint, **kwargs):
+    from serving.predictor import Predictor
+
+    return Predictor(checkpoint, torch_threads=1, **kwargs)
+
+
+def test_output_columns_and_types(checkpoint):
+    predictor = _predictor(checkpoint, precision="fp32")
+    out = predictor({"text": _texts(10)})
+
+    assert set(out) == {"label", "score", "model_name", "model_version"}
+    assert out["score"].dtype == np.float32
+    assert all(label in LABELS for label in out["label"])
+    assert np.all((out["score"] > 0) & (out["score"] <= 1))
+    assert set(out["model_name"]) == {"tiny-lora"} and set(out["model_version"]) == {"local"}
+    assert predictor.labels == LABELS and predictor.model_name == "tiny-lora"
+
+
+def test_length_sorting_keeps_row_order(checkpoint):
+    texts = _texts(50)
+    sorted_run = _predictor(checkpoint, precision="fp32", sub_batch_rows=8)
+    unsorted_run = _predictor(checkpoint, precision="fp32", sort_window=False, sub_batch_rows=8)
+    one_by_one = [sorted_run({"text": texts[i : i + 1]}) for i in range(len(texts))]
+
+    got = sorted_run({"text": texts})
+    expected = np.concatenate([row["score"] for row in one_by_one])
+    np.testing.assert_allclose(got["score"], expected, rtol=1e-4, atol=1e-6)
+    assert list(got["label"]) == [row["label"][0] for row in one_by_one]
+    np.testing.assert_allclose(unsorted_run({"text": texts})["score"], expected, rtol=1e-4)
+
+
+def test_bf16_agrees_with_fp32(checkpoint, monkeypatch):
+    import serving.predictor as predictor_module
+
+    # Force the bf16 path even on CPUs without native bf16, where it falls back to fp32.
+    monkeypatch.setattr(predictor_module, "_cpu_has_native_bf16", lambda: True)
+    texts = _texts(200, seed=1)
+    fp32 = _predictor(checkpoint, precision="fp32")({"text": texts})
+    bf16_predictor = _predictor(checkpoint, precision="bf16")
+    bf16 = bf16_predictor({"text": texts})
+
+    assert bf16_predictor.precision == "bf16"
+    assert np.mean(fp32["label"] == bf16["label"]) >= 0.95
+    np.testing.assert_allclose(bf16["score"], fp32["score"], atol=0.02)
+
+
+def test_bf16_falls_back_to_fp32_without_native_support(checkpoint, monkeypatch):
+    import serving.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "_cpu_has_native_bf16", lambda: False)
+    assert _predictor(checkpoint, precision="bf16").precision == "fp32"
+
+
+def test_bad_rows_get_null_label_and_nan_score(checkpoint):
+    rows = ["card arrived late", None, "", "   ", 123, float("nan"), "pin blocked"]
+    texts = np.array(rows, dtype=object)
+    out = _predictor(checkpoint, precision="fp32")({"text": texts})
+
+    good = [0, 6]
+    bad = [1, 2, 3, 4, 5]
+    assert all(out["label"][i] in LABELS for i in good)
+    assert not np.isnan(out["score"][good]).any()
+    assert all(out["label"][i] is None for i in bad)
+    assert np.isnan(out["score"][bad]).all()
+    assert len(out["model_version"]) == len(texts)
+
+
+def test_batch_of_only_bad_rows(checkpoint):
+    out = _predictor(checkpoint, precision="fp32")({"text": np.array([None, ""], dtype=object)})
+    assert list(out["label"]) == [None, None] and np.isnan(out["score"]).all()
+
+
+def test_passthrough_columns_are_carried(checkpoint):
+    predictor = _predictor(checkpoint, precision="fp32", passthrough_columns=("ticket_id",))
+    ids = np.arange(100, 120)
+    out = predictor({"text": _texts(20), "ticket_id": ids, "ignored": ids})
+
+    np.testing.assert_array_equal(out["ticket_id"], ids)
+    assert "ignored" not in out
+
+
+def test_missing_columns_name_the_fix(checkpoint):
+    predictor = _predictor(checkpoint, precision="fp32", passthrough_columns=("ticket_id",))
+    with pytest.raises(KeyError, match="text_column"):
+        predictor({"body": _texts(2)})
+    with pytest.raises(KeyError, match="ticket_id"):
+        predictor({"text": _texts(2)})
+
+
+def test_predict_texts_answers_plain_python(checkpoint):
+    answers = _predictor(checkpoint, precision="fp32").predict_texts(["card arrived late", ""])
+
+    assert answers[0]["label"] in LABELS and isinstance(answers[0]["score"], float)
+    assert answers[1] == {"label": None, "score": None}
+
+
+def test_torch_threads_are_set(checkpoint):
+    import torch
+
+    torch.set_num_threads(2)
+    _predictor(checkpoint, precision="fp32")
+    assert torch.get_num_threads() == 1
