@@ -147,8 +147,10 @@ class TrainConfig(_Strict):
     )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps warming up.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="Training precision (bf16 works on CPU with native bf16)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Training precision; auto: bf16 where the device does it natively "
+        "(GPU, CPUs with AVX512-BF16/AMX), else fp32.",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     length_window: int = Field(
@@ -220,7 +222,9 @@ class ServeConfig(_Strict):
     max_text_chars: int = Field(2000, ge=1, description="Longer texts get a 422.")
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per replica.")
     torch_threads: int = Field(2, ge=1, description="Torch threads per replica.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="Inference precision.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Inference precision; auto: bf16 where native, else fp32."
+    )
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Serve autoscaling."
     )
@@ -244,7 +248,9 @@ class ScoreConfig(_Strict):
     concurrency: int = Field(1, ge=1, description="Predictor actors.")
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Predictor actor.")
     torch_threads: int = Field(2, ge=1, description="Torch threads per Predictor actor.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="Inference precision.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Inference precision; auto: bf16 where native, else fp32."
+    )
     run_date: datetime.date | None = Field(
         None, description="YYYY-MM-DD the rows belong to; today (UTC) if unset."
     )

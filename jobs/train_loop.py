@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster.hardware import resolve_precision
 from jobs.config import LifecycleConfig, TrainConfig
 from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
 from jobs.tasks import Task, get_task
@@ -28,6 +29,7 @@ __all__ = ["LoopInputs", "deepspeed_config", "pad_batch", "train_func", "windowe
 INPUT_IDS = "input_ids"
 TARGETS = "targets"
 _HEAD_NAMES = ("classifier", "score")
+_LOG_EVERY_STEPS = 50
 
 
 @dataclass
@@ -96,13 +98,14 @@ def _configure_worker(train: TrainConfig) -> None:
 
 
 def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
+    precision = resolve_precision(train.precision, train.use_gpu)
     return {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         # The optimizer is torch's AdamW (DeepSpeed's fused Adam needs CUDA).
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -229,6 +232,14 @@ def _train_epoch(engine, shard, train: TrainConfig, pad_id: int, epoch: int) -> 
         loss_sum += float(loss.detach()) * len(sequences)
         rows += len(sequences)
         steps += 1
+        if steps % _LOG_EVERY_STEPS == 0 and engine.global_rank == 0:
+            rate = rows / (time.perf_counter() - start)
+            # print, not logging: Ray forwards worker stdout to the driver and the job logs.
+            print(
+                f"raylift.train: epoch {epoch} step {steps} loss {float(loss):.4f} "
+                f"{rate:.0f} rows/s/worker",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
     return {
         "train_loss": _global_mean(loss_sum, rows),

@@ -68,8 +68,8 @@ def test_output_columns_and_types(checkpoint):
 
 def test_length_sorting_keeps_row_order(checkpoint):
     texts = _texts(50)
-    sorted_run = _predictor(checkpoint, precision="fp32", sub_batch_rows=8)
-    unsorted_run = _predictor(checkpoint, precision="fp32", sort_window=False, sub_batch_rows=8)
+    sorted_run = _predictor(checkpoint, precision="fp32", sub_batch_tokens=64)
+    unsorted_run = _predictor(checkpoint, precision="fp32", sort_window=False, sub_batch_tokens=64)
     one_by_one = [sorted_run({"text": texts[i : i + 1]}) for i in range(len(texts))]
 
     got = sorted_run({"text": texts})
@@ -150,3 +150,16 @@ def test_torch_threads_are_set(checkpoint):
     torch.set_num_threads(2)
     _predictor(checkpoint, precision="fp32")
     assert torch.get_num_threads() == 1
+
+
+def test_sub_batches_cover_every_row_within_the_token_budget():
+    from serving.predictor import _sub_batches
+
+    lengths = np.array([3, 40, 5, 5, 90, 7, 12, 12, 2, 60])
+    order = np.argsort(lengths, kind="stable")
+    chunks = list(_sub_batches(order, lengths, budget=50))
+
+    np.testing.assert_array_equal(np.concatenate(chunks), order)
+    for chunk in chunks:
+        assert len(chunk) == 1 or len(chunk) * lengths[chunk].max() <= 50
+    assert len(chunks[-1]) == 1  # the 90-token row exceeds the budget alone and runs alone

@@ -28,8 +28,15 @@ def test_windowed_batches_bucket_by_length_and_keep_pairs():
     assert sorted(seen) == sorted(lengths)
 
 
-def test_deepspeed_config_follows_train_settings():
-    config = deepspeed_config(TrainConfig(zero_stage=3, precision="bf16", batch_size=8))
+def test_deepspeed_config_follows_train_settings(monkeypatch):
+    from cluster import hardware
+
+    config = deepspeed_config(TrainConfig(zero_stage=3, precision="fp32", batch_size=8))
     assert config["zero_optimization"]["stage"] == 3
-    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
     assert config["train_micro_batch_size_per_gpu"] == 8
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert deepspeed_config(TrainConfig(precision="auto"))["bf16"]["enabled"]
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert not deepspeed_config(TrainConfig(precision="auto"))["bf16"]["enabled"]
+    assert not deepspeed_config(TrainConfig(precision="bf16"))["bf16"]["enabled"]

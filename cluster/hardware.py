@@ -1,0 +1,44 @@
+"""What the hardware a process runs on can do, for choices made per worker, not per config."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Literal
+
+__all__ = ["cpu_has_native_bf16", "resolve_precision"]
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU runs bf16 matmuls in hardware (AVX512-BF16 or AMX tiles).
+
+    Elsewhere (AVX2-only CPUs) torch emulates bf16 and a matmul is tens of times slower than
+    fp32 (measured here on an AVX2 EPYC: 65 GFLOP/s fp32 against 1 GFLOP/s bf16).
+    """
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(requested: str, use_gpu: bool) -> Precision:
+    """'auto' → bf16 where the device does it natively, else fp32; explicit values honoured,
+    except bf16 on a CPU without native bf16, which falls back to fp32 with a warning."""
+    import torch
+
+    if use_gpu:
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return requested  # type: ignore[return-value]
+    native = cpu_has_native_bf16()
+    if requested == "auto":
+        return "bf16" if native else "fp32"
+    if requested == "bf16" and not native:
+        log.warning("precision=bf16 asked on a CPU without native bf16: using fp32")
+        return "fp32"
+    return requested  # type: ignore[return-value]
