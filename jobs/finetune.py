@@ -14,6 +14,7 @@ from typing import Any
 from cluster import init_ray
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash
+from jobs.modeling import resolve_base_model
 from jobs.train_loop import LoopInputs, train_func
 from jobs.training_data import PreparedData, prepare_training_data
 from serving import registry
@@ -35,6 +36,7 @@ class FinetuneResult:
 
 def main(config: LifecycleConfig) -> FinetuneResult:
     started = time.perf_counter()
+    resolve_base_model(config.model.base)  # fail before touching the cluster
     init_ray()
     data = prepare_training_data(config)
     tags = tracking.lineage_tags(config, data.lineage())

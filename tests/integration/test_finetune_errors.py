@@ -1,0 +1,61 @@
+"""Bad training input fails early with a clear error and leaves the registry as it was."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from jobs import finetune, load
+from jobs.config import validate_mapping
+from tests.helpers import make_ticket_rows
+
+
+def _config(root, tiny_bert, source, **model):
+    return validate_mapping(
+        {
+            "name": "errors",
+            "task": {"label_column": "category"},
+            "model": {"base": tiny_bert, **model},
+            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
+            "data": {"source": str(source), "inbox_rows": 0},
+            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "model_name": "errs"},
+        }
+    )
+
+
+def _write_rows(path, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _registered_versions(config) -> list:
+    from mlflow import MlflowClient
+
+    from serving.registry import configure_tracking
+
+    configure_tracking(config.registry.tracking_uri)
+    return MlflowClient().search_model_versions("name='errs'")
+
+
+def test_null_labels_fail_before_training_and_register_nothing(ray_session, tmp_path, tiny_bert):
+    rows = make_ticket_rows(40, ["a", "b"])
+    rows[3]["category"] = None
+    _write_rows(tmp_path / "t.csv", rows)
+    config = _config(tmp_path, tiny_bert, tmp_path / "t.csv")
+    load.main(config)
+    with pytest.raises(ValueError, match="label column 'category' has 1 null value"):
+        finetune.main(config)
+    assert _registered_versions(config) == []
+
+
+def test_missing_table_and_missing_model(ray_session, tmp_path, tiny_bert):
+    _write_rows(tmp_path / "t.csv", make_ticket_rows(20, ["a", "b"]))
+    config = _config(tmp_path, tiny_bert, tmp_path / "t.csv")
+    with pytest.raises(LookupError, match="raylift warehouse load"):
+        finetune.main(config)
+    missing_model = _config(tmp_path, str(tmp_path / "no-such-model"), tmp_path / "t.csv")
+    with pytest.raises(FileNotFoundError, match="model.base="):
+        finetune.main(missing_model)
