@@ -80,10 +80,10 @@ def test_length_sorting_keeps_row_order(checkpoint):
 
 
 def test_bf16_agrees_with_fp32(checkpoint, monkeypatch):
-    import serving.predictor as predictor_module
+    from cluster import hardware
 
     # Force the bf16 path even on CPUs without native bf16, where it falls back to fp32.
-    monkeypatch.setattr(predictor_module, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
     texts = _texts(200, seed=1)
     fp32 = _predictor(checkpoint, precision="fp32")({"text": texts})
     bf16_predictor = _predictor(checkpoint, precision="bf16")
@@ -95,10 +95,13 @@ def test_bf16_agrees_with_fp32(checkpoint, monkeypatch):
 
 
 def test_bf16_falls_back_to_fp32_without_native_support(checkpoint, monkeypatch):
-    import serving.predictor as predictor_module
+    from cluster import hardware
 
-    monkeypatch.setattr(predictor_module, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     assert _predictor(checkpoint, precision="bf16").precision == "fp32"
+    assert _predictor(checkpoint, precision="auto").precision == "fp32"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert _predictor(checkpoint, precision="auto").precision == "bf16"
 
 
 def test_bad_rows_get_null_label_and_nan_score(checkpoint):

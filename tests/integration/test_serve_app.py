@@ -1,0 +1,201 @@
+"""The Serve app on the shared Ray: answers, every 4xx, batching across requests, bearer auth."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+PORT = 8123
+MODEL = "tiny-router"
+SECURED = "secured-router"
+TOKEN_ENV = "RAYLIFT_TEST_SERVE_TOKEN"
+TOKEN = "not-a-real-secret"
+
+
+def _make_checkpoint(tiny_bert: str, directory) -> str:
+    import torch
+
+    from jobs.config import ModelConfig
+    from jobs.modeling import build_model, load_tokenizer, save_checkpoint
+    from jobs.tasks import get_task
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(base=tiny_bert, method="lora", lora={"target_modules": ["query", "value"]})
+    model = build_model(cfg, get_task("sequence-classification"), LABELS)
+    meta = {
+        "task": "sequence-classification",
+        "labels": LABELS,
+        "base_model": tiny_bert,
+        "max_length": 32,
+        "text_column": "text",
+    }
+    return str(save_checkpoint(model, load_tokenizer(tiny_bert), directory, meta))
+
+
+def _config(model_name: str, **serve):
+    from jobs.config import LifecycleConfig
+
+    serve = {
+        "port": PORT,
+        "num_cpus": 0.5,
+        "torch_threads": 1,
+        "precision": "fp32",
+        "max_texts_per_request": 32,
+        "max_text_chars": 200,
+        "max_batch_size": 12,
+        "batch_wait_timeout_s": 0.05,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        **serve,
+    }
+    return LifecycleConfig(name="test", registry={"model_name": model_name}, serve=serve)
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session, tiny_bert, tmp_path_factory):
+    """Base URL of the app `deploy` started; a second, token-protected app under /secured."""
+    from ray import serve
+
+    from serving.app import build_app, deploy
+
+    checkpoint = _make_checkpoint(tiny_bert, tmp_path_factory.mktemp("serve") / "tiny")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TOKEN_ENV, TOKEN)
+        secured = build_app(_config(SECURED, auth_token_env=TOKEN_ENV), model_uri=checkpoint)
+    # Start the secured app without waiting, so both replicas load their model at once.
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    target = serve.RunTarget(secured, name=SECURED, route_prefix="/secured")
+    serve.run_many([target], wait_for_applications_running=False)
+    url = deploy(_config(MODEL), model_uri=checkpoint)
+    _wait_running(SECURED)
+    yield url
+    serve.shutdown()
+
+
+def _wait_running(app_name: str, timeout_s: float = 120) -> None:
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while (status := serve.status().applications[app_name].status) != "RUNNING":
+        assert status in ("NOT_STARTED", "DEPLOYING"), f"{app_name} is {status}"
+        assert time.monotonic() < deadline, f"{app_name} still {status} after {timeout_s} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    import httpx
+
+    with httpx.Client(base_url=endpoint, timeout=60) as http:
+        yield http
+
+
+def _predict(client, texts, model=MODEL):
+    return client.post(f"/v1/models/{model}/predict", json={"texts": texts})
+
+
+def test_predict_answers_in_request_order(client):
+    texts = ["card arrived late", "lost stolen pin blocked", "refund pending"]
+    response = _predict(client, texts)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == "local" and body["model_name"] == "tiny"
+    assert len(body["predictions"]) == 3
+    for prediction in body["predictions"]:
+        assert prediction["label"] in LABELS and 0 < prediction["score"] <= 1
+    single = [_predict(client, [text]).json()["predictions"][0] for text in texts]
+    assert [p["label"] for p in single] == [p["label"] for p in body["predictions"]]
+
+
+def test_model_info_and_health(client):
+    info = client.get(f"/v1/models/{MODEL}")
+    assert info.status_code == 200
+    assert info.json()["labels"] == LABELS and info.json()["version"] == "local"
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/v1/models/other").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, 422),
+        ({"texts": []}, 422),
+        ({"texts": "one string, not a list"}, 422),
+        ({"texts": ["fine", 7]}, 422),
+        ({"texts": ["fine", None]}, 422),
+        ({"texts": ["   "]}, 422),
+        ({"texts": ["fine"], "extra": 1}, 422),
+        ({"texts": ["card"] * 33}, 413),
+        ({"texts": ["card " * 50]}, 422),
+        (b'{"texts": ["unterminated', 400),
+        (b"", 400),
+    ],
+    ids=[
+        "no-texts",
+        "empty-list",
+        "not-a-list",
+        "number",
+        "null",
+        "blank",
+        "unknown-key",
+        "too-many",
+        "too-long",
+        "malformed-json",
+        "empty-body",
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_reason(client, body, expected):
+    url = f"/v1/models/{MODEL}/predict"
+    if isinstance(body, bytes):
+        response = client.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(url, content=json.dumps(body))
+
+    assert response.status_code == expected, response.text
+    assert response.json()["detail"]
+
+
+def test_wrong_model_name_is_404_and_server_keeps_serving(client):
+    response = _predict(client, ["card arrived"], model="no-such-model")
+    assert response.status_code == 404
+    assert MODEL in response.json()["detail"]
+    assert _predict(client, ["card arrived"]).status_code == 200
+
+
+def test_concurrent_requests_share_batches(client):
+    from ray import serve
+
+    handle = serve.get_app_handle(MODEL)
+    before = handle.batch_stats.remote().result()
+    texts = [f"card arrived late {word}" for word in ("pin", "fee", "atm", "cash") * 4]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda text: _predict(client, [text]), texts))
+    after = handle.batch_stats.remote().result()
+
+    assert [r.status_code for r in responses] == [200] * 16
+    assert after["texts"] - before["texts"] == 16
+    assert after["batches"] - before["batches"] < 16  # some requests rode in one batch
+    assert after["largest_batch"] <= 12  # serve.max_batch_size reached the @serve.batch queue
+    assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (12, 0.05)
+
+
+def test_bearer_token_is_required_when_configured(client):
+    url = f"/secured/v1/models/{SECURED}/predict"
+    body = {"texts": ["card arrived late"]}
+
+    assert client.post(url, json=body).status_code == 401
+    wrong = client.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    right = client.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert right.status_code == 200, right.text
+    assert client.get(f"/secured/v1/models/{SECURED}").status_code == 401
+    assert client.get("/secured/healthz").status_code == 200
+    assert (
+        client.post(url, content=b"{", headers={"content-type": "application/json"}).status_code
+        == 401
+    )
