@@ -26,7 +26,9 @@ SAMPLE_TEXTS = ["I still have not received my new card, when will it arrive?"]
 class DemoSummary:
     validation_accuracy: float
     validation_macro_f1: float
+    model_name: str
     model_version: str
+    alias: str
     endpoint_url: str
     sample_answer: dict[str, Any]
     rows_scored: int
@@ -44,7 +46,9 @@ def main(config: LifecycleConfig) -> DemoSummary:
     summary = DemoSummary(
         validation_accuracy=trained.metrics["val_accuracy"],
         validation_macro_f1=trained.metrics["val_macro_f1"],
+        model_name=trained.model_name,
         model_version=trained.version,
+        alias=config.promote.alias,
         endpoint_url=url,
         sample_answer=answer,
         rows_scored=scored.rows_scored,
@@ -77,7 +81,7 @@ def _print_summary(summary: DemoSummary) -> None:
         "raylift demo summary",
         f"  validation accuracy   {summary.validation_accuracy:.4f}"
         f"  (macro-F1 {summary.validation_macro_f1:.4f})",
-        f"  registered version    ticket-router v{summary.model_version} → @production",
+        f"  registered version    {summary.model_name} v{summary.model_version} → @{summary.alias}",
         f"  endpoint              POST {summary.endpoint_url}",
         f"  sample                {SAMPLE_TEXTS[0]!r}",
         f"                        → {prediction['label']} ({prediction['score']:.3f})",

@@ -7,9 +7,10 @@ version it was loaded from and tags every prediction with them.
 Speed on CPU comes from three things, each measured (see the notes by the constants):
 - torch threads set explicitly: Ray sets OMP_NUM_THREADS from an actor's CPUs (1 for a
   fractional actor), which would leave a replica on one core;
-- rows sorted by token length inside the batch, then run in sub-batches each padded only to
-  its own longest row (BANKING77 texts average 16 tokens; padding to the longest of a table
-  order batch triples the work), the original order restored afterwards;
+- tokenized once without padding, rows sorted by token length inside the batch, run in
+  sub-batches each padded only to its own longest row, original order restored afterwards
+  (BANKING77 texts average 16 tokens; batches of 128 in table order padded to their longest
+  row compute 3.8x the real tokens);
 - bf16 autocast, but only where the CPU does bf16 natively (AVX512-BF16 or AMX): on an AVX2
   CPU torch emulates bf16 matmuls about 8x slower than fp32, so there bf16 falls back to
   fp32 with a warning.
@@ -207,6 +208,10 @@ class Predictor:
         return out
 
     def _autocast(self) -> contextlib.AbstractContextManager:
+        # Autocast rather than casting the weights: it keeps layer norms and the softmax of
+        # the head in fp32 (max score error 0.026 vs 0.052 for a bf16 model on MiniLM, same
+        # 99.6% top-1 agreement with fp32), and the weight casts it does are cached for the
+        # whole context, so a 512-row batch pays them once, not per sub-batch.
         if self._precision == "bf16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -57,3 +57,24 @@ def make_ticket_rows(n: int, labels: list[str], seed: int = 0) -> list[dict]:
         filler = rng.sample(WORDS, 3)
         rows.append({"text": " ".join([anchor, *filler, anchor]), "category": label})
     return rows
+
+
+def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
+    """A raylift checkpoint (LoRA adapter + new head, seeded) over the model at `base`."""
+    import torch
+
+    from jobs.config import ModelConfig
+    from jobs.modeling import build_model, load_tokenizer, save_checkpoint
+    from jobs.tasks import get_task
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(base=base, method="lora", lora={"target_modules": ["query", "value"]})
+    model = build_model(cfg, get_task("sequence-classification"), labels)
+    meta = {
+        "task": "sequence-classification",
+        "labels": labels,
+        "base_model": base,
+        "max_length": 32,
+        "text_column": "text",
+    }
+    return str(save_checkpoint(model, load_tokenizer(base), directory, meta))

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.helpers import make_lora_checkpoint
+
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 PORT = 8123
 MODEL = "tiny-router"
@@ -16,23 +18,7 @@ TOKEN = "not-a-real-secret"
 
 
 def _make_checkpoint(tiny_bert: str, directory) -> str:
-    import torch
-
-    from jobs.config import ModelConfig
-    from jobs.modeling import build_model, load_tokenizer, save_checkpoint
-    from jobs.tasks import get_task
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(base=tiny_bert, method="lora", lora={"target_modules": ["query", "value"]})
-    model = build_model(cfg, get_task("sequence-classification"), LABELS)
-    meta = {
-        "task": "sequence-classification",
-        "labels": LABELS,
-        "base_model": tiny_bert,
-        "max_length": 32,
-        "text_column": "text",
-    }
-    return str(save_checkpoint(model, load_tokenizer(tiny_bert), directory, meta))
+    return make_lora_checkpoint(tiny_bert, directory, LABELS)
 
 
 def _config(model_name: str, **serve):
@@ -195,7 +181,13 @@ def test_bearer_token_is_required_when_configured(client):
     assert right.status_code == 200, right.text
     assert client.get(f"/secured/v1/models/{SECURED}").status_code == 401
     assert client.get("/secured/healthz").status_code == 200
-    assert (
-        client.post(url, content=b"{", headers={"content-type": "application/json"}).status_code
-        == 401
-    )
+    malformed = client.post(url, content=b"{", headers={"content-type": "application/json"})
+    assert malformed.status_code == 401  # the token is checked before the body is read
+
+
+def test_auth_without_the_token_in_the_environment_fails_at_build(monkeypatch):
+    from serving.app import build_app
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match=TOKEN_ENV):
+        build_app(_config(SECURED, auth_token_env=TOKEN_ENV), model_uri="/nowhere")

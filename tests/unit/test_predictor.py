@@ -5,31 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import WORDS
+from tests.helpers import WORDS, make_lora_checkpoint
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_bert, tmp_path_factory) -> str:
-    import torch
-
-    from jobs.config import ModelConfig
-    from jobs.modeling import build_model, load_tokenizer, save_checkpoint
-    from jobs.tasks import get_task
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(base=tiny_bert, method="lora", lora={"target_modules": ["query", "value"]})
-    model = build_model(cfg, get_task("sequence-classification"), LABELS)
-    meta = {
-        "task": "sequence-classification",
-        "labels": LABELS,
-        "base_model": tiny_bert,
-        "max_length": 32,
-        "text_column": "text",
-    }
     directory = tmp_path_factory.mktemp("ckpt") / "tiny-lora"
-    return str(save_checkpoint(model, load_tokenizer(tiny_bert), directory, meta))
+    return make_lora_checkpoint(tiny_bert, directory, LABELS)
 
 
 @pytest.fixture(autouse=True)
