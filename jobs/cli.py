@@ -33,8 +33,25 @@ def _config(args: argparse.Namespace) -> LifecycleConfig:
 
 
 def _validate(args: argparse.Namespace) -> dict[str, Any]:
-    config = _config(args)
-    return {"config": args.config, "valid": True, "name": config.name}
+    """`raylift validate FILE...` or `--config FILE`; trailing key=value are overrides."""
+    files = [a for a in args.items if "=" not in a] + ([args.config] if args.config else [])
+    overrides = parse_overrides([a for a in args.items if "=" in a])
+    if not files:
+        raise ConfigError("validate", ["  no config given: raylift validate FILE.yaml"])
+    errors: list[str] = []
+    for path in files:
+        try:
+            load_config(path, overrides)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError(", ".join(files), ["\n".join(errors)])
+    return {"valid": files}
+
+
+def _validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="Lifecycle YAML (or give files as arguments).")
+    parser.add_argument("items", nargs="*", help="YAML files and key=value overrides.")
 
 
 def _warehouse(args: argparse.Namespace) -> Any:
@@ -86,7 +103,12 @@ def _warehouse_action(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "validate": Command("Check a config; list every error with its key and a fix.", _validate),
+    "validate": Command(
+        "Check configs; list every error with its key and a fix.",
+        _validate,
+        needs_config=False,
+        add_arguments=_validate_arguments,
+    ),
     "warehouse": Command(
         "Load the source file into the Iceberg tables.",
         _warehouse,

@@ -39,3 +39,20 @@ def test_job_modules_expose_main():
 
     for module in ("jobs.load", "jobs.finetune", "jobs.promote", "jobs.score", "jobs.demo"):
         assert callable(importlib.import_module(module).main)
+
+
+def test_validate_takes_files_as_arguments(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "validate",
+                "configs/banking77/minilm_lora.yaml",
+                "configs/banking77/minilm_quality.yaml",
+            ]
+        )
+        == 0
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nserve: {port: 0}\n")
+    assert main(["validate", "configs/banking77/minilm_lora.yaml", str(bad)]) == 2
+    assert "serve.port" in capsys.readouterr().err
