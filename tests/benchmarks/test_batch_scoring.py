@@ -61,7 +61,7 @@ def checkpoint(tmp_path_factory) -> str:
     return str(directory)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the head is trained on these features afterwards
 def _pooled_features(model, tokenizer, texts: list[str]) -> torch.Tensor:
     outputs = []
     for start in range(0, len(texts), 256):
@@ -72,8 +72,7 @@ def _pooled_features(model, tokenizer, texts: list[str]) -> torch.Tensor:
             max_length=64,
             return_tensors="pt",
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs.append(model.bert(**enc).pooler_output.float())
+        outputs.append(model.bert(**enc).pooler_output)
     return torch.cat(outputs)
 
 
