@@ -77,7 +77,7 @@ def trained(ray_session, lifecycle_config):
 def test_finetune_registers_a_checkpoint_with_lineage(trained, lifecycle_config):
     from mlflow import MlflowClient
 
-    assert trained.metrics["epoch"] == 2
+    assert trained.metrics["epoch"] in (1, 2)  # the best epoch by val_accuracy is registered
     assert 0.0 <= trained.metrics["val_accuracy"] <= 1.0
     files = {p.name for p in Path(trained.checkpoint_path).iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "raylift.json"} <= files
@@ -96,6 +96,7 @@ def test_finetune_registers_a_checkpoint_with_lineage(trained, lifecycle_config)
     assert run.info.status == "FINISHED"
     history = MlflowClient().get_metric_history(trained.run_id, "val_accuracy")
     assert [m.step for m in history] == [1, 2]
+    assert trained.metrics["val_accuracy"] == pytest.approx(max(m.value for m in history))
 
 
 def test_promote_serve_and_score(trained, lifecycle_config):
