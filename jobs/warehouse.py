@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from ray.data._internal.datasource.iceberg_datasink import IcebergDatasink
 from ray.data._internal.datasource.iceberg_datasource import IcebergDatasource
 
+from cluster.storage import absolute_sqlite_uri
 from jobs.config import CatalogConfig
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 # Columns the scorer adds to the input key columns (DESIGN.md, "Predictions table").
 PREDICTION_COLUMNS = ("label", "score", "model_name", "model_version", "scored_at", "run_date")
 
-_SQLITE_PREFIX = "sqlite:///"
 _LOAD_HINT = "run `raylift warehouse load --config ...` first"
 
 
@@ -76,7 +76,7 @@ def catalog_properties(cfg: CatalogConfig) -> dict[str, str]:
     props["warehouse"] = cfg.warehouse
     if cfg.type == "sql":
         # Only here: a REST catalog's `warehouse` is a name the server resolves, not a path.
-        props["uri"] = _absolute_sqlite_uri(cfg.uri)
+        props["uri"] = absolute_sqlite_uri(cfg.uri, key="catalog.uri")
         props["warehouse"] = _local_warehouse_uri(cfg.warehouse)
     return props
 
@@ -87,20 +87,6 @@ def load_catalog(cfg: CatalogConfig) -> Catalog:
 
     props = catalog_properties(cfg)
     return _pyiceberg_load_catalog(props.pop("name"), **props)
-
-
-def _absolute_sqlite_uri(uri: str) -> str:
-    if not uri.startswith("sqlite:"):
-        return uri  # a database server (postgresql://...): nothing local to resolve
-    path, sep, query = uri.removeprefix(_SQLITE_PREFIX).partition("?")
-    if not uri.startswith(_SQLITE_PREFIX) or path in ("", ":memory:"):
-        raise ValueError(
-            f"catalog.uri={uri!r} is an in-memory SQLite database, which every Ray worker "
-            "would see empty; use a file, e.g. sqlite:///.raylift/warehouse/catalog.db"
-        )
-    absolute = Path(path).expanduser().resolve()
-    absolute.parent.mkdir(parents=True, exist_ok=True)
-    return f"{_SQLITE_PREFIX}{absolute}{sep}{query}"
 
 
 def _local_warehouse_uri(warehouse: str) -> str:

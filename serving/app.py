@@ -36,6 +36,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from ray import serve
 
+from cluster.storage import absolute_sqlite_uri
 from jobs.config import LifecycleConfig, ServeConfig
 
 __all__ = [
@@ -294,8 +295,8 @@ class ModelServer:
 
 def _driver_absolute(uri: str) -> str:
     """Local paths and relative SQLite URIs as absolute: replicas run in another directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if uri.startswith("sqlite:"):
+        return absolute_sqlite_uri(uri)
     path = Path(uri).expanduser()
     return str(path.resolve()) if path.exists() else uri
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.storage import absolute_sqlite_uri
+
 __all__ = [
     "CHECKPOINT_ARTIFACT",
     "ResolvedModel",
@@ -36,13 +38,8 @@ class ResolvedModel:
 
 
 def absolute_tracking_uri(tracking_uri: str) -> str:
-    """Make a relative sqlite path absolute: Ray workers may run in another directory."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not tracking_uri.startswith(prefix + "/"):
-        db = Path(tracking_uri[len(prefix) :]).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(db)
-    return tracking_uri
+    """The tracking URI as Ray workers and replicas must see it (absolute SQLite path)."""
+    return absolute_sqlite_uri(tracking_uri, key="registry.tracking_uri")
 
 
 def configure_tracking(tracking_uri: str, experiment: str | None = None) -> str | None:
