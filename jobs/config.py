@@ -244,10 +244,17 @@ class ScoreConfig(_Strict):
     model_uri: str | None = Field(
         None, description="Model to score with; models:/<model_name>@<promote.alias> by default."
     )
-    batch_size: int = Field(512, ge=1, description="Rows per Predictor call.")
-    concurrency: int = Field(1, ge=1, description="Predictor actors.")
+    batch_size: int = Field(
+        1024, ge=1, description="Rows per Predictor call (sorted by length together)."
+    )
+    concurrency: int = Field(
+        2,
+        ge=1,
+        description="Predictor actors. On CPU, one single-threaded actor per core: two "
+        "1-thread actors scored 1.2-1.3x the rows of one 2-thread actor on MiniLM.",
+    )
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Predictor actor.")
-    torch_threads: int = Field(2, ge=1, description="Torch threads per Predictor actor.")
+    torch_threads: int = Field(1, ge=1, description="Torch threads per Predictor actor.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision; auto: bf16 where native, else fp32."
     )

@@ -7,7 +7,10 @@ config (off by default).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,9 +182,12 @@ def load_checkpoint(directory: str | Path) -> LoadedModel:
             raise ValueError(f"{directory}: adapter weights must be adapter_model.safetensors")
         import peft
 
-        base = _load_head_model(
-            resolve_base_model(meta["base_model"]), task, meta["labels"], trust, "full"
-        )
+        # The base has no head yet (the adapter brings it, as modules_to_save), and transformers
+        # would log a "LOAD REPORT: classifier MISSING" warning from every actor and replica.
+        with _log_level("transformers.modeling_utils", logging.ERROR):
+            base = _load_head_model(
+                resolve_base_model(meta["base_model"]), task, meta["labels"], trust, "full"
+            )
         model = peft.PeftModel.from_pretrained(base, directory).merge_and_unload()
     elif (directory / "model.safetensors").is_file():
         model = auto.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust)
@@ -189,3 +195,14 @@ def load_checkpoint(directory: str | Path) -> LoadedModel:
         raise ValueError(f"{directory}: no model.safetensors or adapter_model.safetensors")
     model = model.float().eval()
     return LoadedModel(model, load_tokenizer(str(directory), trust), meta, task)
+
+
+@contextlib.contextmanager
+def _log_level(name: str, level: int) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

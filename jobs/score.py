@@ -105,6 +105,8 @@ def _pin_version(config: LifecycleConfig) -> registry.ResolvedModel:
 
 
 def _predict(config: LifecycleConfig, source, pinned: registry.ResolvedModel):
+    import ray.data
+
     from serving.predictor import Predictor
 
     score = config.score
@@ -121,8 +123,9 @@ def _predict(config: LifecycleConfig, source, pinned: registry.ResolvedModel):
         },
         batch_size=score.batch_size,
         batch_format="numpy",
-        concurrency=score.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=score.concurrency),
         num_cpus=score.num_cpus,
+        udf_modifying_row_count=False,  # one prediction per input row
     )
 
 
