@@ -8,16 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.config import LifecycleConfig
-from serving import registry
+from serving import registry, tags
 
 __all__ = ["GateRefused", "PromoteResult", "evaluate_gates", "main"]
-
-# Versions are comparable only when evaluated on the same rows.
-_COMPARABLE_TAGS = (
-    "raylift.iceberg_table",
-    "raylift.iceberg_snapshot_id",
-    "raylift.validation_split",
-)
 
 
 class GateRefused(ValueError):
@@ -45,7 +38,7 @@ def main(config: LifecycleConfig, version: str | None = None) -> PromoteResult:
     current = registry.get_alias_version(name, gate.alias)
     passed, checks = evaluate_gates(config, candidate.tags, current.tags if current else None)
     verdict = "passed" if passed else "refused"
-    client.set_model_version_tag(name, candidate.version, f"raylift.gate.{gate.alias}", verdict)
+    client.set_model_version_tag(name, candidate.version, tags.gate_tag(gate.alias), verdict)
     if not passed:
         raise GateRefused(
             f"{name} version {candidate.version} not promoted to @{gate.alias}: "
@@ -73,7 +66,7 @@ def evaluate_gates(
     checks.append(f"{gate.metric}={value:.4f} {'>=' if passed else '<'} floor {gate.min_value}")
     if current is None:
         checks.append(f"no current @{gate.alias}: nothing to regress against")
-    elif all(candidate.get(t) == current.get(t) for t in _COMPARABLE_TAGS):
+    elif all(candidate.get(t) == current.get(t) for t in tags.EVAL_ROWS_TAGS):
         incumbent = _metric(current, gate.metric)
         ok = value >= incumbent - gate.max_regression
         passed = passed and ok
@@ -86,14 +79,17 @@ def evaluate_gates(
     return passed, checks
 
 
-def _metric(tags: dict[str, str], metric: str) -> float:
-    raw = tags.get(f"metric.{metric}")
-    if raw is None:
+def _metric(version_tags: dict[str, str], metric: str) -> float:
+    try:
+        value = tags.read_metric(version_tags, metric)
+    except ValueError as exc:  # a tag that is not a number cannot pass a gate
+        raise GateRefused(str(exc)) from None
+    if value is None:
         raise GateRefused(
-            f"the version has no metric.{metric} tag; set promote.metric to a "
+            f"the version has no {tags.metric_tag(metric)} tag; set promote.metric to a "
             "metric the training run reported, e.g. val_accuracy"
         )
-    return float(raw)
+    return value
 
 
 def _newest_version(client, name: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import LifecycleConfig, config_hash
-from serving import registry
+from serving import registry, tags
 
 __all__ = ["git_sha", "lineage_tags", "register", "tracked_run"]
 
@@ -42,29 +42,30 @@ def git_sha() -> str:
 
 
 def lineage_tags(config: LifecycleConfig, data_lineage: dict[str, str]) -> dict[str, str]:
+    """The version's lineage: config, code, model, and the data tags of `PreparedData.lineage`."""
     return {
-        "raylift.config_name": config.name,
-        "raylift.config_hash": config_hash(config),
-        "raylift.git_sha": git_sha(),
-        "raylift.base_model": config.model.base,
-        "raylift.method": config.model.method,
-        "raylift.task": config.task.type,
-        "raylift.validation_split": (
+        tags.CONFIG_NAME: config.name,
+        tags.CONFIG_HASH: config_hash(config),
+        tags.GIT_SHA: git_sha(),
+        tags.BASE_MODEL: config.model.base,
+        tags.METHOD: config.model.method,
+        tags.TASK: config.task.type,
+        tags.VALIDATION_SPLIT: (
             f"fraction={config.data.validation.fraction},seed={config.data.validation.seed}"
         ),
-        **{f"raylift.{k}": v for k, v in data_lineage.items()},
+        **data_lineage,
     }
 
 
 @contextlib.contextmanager
-def tracked_run(config: LifecycleConfig, tags: dict[str, str]) -> Iterator[str]:
+def tracked_run(config: LifecycleConfig, run_tags: dict[str, str]) -> Iterator[str]:
     """An MLflow run with the config as params; marked FAILED if the body raises."""
     import mlflow
 
     experiment_id = registry.configure_tracking(
         config.registry.tracking_uri, config.registry.experiment
     )
-    with mlflow.start_run(experiment_id=experiment_id, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
         mlflow.log_params(
             _flat_params(config.model_dump(include={"model", "train", "data", "task"}))
         )
@@ -75,16 +76,13 @@ def register(
     config: LifecycleConfig,
     run_id: str,
     checkpoint_dir: str | Path,
-    tags: dict[str, str],
+    version_tags: dict[str, str],
     metrics: dict[str, Any],
 ) -> str:
     """Register the checkpoint as a new version; its metrics ride along as version tags."""
-    metric_tags = {
-        f"metric.{k}": f"{float(metrics[k]):.6f}" for k in _LOGGED_METRICS if k in metrics
-    }
-    metric_tags["metric.epoch"] = str(metrics.get("epoch", ""))
+    metric_tags = tags.metric_tags(metrics, (*_LOGGED_METRICS, "epoch"))
     return registry.register_checkpoint(
-        config.registry.model_name, run_id, checkpoint_dir, {**tags, **metric_tags}
+        config.registry.model_name, run_id, checkpoint_dir, {**version_tags, **metric_tags}
     )
 
 

@@ -32,12 +32,15 @@ class PreparedData:
     validation_rows: int
     datasets: dict[str, Any]  # "train" / "validation" → ray.data.Dataset
 
-    def lineage(self) -> dict[str, Any]:
+    def lineage(self) -> dict[str, str]:
+        """Registry tags naming the rows trained and evaluated on (names owned by serving.tags)."""
+        from serving import tags
+
         return {
-            "iceberg_table": self.table,
-            "iceberg_snapshot_id": str(self.snapshot_id),
-            "train_rows": str(self.train_rows),
-            "validation_rows": str(self.validation_rows),
+            tags.ICEBERG_TABLE: self.table,
+            tags.ICEBERG_SNAPSHOT_ID: str(self.snapshot_id),
+            tags.TRAIN_ROWS: str(self.train_rows),
+            tags.VALIDATION_ROWS: str(self.validation_rows),
         }
 
 

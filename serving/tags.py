@@ -1,0 +1,102 @@
+"""Registry tag names: the one owner of every tag a model version carries, and of metric values.
+
+Writers (training lineage, registration, promotion gates) and readers (gates, reports, tests)
+import these names; no tag name is written as a string literal anywhere else. The names on the
+wire are those registries already hold, so versions registered before keep their meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+__all__ = [
+    "BASE_MODEL",
+    "CONFIG_HASH",
+    "CONFIG_NAME",
+    "EVAL_ROWS_TAGS",
+    "GIT_SHA",
+    "ICEBERG_SNAPSHOT_ID",
+    "ICEBERG_TABLE",
+    "METHOD",
+    "METRIC_PREFIX",
+    "ROWS_REFUSED",
+    "TASK",
+    "TRAIN_ROWS",
+    "VALIDATION_ROWS",
+    "VALIDATION_SPLIT",
+    "format_metric",
+    "gate_tag",
+    "metric_tag",
+    "metric_tags",
+    "parse_metric",
+    "read_metric",
+]
+
+_LINEAGE = "raylift."
+
+# Lineage: where a version came from.
+CONFIG_NAME = f"{_LINEAGE}config_name"
+CONFIG_HASH = f"{_LINEAGE}config_hash"
+GIT_SHA = f"{_LINEAGE}git_sha"
+BASE_MODEL = f"{_LINEAGE}base_model"
+METHOD = f"{_LINEAGE}method"
+TASK = f"{_LINEAGE}task"
+VALIDATION_SPLIT = f"{_LINEAGE}validation_split"
+ICEBERG_TABLE = f"{_LINEAGE}iceberg_table"
+ICEBERG_SNAPSHOT_ID = f"{_LINEAGE}iceberg_snapshot_id"
+TRAIN_ROWS = f"{_LINEAGE}train_rows"
+VALIDATION_ROWS = f"{_LINEAGE}validation_rows"
+ROWS_REFUSED = f"{_LINEAGE}rows_refused"  # rows with no usable text or label, never trained on
+
+# Two versions' metrics are comparable only when both were evaluated on these same rows.
+EVAL_ROWS_TAGS = (ICEBERG_TABLE, ICEBERG_SNAPSHOT_ID, VALIDATION_SPLIT)
+
+# Metrics: one tag per reported metric, e.g. metric.val_accuracy.
+METRIC_PREFIX = "metric."
+
+_GATE_PREFIX = f"{_LINEAGE}gate."
+_METRIC_DIGITS = 6
+
+
+def metric_tag(name: str) -> str:
+    """The tag holding metric `name`: metric.val_accuracy for val_accuracy."""
+    return f"{METRIC_PREFIX}{name}"
+
+
+def gate_tag(alias: str) -> str:
+    """The tag holding the promotion verdict ('passed' / 'refused') for `alias`."""
+    return f"{_GATE_PREFIX}{alias}"
+
+
+def format_metric(value: float | int) -> str:
+    """A metric as a tag value: integers exactly (epoch, rows), floats to 6 decimals."""
+    if isinstance(value, bool):
+        raise TypeError(f"metric value {value!r} is a bool, not a number")
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    return str(value) if not math.isfinite(value) else f"{value:.{_METRIC_DIGITS}f}"
+
+
+def parse_metric(tag: str, raw: str) -> float:
+    """A metric tag's value as a float; the error names the tag and the value found."""
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"registry tag {tag}={raw!r} is not a number; re-register the version from its "
+            "training run (raylift finetune) or fix the tag in the registry"
+        ) from None
+
+
+def read_metric(tags: Mapping[str, str], name: str) -> float | None:
+    """Metric `name` from a version's tags; None when the version has no such tag."""
+    tag = metric_tag(name)
+    raw = tags.get(tag)
+    return None if raw is None else parse_metric(tag, raw)
+
+
+def metric_tags(metrics: Mapping[str, float | int], names: tuple[str, ...]) -> dict[str, str]:
+    """Tags for the metrics among `names` that `metrics` holds (others are left out)."""
+    return {metric_tag(n): format_metric(metrics[n]) for n in names if n in metrics}
