@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.config import ConfigError, LifecycleConfig, load_config, parse_overrides
 
-__all__ = ["COMMANDS", "build_parser", "main", "run_job"]
+__all__ = ["COMMANDS", "build_parser", "main", "parse_args", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     _setup_logging()
     return _dispatch(lambda: COMMANDS[args.command].run(args))
 
@@ -155,9 +155,28 @@ def run_job(job_main: Callable[[LifecycleConfig], Any], doc: str | None) -> None
     """`python -m jobs.<name> --config FILE [key=value ...]`."""
     parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     _add_config_arguments(parser)
-    args = parser.parse_args()
+    args = parse_args(parser, sys.argv[1:])
     _setup_logging()
     sys.exit(_dispatch(lambda: job_main(load_config(args.config, parse_overrides(args.overrides)))))
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, taking `key=value` overrides wherever they stand after the subcommand.
+
+    argparse fills a trailing `nargs="*"` positional as soon as the first positional is seen, so
+    in `warehouse load --config F data.source=x.csv` the overrides list was already closed (empty)
+    at `load`, and `data.source=x.csv` was left over as "unrecognized". Left-over arguments are
+    therefore collected here: `key=value` items become overrides (for `validate`, any item:
+    files and overrides alike); anything else is still an error.
+    """
+    args, extra = parser.parse_known_args(argv)
+    target = "items" if hasattr(args, "items") else "overrides"
+    stray = [a for a in extra if a.startswith("-") or (target == "overrides" and "=" not in a)]
+    if stray or (extra and not hasattr(args, target)):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        setattr(args, target, [*getattr(args, target), *extra])
+    return args
 
 
 def _dispatch(call: Callable[[], Any]) -> int:

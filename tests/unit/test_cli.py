@@ -1,6 +1,19 @@
 import pytest
 
 from jobs.cli import COMMANDS, build_parser, main
+from tests.unit.job_recorder import (
+    CONFIG_FREE_COMMANDS,
+    JOB_ENTRY_POINTS,
+    JobCall,
+    record_jobs,
+)
+
+CONFIG = "configs/banking77/minilm_lora.yaml"
+
+
+@pytest.fixture
+def job_calls(monkeypatch) -> list[JobCall]:
+    return record_jobs(monkeypatch)
 
 
 def test_dispatch_table_and_help_agree(capsys):
@@ -34,11 +47,42 @@ def test_validate_applies_overrides(capsys):
     assert "train.zero: unknown key" in capsys.readouterr().err
 
 
-def test_job_modules_expose_main():
-    import importlib
+def test_every_subcommand_hands_its_config_to_its_job_main(job_calls):
+    """The dispatch table reaches each job's real entry point (replaced by a recorder)."""
+    assert set(COMMANDS) == set(JOB_ENTRY_POINTS) | CONFIG_FREE_COMMANDS
+    for command, (module, attr) in JOB_ENTRY_POINTS.items():
+        job_calls.clear()
+        argv = [command, *(["load"] if command == "warehouse" else [])]
+        assert main([*argv, "--config", CONFIG, "train.epochs=7"]) == 0
+        assert [c.job for c in job_calls] == [f"{module}.{attr}"]
+        assert job_calls[0].config.train.epochs == 7
 
-    for module in ("jobs.load", "jobs.finetune", "jobs.promote", "jobs.score", "jobs.demo"):
-        assert callable(importlib.import_module(module).main)
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["warehouse", "load", "--config", CONFIG, "data.source=my.csv", "train.epochs=2"],
+        ["warehouse", "--config", CONFIG, "load", "data.source=my.csv", "train.epochs=2"],
+        ["warehouse", "load", "data.source=my.csv", "--config", CONFIG, "train.epochs=2"],
+        ["promote", "data.source=my.csv", "--config", CONFIG, "train.epochs=2", "--version", "3"],
+    ],
+)
+def test_overrides_are_taken_before_and_after_options(argv, job_calls):
+    assert main(argv) == 0
+    assert job_calls[0].config.data.source == "my.csv"
+    assert job_calls[0].config.train.epochs == 2
+
+
+def test_unknown_flags_and_bare_words_are_still_refused(job_calls, capsys):
+    for argv in (
+        ["finetune", "--config", CONFIG, "--epochs", "2"],
+        ["warehouse", "load", "--config", CONFIG, "my.csv"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert job_calls == []
 
 
 def test_validate_takes_files_as_arguments(tmp_path, capsys):
