@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-__all__ = ["absolute_sqlite_uri"]
+__all__ = ["absolute_sqlite_uri", "worker_visible_uri"]
 
 SQLITE_PREFIX = "sqlite:///"
+
+# `s3://`, `gs://`, `abfs://`, `http://`, `postgresql://`, MLflow's `models:/` and `runs:/`.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def worker_visible_uri(uri: str, key: str, *, create: bool = False, file_uri: bool = False) -> str:
+    """`uri` as a Ray worker or Serve replica in another working directory must see it.
+
+    Ray workers may run in another directory than the driver, so relative local paths would
+    name other (empty) places there:
+    - `sqlite:` URIs get an absolute path (see `absolute_sqlite_uri`; `key` names the config
+      key in its error);
+    - local paths and `file://` URIs become absolute (`~` expanded); `create=True` makes the
+      folder, for callers that write into it; `file_uri=True` returns `file:///...`;
+    - any other scheme (`s3://`, `gs://`, `models:/`, `postgresql://`) is returned unchanged.
+    """
+    if uri.startswith("sqlite:"):
+        return absolute_sqlite_uri(uri, key=key)
+    if _SCHEME.match(uri) and not uri.startswith("file://"):
+        return uri  # object storage, a registry or a server: nothing local to resolve
+    path = Path(uri.removeprefix("file://")).expanduser().resolve()
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri() if file_uri else str(path)
 
 
 def absolute_sqlite_uri(uri: str, key: str = "uri") -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cluster import init_ray
+from cluster.storage import worker_visible_uri
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash
 from jobs.modeling import resolve_base_model
@@ -97,11 +97,7 @@ def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], ru
 
 
 def _storage_path(checkpoint_dir: str) -> str:
-    if "://" in checkpoint_dir:
-        return checkpoint_dir
-    path = Path(checkpoint_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+    return worker_visible_uri(checkpoint_dir, key="train.checkpoint_dir", create=True)
 
 
 def _best_checkpoint(result, metric: str):

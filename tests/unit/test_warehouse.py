@@ -332,3 +332,73 @@ def test_packaged_banking77_has_all_rows_and_categories():
     assert len(set(table["category"].to_pylist())) == 77
     assert sorted(set(table["category"].to_pylist())) == sorted(banking77_categories())
     assert json.loads((path.parent / "categories.json").read_text()) == banking77_categories()
+
+
+# --- the fence around ray.data._internal -----------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_member_raylift_overrides_or_uses_exists_on_the_installed_ray():
+    from jobs.warehouse import _ray_internal as fence
+
+    assert fence.check_members() == []
+    sink = fence.IcebergDatasink("ns.t", catalog_kwargs={"name": "x"})
+    source = fence.IcebergDatasource("ns.t", catalog_kwargs={"name": "x"})
+    for instance in (sink, source):
+        attributes = fence.RELIED_ON_ATTRIBUTES[type(instance).__name__]
+        assert [a for a in attributes if not hasattr(instance, a)] == []
+
+
+@pytest.mark.parametrize(
+    ("subclass", "parent"),
+    [("RunDateSink", "IcebergDatasink"), ("IcebergTableSource", "IcebergDatasource")],
+)
+def test_the_fence_lists_exactly_what_the_subclasses_override(subclass, parent):
+    from jobs.warehouse import _ray_internal as fence
+
+    ray_class = getattr(fence, parent)
+    # Constructors are listed in INIT_PARAMETERS; other dunders are on every class.
+    own = [n for n in vars(getattr(warehouse, subclass)) if n == "__getstate__" or n[:2] != "__"]
+    overridden = {name for name in own if hasattr(ray_class, name)}
+    assert overridden == set(fence.OVERRIDDEN[parent])
+
+
+def test_a_missing_ray_member_fails_naming_it(monkeypatch):
+    from jobs.warehouse import _ray_internal as fence
+
+    monkeypatch.delattr(fence.IcebergDatasink, "_reload_table")
+    with pytest.raises(ImportError, match=r"IcebergDatasink\._reload_table no longer exist"):
+        fence.check_ray()
+
+
+def test_another_ray_release_warns_what_to_reverify(recwarn):
+    from jobs.warehouse import _ray_internal as fence
+
+    fence.check_ray("2.60.7")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    with pytest.warns(RuntimeWarning, match=r"verified on ray 2\.60\.x, this is ray 2\.61\.0"):
+        fence.check_ray("2.61.0")
+
+
+def _imports_ray_internal(path: Path) -> bool:
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        if any(name.startswith("ray.data._internal") for name in names):
+            return True
+    return False
+
+
+def test_only_the_fence_imports_ray_data_internal():
+    sources = [
+        p for top in ("cluster", "jobs", "serving", "tests") for p in (REPO / top).rglob("*.py")
+    ]
+    importing = sorted(str(p.relative_to(REPO)) for p in sources if _imports_ray_internal(p))
+    assert importing == ["jobs/warehouse/_ray_internal.py"]
