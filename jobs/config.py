@@ -220,6 +220,25 @@ class ServeConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait.")
     max_texts_per_request: int = Field(64, ge=1, description="More texts get a 413.")
     max_text_chars: int = Field(2000, ge=1, description="Longer texts get a 422.")
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=64,
+        description="Predict bodies larger than this get a 413, refused from Content-Length "
+        "before reading, or as soon as a streamed body passes it. 1 MiB holds the default 64 "
+        "texts of 2,000 characters even fully \\u-escaped (6 bytes a character: 768 KB).",
+    )
+    max_queued_requests: int | None = Field(
+        128,
+        ge=1,
+        description="Requests each Serve proxy holds waiting for a free replica; more get a 503 "
+        "(Serve's max_queued_requests). null: no limit, the queue grows without bound.",
+    )
+    request_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="End-to-end HTTP timeout, queueing included; slower requests get a 408 "
+        "(Serve's http_options.request_timeout_s, one value per Serve instance). null: none.",
+    )
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per replica.")
     torch_threads: int = Field(2, ge=1, description="Torch threads per replica.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -231,7 +250,8 @@ class ServeConfig(_Strict):
     auth_token_env: str | None = Field(
         None,
         description="Name of an environment variable holding a bearer token; when set, "
-        "requests must send it. The token itself never goes in a config.",
+        "requests must send it. It is read where the app is built (deploy or app_builder); "
+        "replicas get only its SHA-256 digest. The token itself never goes in a config.",
     )
 
 

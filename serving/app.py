@@ -9,10 +9,28 @@ one text, so `serve.max_batch_size` counts texts however the clients group them.
 and wait are the deployment's `user_config`, so `serve deploy` with new values changes them
 on live replicas without a restart.
 
-Bad input is answered with a 4xx naming the reason; the replica keeps serving. When
-`serve.auth_token_env` names an environment variable, every model route needs
-`Authorization: Bearer <its value>`; the value travels to replicas in the deployment's
-runtime_env and is never logged.
+Bad input is answered with a 4xx naming the reason and the config key; the replica keeps
+serving. Limits apply before any work is done, cheapest first:
+- 401 without the bearer token (when configured), 404 for another model name;
+- 415 unless `Content-Type: application/json` (parameters such as charset are fine);
+- 413 for a body over `serve.max_body_bytes`: refused from its Content-Length before a byte is
+  read, and a streamed (chunked) body is read only until its running total passes the limit;
+- 400 for a body that is not JSON, 422 for JSON of the wrong shape (blank texts included,
+  `serving.text.is_usable_text`), 413 / 422 for too many / too long texts.
+Serve itself answers 503 when `serve.max_queued_requests` requests already wait for a replica,
+and 408 past `serve.request_timeout_s`.
+
+A text the model cannot score does not fail its request or the others batched with it: its
+prediction has `label` and `score` null and `error` saying why (non-finite model output);
+every other text gets its answer, and the response is a 200. Check `error` (or a null
+`label`) per prediction. Texts longer than the model's positions are truncated, never an error.
+
+When `serve.auth_token_env` names an environment variable, every model route needs
+`Authorization: Bearer <its value>`. The value is read where the app is built (deploy, or
+app_builder under a RayService) and replicas receive only its SHA-256 digest, so Ray's REST API
+(`/api/serve/applications/`) and the replicas' environment show nothing that can be replayed.
+Use a random token (`python -c "import secrets; print(secrets.token_urlsafe(32))"`): a digest
+of a guessable word can be guessed back.
 
     deploy(load_config("configs/banking77/minilm_lora.yaml"))  # -> "http://127.0.0.1:8000"
 """
@@ -22,6 +40,7 @@ runtime_env and is never logged.
 # turns them into required query parameters.
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
@@ -38,6 +57,7 @@ from ray import serve
 
 from cluster.storage import absolute_sqlite_uri
 from jobs.config import LifecycleConfig, ServeConfig
+from serving.text import is_usable_text
 
 __all__ = [
     "ModelInfo",
@@ -56,13 +76,13 @@ log = logging.getLogger(__name__)
 # -- request / response schemas ------------------------------------------------------------
 
 
-def _not_blank(text: str) -> str:
-    if not text.strip():
+def _usable(text: str) -> str:
+    if not is_usable_text(text):
         raise ValueError("text is empty or blank; send at least one non-space character")
     return text
 
 
-Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Text = Annotated[StrictStr, AfterValidator(_usable)]
 
 
 class PredictRequest(BaseModel):
@@ -72,8 +92,11 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str = Field(..., description="Most likely label.")
-    score: float = Field(..., description="Its probability.")
+    label: str | None = Field(..., description="Most likely label; null when `error` is set.")
+    score: float | None = Field(..., description="Its probability; null when `error` is set.")
+    error: str | None = Field(
+        None, description="Why this text has no label (e.g. non-finite model output); else null."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -96,6 +119,7 @@ class Health(BaseModel):
 
 app = FastAPI(title="raylift model endpoint", docs_url="/docs")
 _bearer = HTTPBearer(auto_error=False, description="Needed when serve.auth_token_env is set.")
+_JSON = "application/json"
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 # The predict body is parsed by hand (auth first, then 400 vs 422); this keeps it in /docs.
 _PREDICT_BODY_DOC = {
@@ -128,16 +152,39 @@ def _parse_predict_request(raw: bytes) -> PredictRequest:
         raise RequestValidationError(errors) from None
 
 
-def _read_token(env_name: str | None) -> str | None:
-    if env_name is None:
-        return None
-    token = os.environ.get(env_name)
-    if not token:
-        raise RuntimeError(
-            f"serve.auth_token_env={env_name!r} but {env_name} is not set in the replica; "
-            "export it where deploy runs"
+def _check_json_content_type(request: Request) -> None:
+    sent = request.headers.get("content-type", "")
+    if sent.split(";", 1)[0].strip().lower() != _JSON:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"Content-Type is {sent or 'missing'!r}; send 'Content-Type: {_JSON}'",
         )
-    return token
+
+
+def _body_too_large(size: str, limit: int) -> HTTPException:
+    return HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        detail=f"request body is {size} bytes; the limit is {limit} (serve.max_body_bytes): "
+        "send fewer or shorter texts per request",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to exceed `limit`: from Content-Length
+    before reading, else (chunked) once the running total passes it. Never reads it whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(declared, limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _body_too_large(f"more than {limit}", limit)
+    return bytes(body)
+
+
+def _token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _batching(serve_config: ServeConfig) -> dict[str, Any]:
@@ -162,12 +209,14 @@ class ModelServer:
         served_name: str,
         serve_config: ServeConfig,
         tracking_uri: str | None = None,
+        token_sha256: str | None = None,
     ):
         from serving.predictor import Predictor
 
         self._served_name = served_name
         self._config = serve_config
-        self._token = _read_token(serve_config.auth_token_env)
+        # Only a digest reaches the replica: the token cannot be read back from it.
+        self._token_sha256 = token_sha256
         self._predictor = Predictor(
             model_uri,
             tracking_uri=tracking_uri,
@@ -227,7 +276,8 @@ class ModelServer:
     ) -> PredictResponse:
         self._authorize(credentials)
         self._check_model_name(model_name)
-        body = _parse_predict_request(await request.body())
+        _check_json_content_type(request)
+        body = _parse_predict_request(await _read_body(request, self._config.max_body_bytes))
         self._check_limits(body.texts)
         answers = await asyncio.gather(*(self._predict_batch(text) for text in body.texts))
         return PredictResponse(
@@ -249,10 +299,10 @@ class ModelServer:
         return answers
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        if self._token is None:
+        if self._token_sha256 is None:
             return
         sent = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(sent.encode(), self._token.encode()):
+        if not hmac.compare_digest(_token_digest(sent), self._token_sha256):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 detail="missing or wrong bearer token; send 'Authorization: Bearer <token>'",
@@ -301,18 +351,18 @@ def _driver_absolute(uri: str) -> str:
     return str(path.resolve()) if path.exists() else uri
 
 
-def _actor_options(serve_config: ServeConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_cpus": serve_config.num_cpus}
+def _expected_token_sha256(serve_config: ServeConfig) -> str | None:
+    """Digest of the token in serve.auth_token_env, read here where the app is built."""
     env_name = serve_config.auth_token_env
-    if env_name:
-        token = os.environ.get(env_name)
-        if not token:
-            raise ValueError(
-                f"serve.auth_token_env={env_name!r}, but {env_name} is not set; "
-                f"export {env_name}=<token> before deploying, or unset serve.auth_token_env"
-            )
-        options["runtime_env"] = {"env_vars": {env_name: token}}
-    return options
+    if not env_name:
+        return None
+    token = os.environ.get(env_name)
+    if not token:
+        raise ValueError(
+            f"serve.auth_token_env={env_name!r}, but {env_name} is not set; "
+            f"export {env_name}=<token> before deploying, or unset serve.auth_token_env"
+        )
+    return _token_digest(token)
 
 
 def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Application:
@@ -333,7 +383,10 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         max_ongoing_requests=max(
             serve_cfg.max_batch_size, math.ceil(2 * scaling.target_ongoing_requests)
         ),
-        ray_actor_options=_actor_options(serve_cfg),
+        # Requests past this many waiting at a proxy get Serve's 503 instead of queueing
+        # without bound (-1 is Serve's "no limit").
+        max_queued_requests=serve_cfg.max_queued_requests or -1,
+        ray_actor_options={"num_cpus": serve_cfg.num_cpus},
         user_config=_batching(serve_cfg),
     )
     return deployment.bind(
@@ -341,13 +394,18 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         served_name=config.registry.model_name,
         serve_config=serve_cfg,
         tracking_uri=_driver_absolute(config.registry.tracking_uri),
+        token_sha256=_expected_token_sha256(serve_cfg),
     )
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """For `serve run serving.app:app_builder config=configs/banking77/minilm_lora.yaml` and a
     RayService import_path: `config` is the YAML, `model_uri` optional, other keys overrides
-    (`serve.max_batch_size=32`)."""
+    (`serve.max_batch_size=32`).
+
+    HTTP options belong to the Serve instance, not to an application: under a RayService put
+    `serve.request_timeout_s` in serveConfigV2's `http_options.request_timeout_s` (and host,
+    port there too); `deploy` passes them to serve.start itself."""
     from jobs.config import load_config, parse_overrides
 
     args = dict(args)
@@ -365,13 +423,21 @@ def deploy(config: LifecycleConfig, model_uri: str | None = None, blocking: bool
 
     init_ray()
     serve_cfg = config.serve
-    serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
+    serve.start(http_options=_http_options(serve_cfg))
     url = _endpoint_url(serve_cfg)
     application = build_app(config, model_uri)
     name = config.registry.model_name
     log.info("deploying %s at %s/v1/models/%s", name, url, name)
     serve.run(application, name=name, route_prefix="/", blocking=blocking)
     return url
+
+
+def _http_options(serve_cfg: ServeConfig) -> dict[str, Any]:
+    return {
+        "host": serve_cfg.host,
+        "port": serve_cfg.port,
+        "request_timeout_s": serve_cfg.request_timeout_s,
+    }
 
 
 def _endpoint_url(serve_cfg: ServeConfig) -> str:
@@ -381,6 +447,13 @@ def _endpoint_url(serve_cfg: ServeConfig) -> str:
     from ray.serve.context import _get_global_client
 
     running = _get_global_client().http_config
+    if running.request_timeout_s != serve_cfg.request_timeout_s:
+        log.warning(
+            "Serve already runs with request_timeout_s=%s; serve.request_timeout_s=%s is "
+            "ignored until `serve shutdown`",
+            running.request_timeout_s,
+            serve_cfg.request_timeout_s,
+        )
     if (running.host, running.port) != (host, port):
         log.warning(
             "Serve already runs on %s:%s; serve.host/port (%s:%s) are ignored until "

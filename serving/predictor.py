@@ -15,15 +15,21 @@ Speed on CPU comes from three things, each measured (see the notes by the consta
   CPU torch emulates bf16 matmuls about 8x slower than fp32, so there bf16 falls back to
   fp32 with a warning.
 
-Rows whose text is null, empty, blank or not a string do not fail the batch: they get
-label None and score NaN, so the scoring job can quarantine them and keep the rest.
+One bad row never fails the batch it rides in:
+- a text that is not usable (`serving.text.is_usable_text`: null, empty, blank, not a string)
+  gets label None and score NaN, so the scoring job can quarantine it and keep the rest;
+- a text longer than the model's positions is truncated: `max_length` is clamped to what the
+  model can embed (`max_position_embeddings`, less RoBERTa's padding offset), so a long text
+  never becomes an index error for the texts batched with it;
+- a row whose logits or score are not finite (NaN, inf: a broken checkpoint or an overflow)
+  gets label None and score NaN too, never a label picked by argmax over NaN.
+`predict_texts` (Serve) says which of these happened in each answer's `error`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +38,9 @@ import numpy as np
 import torch
 
 from cluster.hardware import resolve_precision
+from serving.text import UNUSABLE_REASON, usable_mask
 
-__all__ = ["Predictor"]
+__all__ = ["NON_FINITE_REASON", "Predictor"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,24 @@ _MAX_SUB_BATCH_ROWS = 256
 
 # Written to model_version when a local checkpoint directory (no registry) is served.
 LOCAL_VERSION = "local"
+
+NON_FINITE_REASON = "the model's score for this text is not finite (NaN or inf); no label given"
+
+# Model families whose position ids start after the padding index (RoBERTa's embeddings hold
+# 514 positions for 512 tokens): padding_idx + 1 positions can never be used by a token.
+_POSITION_OFFSET_FAMILIES = frozenset(
+    {
+        "camembert",
+        "data2vec-text",
+        "ibert",
+        "longformer",
+        "mpnet",
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+    }
+)
 
 
 class Predictor:
@@ -90,7 +115,9 @@ class Predictor:
         self._precision: Precision = resolve_precision(precision, use_gpu=False)  # type: ignore
         self._text_column = text_column or self._meta.get("text_column", "text")
         self._passthrough = tuple(passthrough_columns)
-        self._max_length = max_length or int(self._meta.get("max_length", 512))
+        self._max_length = _clamp_max_length(
+            max_length or int(self._meta.get("max_length", 512)), self._model.config
+        )
         self._sort_window = sort_window
         self._sub_batch_tokens = max(1, int(sub_batch_tokens))
         self._warm_up()
@@ -137,12 +164,20 @@ class Predictor:
         out["model_version"] = np.full(rows, self._model_version, dtype=object)
         return out
 
+    @property
+    def max_length(self) -> int:
+        """Tokens kept per text: the requested max_length, clamped to the model's positions."""
+        return self._max_length
+
     def predict_texts(self, texts: Sequence[Any]) -> list[dict[str, Any]]:
-        """Plain-Python answers for Serve: [{"label": str | None, "score": float | None}]."""
+        """Plain-Python answers for Serve, one per text:
+        {"label": str | None, "score": float | None, "error": None | why there is no label}."""
+        texts = list(texts)
         labels, scores = self._predict(texts)
+        usable = usable_mask(texts)
         return [
-            {"label": label, "score": None if math.isnan(score) else float(score)}
-            for label, score in zip(labels.tolist(), scores.tolist(), strict=True)
+            _answer(label, score, usable=bool(ok))
+            for label, score, ok in zip(labels.tolist(), scores.tolist(), usable, strict=True)
         ]
 
     # -- loading --------------------------------------------------------------------------
@@ -178,13 +213,19 @@ class Predictor:
         texts = list(texts)
         labels = np.full(len(texts), None, dtype=object)
         scores = np.full(len(texts), np.nan, dtype=np.float32)
-        valid = np.fromiter((_is_text(t) for t in texts), dtype=bool, count=len(texts))
+        valid = usable_mask(texts)
         if not valid.any():
             return labels, scores
         if not valid.all():
             log.warning("%d of %d rows have no usable text", (~valid).sum(), len(texts))
-        logits = self._logits([texts[i] for i in np.flatnonzero(valid)])
-        labels[valid], scores[valid] = self._task.postprocess(logits, self._labels)
+        rows = np.flatnonzero(valid)
+        logits = self._logits([texts[i] for i in rows])
+        row_labels, row_scores = self._task.postprocess(logits, self._labels)
+        finite = np.isfinite(logits).all(axis=1) & np.isfinite(row_scores)
+        if not finite.all():
+            log.warning("%d of %d rows have non-finite scores", (~finite).sum(), len(texts))
+        labels[rows[finite]] = row_labels[finite]
+        scores[rows[finite]] = row_scores[finite]
         return labels, scores
 
     def _logits(self, texts: list[str]) -> np.ndarray:
@@ -229,8 +270,35 @@ def _resolve(model_uri: str, tracking_uri: str | None) -> tuple[str, str, str]:
     return resolved.path, name, resolved.version or LOCAL_VERSION
 
 
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
+def _answer(label: str | None, score: float, *, usable: bool) -> dict[str, Any]:
+    if label is not None:
+        return {"label": label, "score": float(score), "error": None}
+    return {"label": None, "score": None, "error": NON_FINITE_REASON if usable else UNUSABLE_REASON}
+
+
+def _position_limit(model_config: Any) -> int | None:
+    """Tokens the model can embed, or None when it has no absolute positions to run out of."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if getattr(model_config, "model_type", None) in _POSITION_OFFSET_FAMILIES:
+        limit -= int(getattr(model_config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def _clamp_max_length(requested: int, model_config: Any) -> int:
+    """`requested`, or fewer when the model has fewer positions: a longer row would index past
+    the position embeddings and fail every text batched with it."""
+    limit = _position_limit(model_config)
+    if limit is None or requested <= limit:
+        return requested
+    log.warning(
+        "max_length=%d is more than the model's %d positions; texts are truncated to %d tokens",
+        requested,
+        limit,
+        limit,
+    )
+    return limit
 
 
 def _sub_batches(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:

@@ -1,13 +1,44 @@
-"""Predictor on a tiny LoRA checkpoint: columns, order under length sorting, bf16, bad rows."""
+"""Predictor on a tiny LoRA checkpoint: columns, order under length sorting, bf16, bad rows,
+texts longer than the model's positions, non-finite scores."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import WORDS, make_lora_checkpoint
+from serving.predictor import NON_FINITE_REASON
+from serving.text import UNUSABLE_REASON
+from tests.helpers import WORDS, make_lora_checkpoint, make_tiny_bert
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+# make_lora_checkpoint records max_length 32; the fragile model embeds only this many positions.
+FRAGILE_POSITIONS = 16
+NAN_WORD = "declined"
+
+
+def make_fragile_bert(directory: Path, positions: int = FRAGILE_POSITIONS) -> str:
+    """The tiny BERT of tests.helpers with only `positions` position embeddings and a NaN
+    embedding for NAN_WORD: any text holding that word gets NaN logits, others stay finite."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    make_tiny_bert(directory)
+    config = BertConfig.from_pretrained(directory)
+    config.max_position_embeddings = positions
+    torch.manual_seed(0)
+    model = BertModel(config)
+    word_id = WORDS.index(NAN_WORD) + 5  # after the 5 special tokens, as make_tiny_bert builds
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[word_id] = float("nan")
+    model.save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+def make_fragile_checkpoint(directory: Path) -> str:
+    base = make_fragile_bert(directory / "base")
+    return make_lora_checkpoint(base, directory / "checkpoint", LABELS)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +159,106 @@ def test_predict_texts_answers_plain_python(checkpoint):
     answers = _predictor(checkpoint, precision="fp32").predict_texts(["card arrived late", ""])
 
     assert answers[0]["label"] in LABELS and isinstance(answers[0]["score"], float)
-    assert answers[1] == {"label": None, "score": None}
+    assert answers[0]["error"] is None
+    assert answers[1] == {"label": None, "score": None, "error": UNUSABLE_REASON}
+
+
+@pytest.fixture(scope="module")
+def fragile_checkpoint(tmp_path_factory) -> str:
+    return make_fragile_checkpoint(tmp_path_factory.mktemp("fragile"))
+
+
+def test_fragile_builder_really_has_nan_and_few_positions(fragile_checkpoint):
+    """Guards the builder: the tests below prove nothing if the model is not fragile."""
+    from jobs.modeling import load_checkpoint
+
+    loaded = load_checkpoint(fragile_checkpoint)
+    assert loaded.model.config.max_position_embeddings == FRAGILE_POSITIONS
+    ids = loaded.tokenizer([f"card {NAN_WORD}", " ".join(["card"] * 40)], padding=True)
+    with pytest.raises((IndexError, RuntimeError)):  # past the positions
+        loaded.model(input_ids=_ids(ids["input_ids"][1:]))
+    logits = loaded.model(input_ids=_ids(ids["input_ids"][:1])).logits
+    assert logits.isnan().all()
+
+
+def _ids(rows: list[list[int]]):
+    import torch
+
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def test_max_length_is_clamped_to_the_model_positions(fragile_checkpoint):
+    predictor = _predictor(fragile_checkpoint, precision="fp32")
+    assert predictor.max_length == FRAGILE_POSITIONS
+    assert _predictor(fragile_checkpoint, precision="fp32", max_length=8).max_length == 8
+
+
+def test_a_text_longer_than_the_positions_is_truncated_not_an_error(fragile_checkpoint):
+    long_text = " ".join(["card", "pin"] * 200)
+    texts = np.array(["card arrived late", long_text, "refund pending"], dtype=object)
+    out = _predictor(fragile_checkpoint, precision="fp32")({"text": texts})
+
+    assert all(label in LABELS for label in out["label"])
+    assert np.isfinite(out["score"]).all()
+    truncated = _predictor(fragile_checkpoint, precision="fp32")({"text": texts[1:2]})
+    same_start = " ".join(long_text.split()[: FRAGILE_POSITIONS - 2])  # minus [CLS], [SEP]
+    prefix = _predictor(fragile_checkpoint, precision="fp32")({"text": np.array([same_start])})
+    np.testing.assert_allclose(truncated["score"], prefix["score"], rtol=1e-5)
+
+
+def test_a_nan_row_gets_no_label_and_the_others_their_answers(fragile_checkpoint):
+    texts = [
+        "card arrived late",
+        f"payment {NAN_WORD} at the atm",
+        " ".join(["card", "pin"] * 200),
+        "refund pending",
+    ]
+    predictor = _predictor(fragile_checkpoint, precision="fp32", sub_batch_tokens=4096)
+    out = predictor({"text": np.array(texts, dtype=object)})
+    alone = [predictor({"text": np.array([t], dtype=object)}) for t in texts]
+
+    assert out["label"][1] is None and np.isnan(out["score"][1])
+    for i in (0, 2, 3):
+        assert out["label"][i] == alone[i]["label"][0]
+        np.testing.assert_allclose(out["score"][i], alone[i]["score"][0], rtol=1e-4)
+    answers = predictor.predict_texts(texts)
+    assert answers[1] == {"label": None, "score": None, "error": NON_FINITE_REASON}
+    assert [a["error"] for a in answers[::2]] == [None, None]
+
+
+def test_nan_logits_from_the_forward_pass_are_caught(checkpoint, monkeypatch):
+    """Whatever makes the model emit NaN (here: the forward pass itself, for the rows holding
+    one word), only those rows lose their label."""
+    predictor = _predictor(checkpoint, precision="fp32", sub_batch_tokens=4096)
+    model = predictor._model
+    forward = model.forward
+    poison = WORDS.index("fee") + 5
+
+    def nan_for_poisoned_rows(input_ids, **kwargs):
+        out = forward(input_ids=input_ids, **kwargs)
+        out.logits[(input_ids == poison).any(dim=1)] = float("nan")
+        return out
+
+    monkeypatch.setattr(model, "forward", nan_for_poisoned_rows)
+    answers = predictor.predict_texts(["card arrived", "atm fee charged", "pin blocked"])
+
+    assert [a["error"] for a in answers] == [None, NON_FINITE_REASON, None]
+    assert answers[0]["label"] in LABELS and answers[2]["label"] in LABELS
+    assert 0 < answers[0]["score"] <= 1
+
+
+def test_position_limit_knows_the_roberta_offset():
+    from transformers import BertConfig, GPT2Config, RobertaConfig, T5Config
+
+    from serving.predictor import _clamp_max_length, _position_limit
+
+    assert _position_limit(BertConfig(max_position_embeddings=512)) == 512
+    roberta = RobertaConfig(max_position_embeddings=514, pad_token_id=1)
+    assert _position_limit(roberta) == 512
+    assert _position_limit(GPT2Config(n_positions=1024)) == 1024
+    assert _position_limit(T5Config()) is None  # relative positions: nothing to clamp
+    assert _clamp_max_length(600, roberta) == 512
+    assert _clamp_max_length(128, roberta) == 128
 
 
 def test_torch_threads_are_set(checkpoint):

@@ -1,0 +1,200 @@
+"""The Serve app without Ray: app_builder (the RayService entry point), the limits taken from
+the config, the token digest, and the bounded body read."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+CONFIG = "configs/banking77/minilm_lora.yaml"
+TOKEN_ENV = "RAYLIFT_TEST_BUILDER_TOKEN"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_bert, tmp_path_factory) -> str:
+    from tests.helpers import make_lora_checkpoint
+
+    return make_lora_checkpoint(tiny_bert, tmp_path_factory.mktemp("ckpt") / "tiny", LABELS)
+
+
+def _deployment(application):
+    # Serve has no public accessor for the deployment an Application binds; the test reads
+    # the private attribute rather than starting Ray to ask the controller.
+    return application._bound_deployment
+
+
+def test_app_builder_applies_overrides_to_the_deployment(checkpoint):
+    from serving.app import app_builder
+
+    args = {
+        "config": CONFIG,
+        "model_uri": checkpoint,
+        "serve.max_batch_size": "8",
+        "serve.batch_wait_timeout_s": "0.02",
+        "serve.max_queued_requests": "7",
+        "serve.num_cpus": "0.5",
+        "serve.autoscaling.target_ongoing_requests": "2",
+    }
+    deployment = _deployment(app_builder(args))
+
+    assert deployment.name == "ModelServer"
+    assert deployment.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}
+    assert deployment.max_queued_requests == 7
+    assert deployment.max_ongoing_requests == 8  # a full batch of one-text requests fits
+    assert deployment.ray_actor_options["num_cpus"] == 0.5
+    assert deployment.init_args == (str(Path(checkpoint).resolve()),)
+    kwargs = deployment.init_kwargs
+    assert kwargs["served_name"] == "ticket-router"
+    assert kwargs["serve_config"].max_batch_size == 8
+    assert kwargs["tracking_uri"].startswith("sqlite:////")  # absolute for replicas
+    assert kwargs["token_sha256"] is None
+
+
+def test_app_builder_defaults_come_from_the_yaml(checkpoint):
+    from jobs.config import load_config
+    from serving.app import app_builder
+
+    expected = load_config(CONFIG).serve
+    deployment = _deployment(app_builder({"config": CONFIG, "model_uri": checkpoint}))
+
+    assert deployment.user_config["max_batch_size"] == expected.max_batch_size
+    assert deployment.max_queued_requests == expected.max_queued_requests
+    assert deployment.max_queued_requests > 0  # bounded by default
+
+
+def test_unlimited_queue_is_serves_minus_one(checkpoint):
+    from serving.app import app_builder
+
+    args = {"config": CONFIG, "model_uri": checkpoint, "serve.max_queued_requests": "null"}
+    assert _deployment(app_builder(args)).max_queued_requests == -1
+
+
+def test_app_builder_without_a_config_says_what_to_pass():
+    from serving.app import app_builder
+
+    with pytest.raises(ValueError, match="config=<lifecycle YAML>"):
+        app_builder({"model_uri": "/somewhere", "serve.max_batch_size": "8"})
+
+
+def test_app_builder_reports_bad_overrides_by_key(checkpoint):
+    from jobs.config import ConfigError
+    from serving.app import app_builder
+
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        app_builder({"config": CONFIG, "model_uri": checkpoint, "serve.max_batch_size": "0"})
+    with pytest.raises(ConfigError, match="max_body_bytes"):
+        app_builder({"config": CONFIG, "model_uri": checkpoint, "serve.max_body_bytes": "-1"})
+
+
+def test_replicas_get_a_digest_never_the_token(checkpoint, monkeypatch):
+    from serving.app import app_builder
+
+    token = "builder-test-token-3f9c"
+    monkeypatch.setenv(TOKEN_ENV, token)
+    args = {"config": CONFIG, "model_uri": checkpoint, "serve.auth_token_env": TOKEN_ENV}
+    deployment = _deployment(app_builder(args))
+
+    assert deployment.init_kwargs["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+    assert token not in repr(deployment.ray_actor_options)
+    assert token not in repr(deployment.init_kwargs) and token not in repr(deployment.init_args)
+
+
+def test_auth_token_env_unset_fails_at_build(checkpoint, monkeypatch):
+    from serving.app import app_builder
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    args = {"config": CONFIG, "model_uri": checkpoint, "serve.auth_token_env": TOKEN_ENV}
+    with pytest.raises(ValueError, match=f"export {TOKEN_ENV}="):
+        app_builder(args)
+
+
+# -- the bounded body read ---------------------------------------------------------------
+
+
+def _request(chunks, headers: dict[str, str]):
+    """A Starlette request whose body arrives in `chunks`; `pulled` counts what was read."""
+    from starlette.requests import Request
+
+    pulled = []
+    source = iter(chunks)
+
+    async def receive():
+        chunk = next(source, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }
+    return Request(scope, receive), pulled
+
+
+def _read(request, limit):
+    from serving.app import _read_body
+
+    return asyncio.run(_read_body(request, limit))
+
+
+def test_body_over_content_length_is_refused_before_reading():
+    from fastapi import HTTPException
+
+    request, pulled = _request([b"x" * 1000] * 100, {"content-length": "100000"})
+    with pytest.raises(HTTPException) as refused:
+        _read(request, limit=4096)
+
+    assert refused.value.status_code == 413
+    assert "serve.max_body_bytes" in refused.value.detail and "100000" in refused.value.detail
+    assert pulled == []
+
+
+def test_streamed_body_stops_once_past_the_limit():
+    from fastapi import HTTPException
+
+    ten_mb = (b"x" * 1000 for _ in range(10_000))  # chunked: no Content-Length to go by
+    request, pulled = _request(ten_mb, {})
+    with pytest.raises(HTTPException) as refused:
+        _read(request, limit=4096)
+
+    assert refused.value.status_code == 413
+    assert sum(pulled) == 5000  # read up to the first chunk past 4,096 bytes, then stopped
+
+
+def test_body_within_the_limit_is_returned_whole():
+    body = b'{"texts": ["card arrived"]}'
+    request, _ = _request([body[:10], body[10:]], {"content-length": str(len(body))})
+    assert _read(request, limit=len(body)) == body
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("Application/JSON", True),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        (None, False),
+    ],
+)
+def test_only_json_content_type_is_accepted(content_type, accepted):
+    from fastapi import HTTPException
+
+    from serving.app import _check_json_content_type
+
+    headers = {} if content_type is None else {"content-type": content_type}
+    request, _ = _request([], headers)
+    if accepted:
+        _check_json_content_type(request)
+        return
+    with pytest.raises(HTTPException) as refused:
+        _check_json_content_type(request)
+    assert refused.value.status_code == 415 and "application/json" in refused.value.detail
