@@ -2,10 +2,17 @@
 
     python -m jobs.score --config configs/banking77/minilm_lora.yaml [score.run_date=2026-11-22]
 
-The alias is resolved once, before any actor starts, so every row of a run carries the same
-model version even if the alias moves mid-run. Writing replaces the run date's rows in one
-Iceberg commit: re-running a date never duplicates it. Rows with no usable text go to the
-quarantine table with the reason instead of failing the run.
+Two things are pinned once, in the driver, before any actor starts:
+- the model version: the alias is resolved to `models:/name/N` by asking the registry only (the
+  actors download the checkpoint, the driver never does), so every row of a run carries the
+  same version even if the alias moves mid-run;
+- the input snapshot: scoring and quarantine both come from one dataset read at that snapshot,
+  so a commit to the input table during the run changes neither, and every row of the snapshot
+  is either scored or quarantined. The snapshot id is in the result and in both tables' commits.
+
+Writing replaces the run date's rows in one Iceberg commit: re-running a date never duplicates
+it. Rows with no usable text (`serving.text`) go to the quarantine table with the reason instead
+of failing the run.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +29,10 @@ from cluster import init_ray
 from jobs import warehouse
 from jobs.config import LifecycleConfig
 from serving import registry
+from serving.text import UNUSABLE_REASON, usable_mask
+
+if TYPE_CHECKING:
+    import ray.data
 
 __all__ = ["ScoreResult", "main"]
 
@@ -27,6 +40,7 @@ __all__ = ["ScoreResult", "main"]
 @dataclass
 class ScoreResult:
     input_table: str
+    input_snapshot_id: int
     output_table: str
     run_date: str
     model_name: str
@@ -35,6 +49,23 @@ class ScoreResult:
     rows_quarantined: int
     wall_s: float
     rows_per_s: float
+
+
+@dataclass(frozen=True)
+class _Pinned:
+    """What one run reads and scores with, fixed before any work starts."""
+
+    snapshot_id: int
+    model: registry.ResolvedVersion
+    run_date: str
+
+    def lineage(self, input_table: str) -> dict[str, str]:
+        """Snapshot-summary properties for the predictions and quarantine commits."""
+        return {
+            "raylift.input-table": input_table,
+            "raylift.input-snapshot-id": str(self.snapshot_id),
+            "raylift.model-uri": self.model.uri,
+        }
 
 
 class StampRun:
@@ -51,19 +82,15 @@ class StampRun:
         return batch
 
 
-class RowsWithText:
-    """Keeps (keep=True) or drops the rows whose text is a non-blank string."""
+class UsableRows:
+    """Keeps the rows whose text is usable (keep=True) or the ones that are not (keep=False)."""
 
     def __init__(self, text_column: str, keep: bool):
         self._text = text_column
         self._keep = keep
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        usable = np.fromiter(
-            (isinstance(t, str) and bool(t.strip()) for t in batch[self._text]),
-            dtype=bool,
-            count=len(batch[self._text]),
-        )
+        usable = usable_mask(batch[self._text])
         mask = usable if self._keep else ~usable
         return {name: column[mask] for name, column in batch.items()}
 
@@ -71,50 +98,65 @@ class RowsWithText:
 def main(config: LifecycleConfig) -> ScoreResult:
     started = time.perf_counter()
     init_ray()
+    pinned = _pin(config)
+    rows = _read_input(config, pinned)
+    _score(config, rows, pinned)
+    quarantined = _quarantine(config, rows, pinned)
+    scored = warehouse.count_rows(
+        config.catalog, config.score.output_table, run_date=pinned.run_date
+    )
+    return _result(config, pinned, scored, quarantined, time.perf_counter() - started)
+
+
+def _pin(config: LifecycleConfig) -> _Pinned:
     score = config.score
-    run_date = (score.run_date or datetime.datetime.now(datetime.UTC).date()).isoformat()
-    pinned = _pin_version(config)
-    source = warehouse.read_table(
+    run_date = score.run_date or datetime.datetime.now(datetime.UTC).date()
+    model = registry.resolve_version(
+        score.model_uri or config.production_uri, config.registry.tracking_uri
+    )
+    snapshot_id = warehouse.table_snapshot(config.catalog, score.input_table)
+    return _Pinned(snapshot_id=snapshot_id, model=model, run_date=run_date.isoformat())
+
+
+def _read_input(config: LifecycleConfig, pinned: _Pinned) -> ray.data.Dataset:
+    """The input rows at the pinned snapshot: the one dataset both branches derive from.
+
+    Ray Data has no way to send one stream to two sinks, so each branch's write executes this
+    read (of the key and text columns only); both read the pinned snapshot, so they see the same
+    rows. Materialising the table to read it once would hold it all in the object store.
+    """
+    columns = [*config.score.key_columns, config.task.text_column]
+    return warehouse.read_table(
+        config.catalog, config.score.input_table, snapshot_id=pinned.snapshot_id, columns=columns
+    )
+
+
+def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> None:
+    usable = rows.map_batches(UsableRows(config.task.text_column, keep=True), batch_format="numpy")
+    predictions = _predict(config, usable, pinned.model).map_batches(
+        StampRun(pinned.run_date, datetime.datetime.now(datetime.UTC)), batch_format="numpy"
+    )
+    warehouse.write_predictions(
+        predictions,
         config.catalog,
-        score.input_table,
-        columns=[*score.key_columns, config.task.text_column],
-    ).map_batches(RowsWithText(config.task.text_column, keep=True), batch_format="numpy")
-    predictions = _predict(config, source, pinned).map_batches(
-        StampRun(run_date, datetime.datetime.now(datetime.UTC)), batch_format="numpy"
-    )
-    warehouse.write_predictions(predictions, config.catalog, score.output_table, run_date=run_date)
-    quarantined = _quarantine(config, run_date)
-    scored = warehouse.count_rows(config.catalog, score.output_table, run_date=run_date)
-    wall = time.perf_counter() - started
-    return ScoreResult(
-        input_table=score.input_table,
-        output_table=score.output_table,
-        run_date=run_date,
-        model_name=pinned.name or "",
-        model_version=pinned.version or "",
-        rows_scored=scored,
-        rows_quarantined=quarantined,
-        wall_s=wall,
-        rows_per_s=scored / wall if wall else 0.0,
+        config.score.output_table,
+        run_date=pinned.run_date,
+        properties=pinned.lineage(config.score.input_table),
     )
 
 
-def _pin_version(config: LifecycleConfig) -> registry.ResolvedModel:
-    uri = config.score.model_uri or config.production_uri
-    return registry.resolve_model(uri, config.registry.tracking_uri)
-
-
-def _predict(config: LifecycleConfig, source, pinned: registry.ResolvedModel):
+def _predict(
+    config: LifecycleConfig, source: ray.data.Dataset, model: registry.ResolvedVersion
+) -> ray.data.Dataset:
     import ray.data
 
     from serving.predictor import Predictor
 
     score = config.score
-    model_uri = f"models:/{pinned.name}/{pinned.version}" if pinned.version else pinned.path
     return source.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            "model_uri": model_uri,
+            "model_uri": model.uri,
             "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
             "precision": score.precision,
             "torch_threads": score.torch_threads,
@@ -129,18 +171,38 @@ def _predict(config: LifecycleConfig, source, pinned: registry.ResolvedModel):
     )
 
 
-def _quarantine(config: LifecycleConfig, run_date: str) -> int:
+def _quarantine(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> int:
     """Rows whose text cannot be scored, with the reason; replaced per run date like predictions."""
-    score, text = config.score, config.task.text_column
-    bad = warehouse.read_table(
-        config.catalog, score.input_table, columns=[*score.key_columns, text]
-    ).map_batches(RowsWithText(text, keep=False), batch_format="numpy")
+    text = config.task.text_column
+    bad = rows.map_batches(UsableRows(text, keep=False), batch_format="numpy")
     return warehouse.write_quarantine(
         bad,
         config.catalog,
-        score.quarantine_table,
-        run_date=run_date,
-        reason=f"{text} is null or empty",
+        config.score.quarantine_table,
+        run_date=pinned.run_date,
+        reason=UNUSABLE_REASON,
+        properties=pinned.lineage(config.score.input_table),
+    )
+
+
+def _result(
+    config: LifecycleConfig, pinned: _Pinned, scored: int, quarantined: int, wall: float
+) -> ScoreResult:
+    from serving.predictor import LOCAL_VERSION  # loads torch: the actors' import, not the CLI's
+
+    model = pinned.model
+    return ScoreResult(
+        input_table=config.score.input_table,
+        input_snapshot_id=pinned.snapshot_id,
+        output_table=config.score.output_table,
+        run_date=pinned.run_date,
+        # A checkpoint directory is tagged as the Predictor tags its rows: folder name, "local".
+        model_name=model.name or Path(model.source).name,
+        model_version=model.version or LOCAL_VERSION,
+        rows_scored=scored,
+        rows_quarantined=quarantined,
+        wall_s=wall,
+        rows_per_s=scored / wall if wall else 0.0,
     )
 
 

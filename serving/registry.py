@@ -17,11 +17,13 @@ from cluster.storage import absolute_sqlite_uri
 __all__ = [
     "CHECKPOINT_ARTIFACT",
     "ResolvedModel",
+    "ResolvedVersion",
     "configure_tracking",
     "get_alias_version",
     "previous_alias",
     "register_checkpoint",
     "resolve_model",
+    "resolve_version",
     "set_alias",
 ]
 
@@ -35,6 +37,23 @@ class ResolvedModel:
     name: str | None
     version: str | None
     uri: str
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    """A model version pinned in the registry, its artifacts not downloaded.
+
+    `name` and `version` are None for a local checkpoint directory (`source` is then its
+    absolute path)."""
+
+    name: str | None
+    version: str | None
+    source: str
+
+    @property
+    def uri(self) -> str:
+        """What workers load: `models:/name/N` (never an alias), or the checkpoint directory."""
+        return f"models:/{self.name}/{self.version}" if self.version else self.source
 
 
 def absolute_tracking_uri(tracking_uri: str) -> str:
@@ -113,12 +132,35 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """A local checkpoint directory for `uri`, downloading registry artifacts when needed."""
     if Path(uri).is_dir():
         return ResolvedModel(path=str(Path(uri).resolve()), name=None, version=None, uri=uri)
+    match = _parse_models_uri(uri)
+    import mlflow
+
+    version = _registry_version(match, uri, tracking_uri)
+    path = mlflow.artifacts.download_artifacts(artifact_uri=version.source)
+    return ResolvedModel(path=path, name=match["name"], version=str(version.version), uri=uri)
+
+
+def resolve_version(uri: str, tracking_uri: str | None = None) -> ResolvedVersion:
+    """The registry version `uri` names now (an alias is resolved to its number), asking only
+    the registry: nothing is downloaded. A checkpoint directory is returned as it is."""
+    if Path(uri).is_dir():
+        return ResolvedVersion(name=None, version=None, source=str(Path(uri).resolve()))
+    version = _registry_version(_parse_models_uri(uri), uri, tracking_uri)
+    return ResolvedVersion(name=version.name, version=str(version.version), source=version.source)
+
+
+def _parse_models_uri(uri: str) -> re.Match[str]:
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ValueError(
             f"model URI {uri!r} is neither a checkpoint directory nor models:/<name>@<alias> "
             "or models:/<name>/<version>"
         )
+    return match
+
+
+def _registry_version(match: re.Match[str], uri: str, tracking_uri: str | None) -> Any:
+    """The MLflow ModelVersion `match` (a parsed models:/ URI) names; LookupError if none."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -128,13 +170,10 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     name = match["name"]
     try:
         if match["alias"]:
-            version = MlflowClient().get_model_version_by_alias(name, match["alias"])
-        else:
-            version = MlflowClient().get_model_version(name, match["version"])
+            return MlflowClient().get_model_version_by_alias(name, match["alias"])
+        return MlflowClient().get_model_version(name, match["version"])
     except MlflowException as exc:
         raise LookupError(
             f"{uri} is not in the registry at {mlflow.get_registry_uri()}: {exc.message}; "
             "train and promote a model first (raylift finetune, raylift promote)"
         ) from None
-    path = mlflow.artifacts.download_artifacts(artifact_uri=version.source)
-    return ResolvedModel(path=path, name=name, version=str(version.version), uri=uri)

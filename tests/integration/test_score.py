@@ -1,0 +1,171 @@
+"""Batch scoring on the shared Ray: one pinned input snapshot, one pinned registry version.
+
+Real Ray Data, Iceberg and MLflow; a tiny LoRA checkpoint registered in a temp registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import score, warehouse
+from jobs.config import validate_mapping
+from tests.helpers import make_lora_checkpoint, make_ticket_rows
+
+LABELS = ["card_arrival", "lost_card", "refund"]
+MODEL = "pin-router"
+INBOX = "support.inbox"
+RUN_DATE = "2026-11-23"
+LOAD = {"text_column": "text", "label_column": "category", "key_column": "ticket_id"}
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    return validate_mapping(
+        {
+            "name": "score-test",
+            "task": {"label_column": "category"},
+            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
+            "registry": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "experiment": "score-test",
+                "model_name": MODEL,
+            },
+            "score": {
+                "input_table": INBOX,
+                "output_table": "support.predictions",
+                "quarantine_table": "support.quarantine",
+                "concurrency": 1,
+                "num_cpus": 0.5,
+                "torch_threads": 1,
+                "batch_size": 16,
+                "precision": "fp32",
+                "run_date": RUN_DATE,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def registered(config, tiny_bert, tmp_path_factory) -> str:
+    """Version of MODEL that @production points at."""
+    import mlflow
+
+    from serving import registry
+
+    checkpoint = make_lora_checkpoint(tiny_bert, tmp_path_factory.mktemp("ckpt") / "c", LABELS)
+    registry.configure_tracking(config.registry.tracking_uri, config.registry.experiment)
+    mlflow.set_experiment(config.registry.experiment)
+    with mlflow.start_run() as run:
+        version = registry.register_checkpoint(MODEL, run.info.run_id, checkpoint, tags={})
+    registry.set_alias(MODEL, "production", version)
+    return version
+
+
+def load_inbox(config, directory: Path, texts: list[str | None]) -> int:
+    """Replace the inbox with `texts` (keys 0..n-1); the new snapshot id."""
+    path = directory / f"inbox-{len(texts)}.parquet"
+    category = ["x"] * len(texts)
+    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "category": category}), path)
+    return warehouse.load_table_from_file(config.catalog, INBOX, path, **LOAD)
+
+
+def texts(n: int, unusable: dict[int, str | None], seed: int) -> list[str | None]:
+    rows = [row["text"] for row in make_ticket_rows(n, LABELS, seed=seed)]
+    for key, value in unusable.items():
+        rows[key] = value
+    return rows
+
+
+def keys_of(config, table: str, snapshot_id: int | None = None) -> set[int]:
+    tbl = warehouse.load_catalog(config.catalog).load_table(table)
+    scan = tbl.scan(selected_fields=("ticket_id",), snapshot_id=snapshot_id)
+    return set(scan.to_arrow()["ticket_id"].to_pylist())
+
+
+def test_scoring_and_quarantine_read_the_snapshot_pinned_at_start(
+    ray_session, config, registered, tmp_path, monkeypatch
+):
+    import mlflow
+
+    pinned = load_inbox(config, tmp_path, texts(60, {3: None, 17: "   "}, seed=1))
+    real_snapshot, real_write = warehouse.table_snapshot, warehouse.write_predictions
+
+    def pin_then_commit(cfg, table):  # a loader commits right after the driver pinned
+        snapshot = real_snapshot(cfg, table)
+        load_inbox(config, tmp_path, texts(80, {}, seed=2))
+        return snapshot
+
+    def write_then_commit(*args, **kwargs):  # ... and again between scoring and quarantine
+        real_write(*args, **kwargs)
+        load_inbox(config, tmp_path, texts(40, dict.fromkeys(range(10), ""), seed=3))
+
+    downloads = []
+    real_download = mlflow.artifacts.download_artifacts
+
+    def observe_download(*args, **kwargs):
+        downloads.append(kwargs.get("artifact_uri", args))
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(warehouse, "table_snapshot", pin_then_commit)
+    monkeypatch.setattr(warehouse, "write_predictions", write_then_commit)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", observe_download)
+
+    result = score.main(config)
+
+    assert downloads == []  # the driver asked the registry; only the actors downloaded
+    assert result.input_snapshot_id == pinned != real_snapshot(config.catalog, INBOX)
+    assert (result.model_name, result.model_version) == (MODEL, registered)
+    scored = keys_of(config, config.score.output_table)
+    quarantined = keys_of(config, config.score.quarantine_table)
+    assert quarantined == {3, 17}
+    assert scored == set(range(60)) - {3, 17}
+    assert (result.rows_scored, result.rows_quarantined) == (58, 2)
+    input_rows = warehouse.count_rows(config.catalog, INBOX, snapshot_id=pinned)
+    assert result.rows_scored + result.rows_quarantined == input_rows == 60
+    _assert_lineage(config, config.score.output_table, pinned, registered)
+    _assert_lineage(config, config.score.quarantine_table, pinned, registered)
+
+
+def _assert_lineage(config, table: str, snapshot_id: int, version: str) -> None:
+    tbl = warehouse.load_catalog(config.catalog).load_table(table)
+    summary = tbl.current_snapshot().summary
+    assert summary["raylift.input-snapshot-id"] == str(snapshot_id)
+    assert summary["raylift.input-table"] == INBOX
+    assert summary["raylift.model-uri"] == f"models:/{MODEL}/{version}"
+    assert summary["raylift.run-date"] == RUN_DATE
+
+
+def test_every_prediction_row_names_the_pinned_version(ray_session, config, registered, tmp_path):
+    load_inbox(config, tmp_path, texts(40, dict.fromkeys(range(10), ""), seed=3))
+    result = score.main(config)  # on the date the previous test wrote: its rows are replaced
+    table = warehouse.load_catalog(config.catalog).load_table(config.score.output_table)
+    rows = table.scan().to_arrow()
+    assert set(rows["model_version"].to_pylist()) == {registered}
+    assert set(rows["model_name"].to_pylist()) == {MODEL}
+    assert set(rows["label"].to_pylist()) <= set(LABELS)
+    assert (result.rows_scored, result.rows_quarantined) == (30, 10)  # the date was replaced
+    assert rows.num_rows == 30
+
+
+def test_resolve_version_names_the_alias_target_without_downloading(
+    config, registered, monkeypatch
+):
+    import mlflow
+
+    from serving import registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resolve_version downloaded an artifact")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", refuse)
+    pinned = registry.resolve_version(f"models:/{MODEL}@production", config.registry.tracking_uri)
+    assert (pinned.name, pinned.version) == (MODEL, registered)
+    assert pinned.uri == f"models:/{MODEL}/{registered}"
+    assert pinned.source.endswith("/checkpoint")
+    with pytest.raises(LookupError, match=r"models:/pin-router@staging is not in the registry"):
+        registry.resolve_version(f"models:/{MODEL}@staging", config.registry.tracking_uri)
