@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -66,6 +67,38 @@ class TaskConfig(_Strict):
     labels: list[str] | None = Field(
         None, description="Fixed label order; by default the sorted distinct labels of the table."
     )
+    max_refused_share: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of the table's rows training may drop for a null, empty or "
+        "blank text or a null label (dropped rows are counted, logged and tagged); a table "
+        "with more is refused before Ray starts. 0: refuse any such row.",
+    )
+
+    @field_validator("type")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        # Imported when a config is validated, not when this module is: registering the built-in
+        # tasks imports transformers and peft (about 5 s here), which `raylift --help` and the
+        # other config-free paths should not pay for.
+        from jobs.tasks import task_names
+
+        if value not in task_names():
+            raise ValueError(f"unknown task {value!r}; known: {', '.join(task_names())}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _two_distinct_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            raise ValueError(f"labels repeat {', '.join(repeated)}; list each label once")
+        if len(value) < 2:
+            raise ValueError("a classifier needs at least two labels; list them all, or unset")
+        return value
 
 
 class LoraConfig(_Strict):

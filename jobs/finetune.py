@@ -16,7 +16,7 @@ from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash
 from jobs.modeling import resolve_base_model
 from jobs.train_loop import LoopInputs, train_func
-from jobs.training_data import PreparedData, prepare_training_data
+from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
 from serving import registry
 
 __all__ = ["FinetuneResult", "main"]
@@ -37,8 +37,9 @@ class FinetuneResult:
 def main(config: LifecycleConfig) -> FinetuneResult:
     started = time.perf_counter()
     resolve_base_model(config.model.base)  # fail before touching the cluster
+    rows = scan_training_rows(config)  # pyiceberg only: unusable data is refused before Ray
     init_ray()
-    data = prepare_training_data(config)
+    data = prepare_training_data(config, rows)
     tags = tracking.lineage_tags(config, data.lineage())
     with tracking.tracked_run(config, tags) as run_id:
         result = _train(config, data, tags, run_id)

@@ -1,13 +1,19 @@
 """Training data as Ray Data streams: warehouse snapshot → split → shuffle → tokenize.
 
-Only the key and label columns are ever scanned by the driver (to size the stratified split and
-the label map); the text flows through Ray Data and is tokenized in a Ray Data stage, so no
+Before Ray starts, the driver scans the pinned snapshot with pyiceberg, batch by batch: it keeps
+the key and label columns (to size the stratified split and the label map) and one flag per row
+saying whether the row can be trained on; the text itself is never held. A row with a null,
+empty or blank text (`serving.text.usable_mask`) or a null label is dropped, counted, logged and
+reported as `PreparedData.rows_refused`; a table with more such rows than
+`task.max_refused_share`, or with fewer than two labels, is refused before Ray starts. The text
+flows through Ray Data, which drops the same rows, and is tokenized in a Ray Data stage, so no
 process holds the table.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +25,19 @@ from jobs.config import LifecycleConfig
 from jobs.modeling import load_tokenizer, resolve_base_model
 from jobs.tasks import get_task
 from jobs.train_loop import INPUT_IDS, TARGETS
+from jobs.warehouse.catalog import load_table, require_columns, schema_at
+from serving.text import UNUSABLE_REASON, usable_mask
 
-__all__ = ["PreparedData", "prepare_training_data", "tokenize_batch"]
+__all__ = [
+    "PreparedData",
+    "TrainingRows",
+    "prepare_training_data",
+    "scan_training_rows",
+    "tokenize_batch",
+    "trainable_rows",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +48,7 @@ class PreparedData:
     train_rows: int
     validation_rows: int
     datasets: dict[str, Any]  # "train" / "validation" → ray.data.Dataset
+    rows_refused: int = 0  # rows with no usable text or no label: dropped, never trained on
 
     def lineage(self) -> dict[str, str]:
         """Registry tags naming the rows trained and evaluated on (names owned by serving.tags)."""
@@ -63,7 +81,10 @@ def tokenize_batch(
 ) -> pa.Table:
     """Ray Data stage: text → token ids (no padding: batches pad later), label → class id."""
     tokenizer = _tokenizer(base_model, trust_remote_code)
-    texts = [t if isinstance(t, str) else "" for t in batch.column(text_column).to_pylist()]
+    texts = batch.column(text_column).to_pylist()
+    unusable = int((~usable_mask(texts)).sum())
+    if unusable:  # trainable_rows runs first; never train a missing text as ""
+        raise ValueError(f"{unusable} row(s) reached tokenization with a {UNUSABLE_REASON}")
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     label_to_id = {label: i for i, label in enumerate(labels)}
     targets = get_task(task_name).target_ids(
@@ -77,22 +98,98 @@ def tokenize_batch(
     )
 
 
-def prepare_training_data(config: LifecycleConfig) -> PreparedData:
-    """Pin the snapshot, derive labels and the split, and build the two streams."""
+@dataclass(frozen=True)
+class TrainingRows:
+    """What the driver learns from scanning the pinned snapshot: the trainable rows' keys and
+    labels, and how many rows were refused."""
+
+    snapshot_id: int
+    keys: np.ndarray  # int keys of the trainable rows
+    labels: np.ndarray  # their labels (object)
+    rows_refused: int
+
+
+def trainable_rows(batch: pa.Table, *, text_column: str, label_column: str) -> pa.Table:
+    """Ray Data stage: the rows of `batch` with a usable text and a label (the scan's rule)."""
+    return batch.filter(pa.array(_trainable_mask(batch, text_column, label_column)))
+
+
+def _trainable_mask(batch: pa.Table, text_column: str, label_column: str) -> np.ndarray:
+    labels = batch.column(label_column)
+    has_label = ~np.asarray(labels.is_null(), dtype=bool)
+    return usable_mask(batch.column(text_column).to_pylist()) & has_label
+
+
+def scan_training_rows(config: LifecycleConfig) -> TrainingRows:
+    """Scan key, label and text usability at the pinned snapshot with pyiceberg only (no Ray).
+
+    Raises ValueError when the table cannot train: too many refused rows, fewer than two labels.
+    """
     catalog, data, task = config.catalog, config.data, config.task
     snapshot = data.snapshot_id or warehouse.table_snapshot(catalog, data.table)
-    keys = warehouse.scan_labels(
-        catalog,
-        data.table,
-        snapshot_id=snapshot,
-        key_column=task.key_column,
-        label_column=task.label_column,
-    )
-    key_values = keys.column(task.key_column).to_numpy()
-    label_values = np.asarray(keys.column(task.label_column).to_pylist(), dtype=object)
-    labels = _label_set(config, label_values)
+    where = f"{data.table}@{snapshot}"
+    tbl = load_table(warehouse.load_catalog(catalog), catalog, data.table)
+    columns = {
+        task.key_column: "task.key_column",
+        task.label_column: "task.label_column",
+        task.text_column: "task.text_column",
+    }
+    require_columns(schema_at(tbl, data.table, snapshot).column_names, columns, where)
+    scan = tbl.scan(selected_fields=tuple(columns), snapshot_id=snapshot)
+    keys, labels, keep = [], [], []
+    for batch in scan.to_arrow_batch_reader():  # one batch of texts in memory at a time
+        if batch.column(task.key_column).null_count:
+            raise ValueError(f"key column {task.key_column!r} has null values in {where}")
+        keys.append(batch.column(task.key_column).to_numpy())
+        labels.extend(batch.column(task.label_column).to_pylist())
+        keep.append(_trainable_mask(batch, task.text_column, task.label_column))
+    keep_all = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+    refused = _check_refused(config, where, len(keep_all), int((~keep_all).sum()))
+    key_values = np.concatenate(keys)[keep_all] if keys else np.zeros(0, dtype=np.int64)
+    label_values = np.asarray(labels, dtype=object)[keep_all]
+    _require_two_labels(config, where, label_values)
+    return TrainingRows(snapshot, key_values, label_values, refused)
+
+
+def _check_refused(config: LifecycleConfig, where: str, total: int, refused: int) -> int:
+    task = config.task
+    if total == 0:
+        raise ValueError(f"{where} has no rows; load data first (raylift warehouse load)")
+    what = f"a null, empty or blank {task.text_column!r} or a null {task.label_column!r}"
+    share = refused / total
+    if share > task.max_refused_share:
+        raise ValueError(
+            f"{refused} of {total} rows ({share:.1%}) in {where} have {what}, more than "
+            f"task.max_refused_share={task.max_refused_share}; clean the source and reload it "
+            "(raylift warehouse load), or raise task.max_refused_share to train on the rest"
+        )
+    if refused:
+        log.warning(
+            "dropping %d of %d rows in %s with %s: not trained on", refused, total, where, what
+        )
+    return refused
+
+
+def _require_two_labels(config: LifecycleConfig, where: str, labels: np.ndarray) -> None:
+    found = sorted({str(v) for v in labels})
+    if len(found) < 2:
+        raise ValueError(
+            f"{where} has {len(found)} distinct label(s) in {config.task.label_column!r} "
+            f"({', '.join(found) or 'none'}) among its usable rows; a classifier needs at least "
+            "two: load a table with more classes, or check task.label_column"
+        )
+
+
+def prepare_training_data(
+    config: LifecycleConfig, rows: TrainingRows | None = None
+) -> PreparedData:
+    """Derive labels and the split from the scanned rows, and build the two streams."""
+    catalog, data, task = config.catalog, config.data, config.task
+    if rows is None:
+        rows = scan_training_rows(config)
+    labels = _label_set(config, rows.labels)
     thresholds = warehouse.split_thresholds(
-        key_values, label_values, data.validation.fraction, data.validation.seed
+        rows.keys, rows.labels, data.validation.fraction, data.validation.seed
     )
 
     def split(side: str) -> warehouse.SplitFilter:
@@ -100,14 +197,17 @@ def prepare_training_data(config: LifecycleConfig) -> PreparedData:
             thresholds, task.key_column, task.label_column, keep=side, seed=data.validation.seed
         )
 
-    validation_rows = int(
-        split("validation").mask(key_values, keys.column(task.label_column)).sum()
-    )
+    label_array = pa.array(rows.labels.tolist())
+    validation_rows = int(split("validation").mask(rows.keys, label_array).sum())
     source = warehouse.read_table(
         catalog,
         data.table,
-        snapshot_id=snapshot,
+        snapshot_id=rows.snapshot_id,
         columns=[task.key_column, task.text_column, task.label_column],
+    ).map_batches(
+        trainable_rows,
+        fn_kwargs={"text_column": task.text_column, "label_column": task.label_column},
+        batch_format="pyarrow",
     )
     datasets = {
         side: _tokenized(config, labels, source.map_batches(split(side), batch_format="pyarrow"))
@@ -115,11 +215,12 @@ def prepare_training_data(config: LifecycleConfig) -> PreparedData:
     }
     return PreparedData(
         table=data.table,
-        snapshot_id=snapshot,
+        snapshot_id=rows.snapshot_id,
         labels=labels,
-        train_rows=len(key_values) - validation_rows,
+        train_rows=len(rows.keys) - validation_rows,
         validation_rows=validation_rows,
         datasets=datasets,
+        rows_refused=rows.rows_refused,
     )
 
 

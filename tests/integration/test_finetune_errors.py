@@ -46,9 +46,28 @@ def test_null_labels_fail_before_training_and_register_nothing(ray_session, tmp_
     _write_rows(tmp_path / "t.csv", rows)
     config = _config(tmp_path, tiny_bert, tmp_path / "t.csv")
     load.main(config)
-    with pytest.raises(ValueError, match="label column 'category' has 1 null value"):
+    with pytest.raises(ValueError, match=r"1 of 40 rows \(2.5%\) .* a null 'category'"):
         finetune.main(config)
     assert _registered_versions(config) == []
+
+
+def test_streams_drop_the_rows_the_scan_refused(ray_session, tmp_path, tiny_bert):
+    """Ray Data drops exactly the rows the driver counted: train + validation = usable rows."""
+    from jobs.training_data import prepare_training_data
+
+    rows = make_ticket_rows(60, ["a", "b", "c"])
+    rows[4]["text"], rows[9]["text"], rows[17]["category"] = "", "  ", None
+    _write_rows(tmp_path / "t.csv", rows)
+    config = _config(tmp_path, tiny_bert, tmp_path / "t.csv")
+    config.task.max_refused_share = 0.1
+    load.main(config)
+    data = prepare_training_data(config)
+    assert data.rows_refused == 3
+    assert data.train_rows + data.validation_rows == 57
+    train = data.datasets["train"].take_all()
+    validation = data.datasets["validation"].take_all()
+    assert (len(train), len(validation)) == (data.train_rows, data.validation_rows)
+    assert all(len(row["input_ids"]) > 2 for row in train + validation)  # [CLS] text [SEP]
 
 
 def test_missing_table_and_missing_model(ray_session, tmp_path, tiny_bert):

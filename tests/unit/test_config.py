@@ -89,3 +89,27 @@ def test_config_hash_tracks_training_settings_only(tmp_path):
     base = config_hash(load_config(path))
     assert config_hash(load_config(path, {"serve.port": 9000})) == base
     assert config_hash(load_config(path, {"train.epochs": 9})) != base
+
+
+def test_unknown_task_type_fails_validation_listing_the_known_tasks(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "name: x\ntask: {type: seq-cls}\n"))
+    assert err.value.errors == [
+        "  task.type: Value error, unknown task 'seq-cls'; known: sequence-classification, "
+        "got 'seq-cls'. This key: Task name; see jobs.tasks for the registry."
+    ]
+    config = load_config(_write(tmp_path, "name: x\n"), {"task.type": "sequence-classification"})
+    assert config.task.type == "sequence-classification"
+
+
+def test_fixed_labels_need_two_distinct_ones(tmp_path):
+    with pytest.raises(ConfigError, match="task.labels: .*at least two labels"):
+        load_config(_write(tmp_path, "name: x\ntask: {labels: [only]}\n"))
+    with pytest.raises(ConfigError, match="task.labels: .*labels repeat a; list each label once"):
+        load_config(_write(tmp_path, "name: x\ntask: {labels: [a, b, a]}\n"))
+
+
+def test_refused_share_is_a_share(tmp_path):
+    with pytest.raises(ConfigError, match="task.max_refused_share"):
+        load_config(_write(tmp_path, "name: x\n"), {"task.max_refused_share": 1.5})
+    assert load_config(_write(tmp_path, "name: x\n")).task.max_refused_share == 0.01
