@@ -1,0 +1,54 @@
+"""A saved checkpoint answers exactly as the model did before it was saved.
+
+Comparing a load with another load proves only that loading is deterministic: a save that
+dropped the adapter or the head would pass. Here the logits are taken from the live model at
+the moment it is saved, with weights moved away from their initial values (a fresh LoRA B is
+zero, so an untrained adapter is a no-op that a lost adapter would imitate).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jobs import modeling
+from jobs.modeling import load_checkpoint
+from tests.helpers import make_lora_checkpoint
+
+LABELS = ["a", "b", "c"]
+TEXTS = ["card arrived late", "refund fee exchange rate top up failed", "pin"]
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float().clone()
+
+
+def _move_trainable_weights(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+
+
+def test_logits_after_loading_equal_logits_before_saving(tiny_bert, tmp_path, monkeypatch):
+    seen: dict[str, torch.Tensor] = {}
+    real_save = modeling.save_checkpoint
+
+    def save_and_remember(model, tokenizer, *args, **kwargs):
+        seen["untrained"] = _logits(model, tokenizer)
+        _move_trainable_weights(model)  # what training would do to the adapter and the head
+        seen["saved"] = _logits(model, tokenizer)
+        return real_save(model, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "save_checkpoint", save_and_remember)
+    directory = make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS)
+    loaded = load_checkpoint(directory)
+    after = _logits(loaded.model, loaded.tokenizer)
+
+    assert loaded.labels == LABELS
+    torch.testing.assert_close(after, seen["saved"], atol=1e-5, rtol=1e-4)
+    # The check can fail: losing the moved weights would give logits this far off.
+    assert (seen["saved"] - seen["untrained"]).abs().max() > 0.1
