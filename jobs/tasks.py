@@ -1,8 +1,13 @@
 """Tasks: what a model predicts, as a small object of functions (no inheritance).
 
-A task knows which Hugging Face head to build, how a warehouse row becomes training tensors, the
-metrics it reports, and how logits become an answer. Tasks are registered by name and checked at
+A task knows which Hugging Face head to build and what its head modules are called, how a
+warehouse row becomes training tensors, how evaluation accumulates over batches and turns into
+metrics, and how logits become an answer. Tasks are registered by name and checked at
 registration; a failed lookup lists the known names.
+
+Evaluation is split so the train loop can stay task-agnostic across workers: `eval_state(n)`
+makes a float64 tensor, `accumulate(state, logits, targets)` adds one batch to it in place, the
+loop all-reduces it (a sum), and `metrics(state.numpy())` reads the summed state.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]
 
@@ -20,9 +26,18 @@ class Task:
     name: str
     auto_model: str  # transformers Auto* class that builds the head
     peft_task_type: str  # peft.TaskType member name
+    # Top-level attribute names of the head on the Auto* model: trained in full under frozen,
+    # LoRA and QLoRA (never quantized), and given train.head_learning_rate.
+    head_modules: tuple[str, ...]
     target_ids: Callable[[np.ndarray, dict[str, int]], np.ndarray]
-    metrics: Callable[[np.ndarray], dict[str, float]]  # from the all-reduced confusion matrix
+    eval_state: Callable[[int], torch.Tensor]  # n_labels → zeroed float64 sum-reducible state
+    accumulate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # state, logits, ids
+    metrics: Callable[[np.ndarray], dict[str, float]]  # from the all-reduced state
     postprocess: Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]
+
+    def is_head_parameter(self, name: str) -> bool:
+        """Whether parameter `name` (any wrapping, e.g. peft's) belongs to the task head."""
+        return any(part in self.head_modules for part in name.split("."))
 
 
 _TASKS: dict[str, Task] = {}
@@ -38,8 +53,37 @@ def register_task(task: Task) -> Task:
         raise ValueError(f"task {task.name!r}: transformers has no {task.auto_model}")
     if not hasattr(peft.TaskType, task.peft_task_type):
         raise ValueError(f"task {task.name!r}: peft.TaskType has no {task.peft_task_type}")
+    _check_head_modules(task)
+    _check_eval_state(task)
     _TASKS[task.name] = task
     return task
+
+
+def _check_head_modules(task: Task) -> None:
+    heads = task.head_modules
+    if not isinstance(heads, tuple) or not heads:
+        raise ValueError(f"task {task.name!r}: head_modules must be a non-empty tuple of names")
+    bad = [h for h in heads if not (isinstance(h, str) and h.isidentifier())]
+    if bad:
+        raise ValueError(
+            f"task {task.name!r}: head_modules {bad} are not attribute names (no dots)"
+        )
+
+
+def _check_eval_state(task: Task) -> None:
+    for name in ("target_ids", "eval_state", "accumulate", "metrics", "postprocess"):
+        if not callable(getattr(task, name)):
+            raise ValueError(f"task {task.name!r}: {name} must be callable")
+    state = task.eval_state(2)
+    # The loop all-reduces the state as a sum; an integer or non-tensor state cannot be reduced
+    # (gloo) or would overflow silently.
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.float64:
+        raise ValueError(
+            f"task {task.name!r}: eval_state must return a float64 torch.Tensor, "
+            f"got {type(state).__name__}"
+        )
+    if state.count_nonzero():
+        raise ValueError(f"task {task.name!r}: eval_state must start at zero (it is summed)")
 
 
 def get_task(name: str) -> Task:
@@ -61,6 +105,19 @@ def _label_ids(values: np.ndarray, label_to_id: dict[str, int]) -> np.ndarray:
             f"label {exc.args[0]!r} is not in the label map; known labels: "
             f"{', '.join(list(label_to_id)[:10])}..."
         ) from None
+
+
+def confusion_state(n_labels: int) -> torch.Tensor:
+    """An empty confusion matrix (rows: truth, columns: prediction)."""
+    return torch.zeros((n_labels, n_labels), dtype=torch.float64)
+
+
+def accumulate_confusion(state: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add one batch's top-1 predictions to the confusion matrix `state`, in place."""
+    predicted = logits.detach().float().argmax(dim=-1).to(state.device)
+    truth = targets.to(device=state.device, dtype=torch.long)
+    ones = torch.ones(len(truth), dtype=state.dtype, device=state.device)
+    state.index_put_((truth, predicted), ones, accumulate=True)
 
 
 def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
@@ -92,7 +149,10 @@ SEQUENCE_CLASSIFICATION = register_task(
         name="sequence-classification",
         auto_model="AutoModelForSequenceClassification",
         peft_task_type="SEQ_CLS",
+        head_modules=("classifier", "score"),  # BERT-like, Llama-like
         target_ids=_label_ids,
+        eval_state=confusion_state,
+        accumulate=accumulate_confusion,
         metrics=classification_metrics,
         postprocess=_softmax_top1,
     )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cluster.hardware import resolve_precision
+from jobs.checkpoint import AdapterMeta, CheckpointMeta
 from jobs.config import LifecycleConfig, TrainConfig
 from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
 from jobs.tasks import Task, get_task
@@ -28,7 +29,6 @@ __all__ = ["LoopInputs", "deepspeed_config", "pad_batch", "train_func", "windowe
 
 INPUT_IDS = "input_ids"
 TARGETS = "targets"
-_HEAD_NAMES = ("classifier", "score")
 _LOG_EVERY_STEPS = 50
 
 
@@ -123,7 +123,7 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
     if train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * train.epochs)
-    optimizer = torch.optim.AdamW(_param_groups(model, train), lr=train.learning_rate)
+    optimizer = torch.optim.AdamW(_param_groups(model, train, task), lr=train.learning_rate)
 
     def schedule(opt):
         warmup = int(train.warmup_ratio * total_steps)
@@ -135,12 +135,12 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
     return engine
 
 
-def _param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+def _param_groups(model: torch.nn.Module, train: TrainConfig, task: Task) -> list[dict[str, Any]]:
     head, body, no_decay = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if any(f"{h}." in name for h in _HEAD_NAMES):
+        if task.is_head_parameter(name):
             head.append(param)
         elif param.ndim < 2:  # biases and LayerNorm weights are not decayed
             no_decay.append(param)
@@ -256,7 +256,7 @@ def _evaluate(
 ) -> dict[str, float]:
     engine.eval()
     batches = _stream(shard, train, rng=None)
-    confusion = torch.zeros((n, n), dtype=torch.float64)
+    state = task.eval_state(n)
     loss_sum, rows = 0.0, 0
     dummy = None
     while True:
@@ -273,18 +273,15 @@ def _evaluate(
         out = engine(**pad_batch(sequences, pad_id), labels=labels)
         loss_sum += float(out.loss) * len(sequences)
         rows += len(sequences)
-        predicted = out.logits.float().argmax(dim=-1)
-        confusion.index_put_(
-            (labels, predicted), torch.ones(len(labels), dtype=torch.float64), accumulate=True
-        )
+        task.accumulate(state, out.logits, labels)
     import torch.distributed as dist
 
-    dist.all_reduce(confusion)
-    metrics = task.metrics(confusion.numpy())
+    dist.all_reduce(state)  # the task's state is a sum over batches, so over ranks too
+    metrics = task.metrics(state.numpy())
     return {
         **{f"val_{k}": v for k, v in metrics.items()},
         "val_loss": _global_mean(loss_sum, rows),
-        "val_rows": int(confusion.sum()),
+        "val_rows": int(_global_sum(rows)),
     }
 
 
@@ -324,19 +321,26 @@ def _report(engine, metrics, tokenizer, inputs: LoopInputs, config: LifecycleCon
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _checkpoint_meta(inputs: LoopInputs, config: LifecycleConfig, metrics: dict) -> dict:
-    return {
-        "task": config.task.type,
-        "labels": inputs.labels,
-        "base_model": config.model.base,
-        "method": config.model.method,
-        "adapter": config.model.lora.model_dump()
-        if config.model.method in ("lora", "qlora")
-        else None,
-        "max_length": config.task.max_length,
-        "text_column": config.task.text_column,
-        "trust_remote_code": config.model.trust_remote_code,
-        "metrics": metrics,
-        "config": inputs.config,
-        "lineage": inputs.meta,
-    }
+def _checkpoint_meta(
+    inputs: LoopInputs, config: LifecycleConfig, metrics: dict, precision: str = "fp32"
+) -> CheckpointMeta:
+    """What the checkpoint says about itself; `precision` is the one training resolved to."""
+    lora = config.model.lora
+    adapter = None
+    if config.model.method in ("lora", "qlora"):
+        adapter = AdapterMeta(
+            r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+        )
+    return CheckpointMeta(
+        task=config.task.type,
+        labels=inputs.labels,
+        base_model=config.model.base,
+        method=config.model.method,
+        adapter=adapter,
+        max_length=config.task.max_length,
+        text_column=config.task.text_column,
+        trained_precision=precision,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+        config=inputs.config,
+        lineage=inputs.meta,
+    )

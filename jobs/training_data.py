@@ -59,6 +59,7 @@ class PreparedData:
             tags.ICEBERG_SNAPSHOT_ID: str(self.snapshot_id),
             tags.TRAIN_ROWS: str(self.train_rows),
             tags.VALIDATION_ROWS: str(self.validation_rows),
+            tags.ROWS_REFUSED: str(self.rows_refused),
         }
 
 

@@ -90,6 +90,8 @@ class Predictor:
         max_length: tokens kept per text; the checkpoint's `max_length` by default.
         sort_window: sort each batch by token length before splitting it into sub-batches.
         sub_batch_tokens: padded tokens per forward pass (rows x longest row).
+        trust_remote_code: run code shipped inside the model directory; pass the config's
+            model.trust_remote_code, never a value read from the checkpoint.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Predictor:
         max_length: int | None = None,
         sort_window: bool = True,
         sub_batch_tokens: int = _SUB_BATCH_TOKENS,
+        trust_remote_code: bool = False,
     ):
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; use 'auto', 'fp32' or 'bf16'")
@@ -111,12 +114,13 @@ class Predictor:
         self._apply_threads()
         path, self._model_name, self._model_version = _resolve(model_uri, tracking_uri)
         self._model_uri = model_uri
+        self._trust_remote_code = trust_remote_code  # config's model.trust_remote_code only
         self._load(path)
         self._precision: Precision = resolve_precision(precision, use_gpu=False)  # type: ignore
-        self._text_column = text_column or self._meta.get("text_column", "text")
+        self._text_column = text_column or self._meta.text_column
         self._passthrough = tuple(passthrough_columns)
         self._max_length = _clamp_max_length(
-            max_length or int(self._meta.get("max_length", 512)), self._model.config
+            max_length or self._meta.max_length, self._model.config
         )
         self._sort_window = sort_window
         self._sub_batch_tokens = max(1, int(sub_batch_tokens))
@@ -185,7 +189,7 @@ class Predictor:
     def _load(self, path: str) -> None:
         from jobs.modeling import load_checkpoint
 
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, trust_remote_code=self._trust_remote_code)
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
         self._meta = loaded.meta

@@ -63,6 +63,7 @@ def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
     """A raylift checkpoint (LoRA adapter + new head, seeded) over the model at `base`."""
     import torch
 
+    from jobs.checkpoint import AdapterMeta, CheckpointMeta
     from jobs.config import ModelConfig
     from jobs.modeling import build_model, load_tokenizer, save_checkpoint
     from jobs.tasks import get_task
@@ -70,11 +71,39 @@ def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
     torch.manual_seed(0)
     cfg = ModelConfig(base=base, method="lora", lora={"target_modules": ["query", "value"]})
     model = build_model(cfg, get_task("sequence-classification"), labels)
-    meta = {
-        "task": "sequence-classification",
-        "labels": labels,
-        "base_model": base,
-        "max_length": 32,
-        "text_column": "text",
-    }
+    lora = cfg.lora
+    meta = CheckpointMeta(
+        task="sequence-classification",
+        labels=labels,
+        base_model=base,
+        method="lora",
+        adapter=AdapterMeta(
+            r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules
+        ),
+        max_length=32,
+        text_column="text",
+    )
     return str(save_checkpoint(model, load_tokenizer(base), directory, meta))
+
+
+def make_full_checkpoint(base: str, directory: Path, labels: list[str], model=None) -> Path:
+    """A raylift checkpoint of a whole model (method=full; `model` or a seeded head over `base`)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.checkpoint import CheckpointMeta
+    from jobs.modeling import load_tokenizer, save_checkpoint
+
+    if model is None:
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=len(labels), use_safetensors=True
+        )
+    meta = CheckpointMeta(
+        task="sequence-classification",
+        labels=labels,
+        base_model=base,
+        method="full",
+        max_length=32,
+    )
+    return save_checkpoint(model, load_tokenizer(base), directory, meta)

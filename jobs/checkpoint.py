@@ -1,0 +1,229 @@
+"""The checkpoint's own description (`raylift.json`): one typed model, one reader, one writer.
+
+`jobs.modeling.save_checkpoint` writes a `CheckpointMeta`; `jobs.modeling.read_checkpoint_meta`
+reads one back through `parse_checkpoint_meta`, which migrates older formats and refuses newer
+ones. Nothing else reads or writes the file.
+
+Formats:
+  1: a free dict (before 2026-11-25). It could carry `trust_remote_code`, which let anyone who
+     registered a version turn on remote code in every replica. Migration to 2 drops the key when
+     it is false and refuses the checkpoint when it is true (unless the caller's config allows
+     remote code); it records the dtype found in the weights and `trained_precision="unknown"`
+     when the config did not name one, since format 1 never recorded what training ran in.
+  2: this model. Remote code is never the checkpoint's choice: only the config can allow it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "AdapterMeta",
+    "CheckpointMeta",
+    "CheckpointMetaError",
+    "RemoteCodeRefused",
+    "parse_checkpoint_meta",
+    "refuse_remote_code",
+    "saved_dtype",
+]
+
+REMOTE_CODE_KEY = "model.trust_remote_code"
+
+CHECKPOINT_FORMAT = 2
+
+TrainedPrecision = Literal["fp32", "bf16", "fp16", "unknown"]
+
+# safetensors header dtype codes → torch dtype names.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "BF16": "bfloat16",
+    "F16": "float16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class CheckpointMetaError(ValueError):
+    """raylift.json cannot be read as a checkpoint description of a format this code knows."""
+
+
+class RemoteCodeRefused(ValueError):
+    """A model directory would run its own code, and the config does not allow remote code."""
+
+
+class _Strict(BaseModel):
+    # NaN metrics (an empty validation shard) are written as NaN, which json reads back.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+
+class AdapterMeta(_Strict):
+    """The LoRA adapter a checkpoint was trained with (what `model.lora` said)."""
+
+    r: int = Field(ge=1, description="LoRA rank.")
+    alpha: int = Field(ge=1, description="LoRA scaling numerator.")
+    dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(description="Module name suffixes that got adapters.")
+
+
+class CheckpointMeta(_Strict):
+    """What a checkpoint is: written beside its weights as raylift.json."""
+
+    format_version: Literal[2] = Field(
+        CHECKPOINT_FORMAT, description="Layout of this file; older ones are migrated on read."
+    )
+    task: str = Field(description="Task name (jobs.tasks registry) the head was built for.")
+    labels: list[str] = Field(min_length=1, description="Label of each output, in head order.")
+    base_model: str = Field(description="model.base the checkpoint was trained from.")
+    method: Literal["lora", "qlora", "full", "frozen"] = Field(
+        description="model.method: what was trained."
+    )
+    adapter: AdapterMeta | None = Field(
+        None, description="LoRA settings for lora/qlora; None for full/frozen."
+    )
+    max_length: int = Field(ge=1, description="Tokens kept per text in training.")
+    text_column: str = Field("text", description="Input column the model was trained on.")
+    trained_precision: TrainedPrecision = Field(
+        "fp32",
+        description="Precision training actually ran in (after resolving precision=auto); "
+        "'unknown' only for checkpoints migrated from format 1.",
+    )
+    saved_dtype: str = Field(
+        "float32",
+        description="dtype(s) of the saved weights, as found in the safetensors files "
+        "(comma-separated when mixed); save_checkpoint records what it wrote.",
+    )
+    metrics: dict[str, int | float] = Field(
+        default_factory=dict, description="Metrics of the epoch this checkpoint is from."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="The lifecycle config of the run, as validated."
+    )
+    lineage: dict[str, str] = Field(
+        default_factory=dict, description="Registry lineage tags (names in serving.tags)."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[str]) -> list[str]:
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"labels repeat {repeated}: each output needs its own label")
+        return labels
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def parse_checkpoint_meta(
+    raw: dict[str, Any], directory: str | Path, trust_remote_code: bool = False
+) -> CheckpointMeta:
+    """`raw` (raylift.json as loaded) as a CheckpointMeta, migrating format 1."""
+    version = raw.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointMetaError(
+            f"{directory}/raylift.json has no integer format_version ({version!r}): "
+            "not a raylift checkpoint description"
+        )
+    if version > CHECKPOINT_FORMAT:
+        raise CheckpointMetaError(
+            f"{directory} was written in checkpoint format {version}, newer than the "
+            f"{CHECKPOINT_FORMAT} this raylift reads; upgrade raylift to load it"
+        )
+    if version == 1:
+        raw = _migrate_v1(raw, Path(directory), trust_remote_code)
+    try:
+        return CheckpointMeta.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CheckpointMetaError(f"{directory}/raylift.json is invalid: {problems}") from None
+
+
+def _migrate_v1(raw: dict[str, Any], directory: Path, trust_remote_code: bool) -> dict[str, Any]:
+    migrated = dict(raw)
+    if migrated.pop("trust_remote_code", False) and not trust_remote_code:
+        raise RemoteCodeRefused(
+            f"{directory} asks for trust_remote_code in its own raylift.json; a checkpoint "
+            f"cannot turn on remote code. If you trust its source, set {REMOTE_CODE_KEY}=true "
+            "in the config that loads it"
+        )
+    train_precision = (migrated.get("config") or {}).get("train", {}).get("precision")
+    migrated.setdefault(
+        "trained_precision",
+        train_precision if train_precision in ("fp32", "bf16", "fp16") else "unknown",
+    )
+    migrated.setdefault("saved_dtype", saved_dtype(directory))
+    migrated["format_version"] = CHECKPOINT_FORMAT
+    return migrated
+
+
+def saved_dtype(directory: str | Path) -> str:
+    """dtype(s) of the tensors in `directory`'s safetensors files, read from their headers only."""
+    found: set[str] = set()
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        found |= _header_dtypes(path)
+    return ",".join(sorted(found)) if found else "unknown"
+
+
+def _header_dtypes(path: Path) -> set[str]:
+    # safetensors layout: 8-byte little-endian header length, then a JSON header describing
+    # every tensor; reading it costs no tensor I/O, whatever the file size.
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {
+        _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower())
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def refuse_remote_code(directory: str | Path, trust_remote_code: bool) -> None:
+    """Raise RemoteCodeRefused if loading `directory` would import code shipped inside it.
+
+    Runs on the files alone, before transformers opens the directory: transformers decides about
+    remote code only once it is already resolving classes from the directory's config.
+    """
+    if trust_remote_code:
+        return
+    directory = Path(directory)
+    for name in ("config.json", "tokenizer_config.json"):
+        reason = _remote_code_reason(directory / name)
+        if reason:
+            raise RemoteCodeRefused(
+                f"{directory} ships its own code ({name}: {reason}) and remote code is off; "
+                f"if you trust its source, set {REMOTE_CODE_KEY}=true, otherwise use a model "
+                "that transformers supports natively"
+            )
+
+
+def _remote_code_reason(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable ({exc}), so what it would load cannot be checked"
+    if not isinstance(content, dict):
+        return "not a JSON object, so what it would load cannot be checked"
+    if content.get("auto_map"):
+        return f"auto_map {sorted(content['auto_map'])}"
+    model_type = content.get("model_type")
+    if path.name == "config.json" and model_type is not None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            return f"model_type {model_type!r} unknown to transformers"
+    return None
