@@ -18,9 +18,13 @@ __all__ = [
     "GIT_SHA",
     "ICEBERG_SNAPSHOT_ID",
     "ICEBERG_TABLE",
+    "INPUT_SNAPSHOT_ID_PROPERTY",
+    "INPUT_TABLE_PROPERTY",
     "METHOD",
     "METRIC_PREFIX",
+    "MODEL_URI_PROPERTY",
     "ROWS_REFUSED",
+    "RUN_DATE_PROPERTY",
     "TASK",
     "TRAIN_ROWS",
     "VALIDATION_ROWS",
@@ -54,6 +58,13 @@ EVAL_ROWS_TAGS = (ICEBERG_TABLE, ICEBERG_SNAPSHOT_ID, VALIDATION_SPLIT)
 
 # Metrics: one tag per reported metric, e.g. metric.val_accuracy.
 METRIC_PREFIX = "metric."
+
+# Iceberg snapshot-summary properties raylift writes on its commits (not registry tags, but the
+# same namespace and the same rule: one owner). Values on the wire as written before.
+RUN_DATE_PROPERTY = f"{_LINEAGE}run-date"
+INPUT_TABLE_PROPERTY = f"{_LINEAGE}input-table"
+INPUT_SNAPSHOT_ID_PROPERTY = f"{_LINEAGE}input-snapshot-id"
+MODEL_URI_PROPERTY = f"{_LINEAGE}model-uri"
 
 _GATE_PREFIX = f"{_LINEAGE}gate."
 _METRIC_DIGITS = 6

@@ -58,6 +58,11 @@ def test_tag_names_on_the_wire_are_unchanged():
         "raylift.iceberg_snapshot_id",
         "raylift.validation_split",
     )
+    assert (tags.TRAIN_ROWS, tags.ROWS_REFUSED, tags.RUN_DATE_PROPERTY) == (
+        "raylift.train_rows",
+        "raylift.rows_refused",
+        "raylift.run-date",
+    )
 
 
 def test_metric_values_round_trip():
