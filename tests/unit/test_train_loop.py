@@ -28,15 +28,23 @@ def test_windowed_batches_bucket_by_length_and_keep_pairs():
     assert sorted(seen) == sorted(lengths)
 
 
-def test_deepspeed_config_follows_train_settings(monkeypatch):
+def test_deepspeed_config_follows_train_settings():
+    config = deepspeed_config(TrainConfig(zero_stage=3, batch_size=8), "fp32")
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert not config["torch_autocast"]["enabled"] and not config["fp16"]["enabled"]
+    # bf16 is autocast over fp32 weights, never DeepSpeed's bf16 mode (which casts the weights).
+    bf16 = deepspeed_config(TrainConfig(), "bf16")
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in bf16 and not bf16["fp16"]["enabled"]
+
+
+def test_precision_resolves_per_cpu_kind(monkeypatch):
     from cluster import hardware
 
-    config = deepspeed_config(TrainConfig(zero_stage=3, precision="fp32", batch_size=8))
-    assert config["zero_optimization"]["stage"] == 3
-    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
-    assert config["train_micro_batch_size_per_gpu"] == 8
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
-    assert deepspeed_config(TrainConfig(precision="auto"))["bf16"]["enabled"]
+    assert hardware.resolve_precision("auto", use_gpu=False) == "bf16"
+    assert hardware.resolve_precision("fp32", use_gpu=False) == "fp32"
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
-    assert not deepspeed_config(TrainConfig(precision="auto"))["bf16"]["enabled"]
-    assert not deepspeed_config(TrainConfig(precision="bf16"))["bf16"]["enabled"]
+    assert hardware.resolve_precision("auto", use_gpu=False) == "fp32"
+    assert hardware.resolve_precision("bf16", use_gpu=False) == "fp32"  # emulated: refused
