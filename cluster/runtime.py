@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from typing import TextIO
 
-__all__ = ["embedded_logical_cpus", "init_ray"]
+__all__ = ["configure_progress", "embedded_logical_cpus", "init_ray", "progress_bars_wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +20,45 @@ _LOGICAL_CPUS_PER_CORE = 2
 _MIN_EMBEDDED_CPUS = 4
 
 
+# Off a terminal (CI, `make demo > log`, `ray job logs`) progress bars are redrawn frame by frame
+# into the log: a tiny load → finetune → score run wrote 576 lines, 63 KB, most of them bar
+# frames. These switch off the bars that tqdm draws in workers (transformers' "Loading weights",
+# hub downloads); Ray Data's own bars are handled in `configure_progress`.
+_NO_TQDM_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def progress_bars_wanted(stream: TextIO | None = None) -> bool:
+    """Bars on a terminal, log lines anywhere else; RAYLIFT_PROGRESS_BARS=1 or 0 forces it."""
+    forced = os.environ.get("RAYLIFT_PROGRESS_BARS", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    isatty = getattr(stream or sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def configure_progress(bars: bool) -> dict[str, str]:
+    """Set how Ray Data reports progress from this driver; return env vars workers need.
+
+    Ray Data already logs progress as lines (every RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL s) in
+    a process whose stdout is not a terminal, except in a Ray worker with `use_ray_tqdm` on (the
+    default): there it draws tqdm_ray bars that the driver redraws into its own stdout. Ray
+    Train's dataset shards execute in such a worker (the split coordinator actor), so without
+    this the log fills with bar frames. A dataset carries the DataContext it was created under
+    to wherever it executes, so setting it here, before any dataset exists, reaches them all.
+    Off a terminal the per-operator lines are dropped too: one progress line per dataset per
+    interval, plus Ray Data's own start and finish lines.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.use_ray_tqdm = bars
+    context.enable_operator_progress_bars = bars
+    if bars:
+        return {}
+    os.environ.update(_NO_TQDM_ENV)  # this driver's own tqdm users
+    return dict(_NO_TQDM_ENV)
+
+
 def embedded_logical_cpus() -> int:
     return max(_MIN_EMBEDDED_CPUS, _LOGICAL_CPUS_PER_CORE * (os.cpu_count() or 1))
 
@@ -26,10 +67,11 @@ def init_ray(address: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS); otherwise start a local Ray sized as above."""
     import ray
 
+    quiet_env = configure_progress(progress_bars_wanted())
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **quiet_env}
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
