@@ -156,7 +156,7 @@ def test_body_over_content_length_is_refused_before_reading():
     assert pulled == []
 
 
-def test_streamed_body_stops_once_past_the_limit():
+def test_body_without_content_length_is_refused_with_411():
     from fastapi import HTTPException
 
     ten_mb = (b"x" * 1000 for _ in range(10_000))  # chunked: no Content-Length to go by
@@ -164,8 +164,23 @@ def test_streamed_body_stops_once_past_the_limit():
     with pytest.raises(HTTPException) as refused:
         _read(request, limit=4096)
 
+    assert refused.value.status_code == 411
+    assert "Content-Length" in refused.value.detail
+    assert "serve.max_body_bytes" in refused.value.detail
+    assert pulled == []
+
+
+def test_a_body_longer_than_its_content_length_is_cut_at_the_limit():
+    """Uvicorn enforces Content-Length framing; were a server not to, reading still stops."""
+    from fastapi import HTTPException
+
+    ten_mb = (b"x" * 1000 for _ in range(10_000))
+    request, pulled = _request(ten_mb, {"content-length": "100"})
+    with pytest.raises(HTTPException) as refused:
+        _read(request, limit=4096)
+
     assert refused.value.status_code == 413
-    assert sum(pulled) == 5000  # read up to the first chunk past 4,096 bytes, then stopped
+    assert sum(pulled) == 5000  # up to the first chunk past 4,096 bytes, then stopped
 
 
 def test_body_within_the_limit_is_returned_whole():
