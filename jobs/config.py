@@ -257,8 +257,8 @@ class ServeConfig(_Strict):
         1024 * 1024,
         ge=64,
         description="Predict bodies larger than this get a 413, refused from Content-Length "
-        "before reading, or as soon as a streamed body passes it. 1 MiB holds the default 64 "
-        "texts of 2,000 characters even fully \\u-escaped (6 bytes a character: 768 KB).",
+        "before a byte is read (a body without Content-Length gets a 411). 1 MiB holds the "
+        "default 64 texts of 2,000 characters even fully \\u-escaped (6 bytes a character).",
     )
     max_queued_requests: int | None = Field(
         128,

@@ -174,11 +174,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 as soon as it is known to exceed `limit`, from Content-Length
     before a byte is read; a body without one (chunked) gets a 411.
 
-    Why chunked bodies are refused rather than counted while they stream: the first read of a
-    request's body in a Serve replica pulls everything the proxy has buffered of it so far,
-    whatever the app asked for. Measured on Ray 2.60, 50 MB bodies sent at loopback speed:
-    stopping a chunked one after 64 KB still grew the replica by 20 to 67 MiB per request,
-    never given back; refusing from Content-Length (or its absence), 0 MiB.
+    Why chunked bodies are refused rather than counted while they stream: a Serve replica
+    fetches a request's body from the proxy in the background, each fetch taking all the
+    proxy has buffered, whatever the app has read. Measured on Ray 2.60, 50 MB bodies sent at
+    loopback speed: reading a chunked one only until it passed 64 KB still grew the replica
+    by 20 to 67 MiB per request, never given back; refusing from Content-Length (or its
+    absence) without reading, 0 MiB.
     """
     declared = request.headers.get("content-length", "")
     if not declared:
