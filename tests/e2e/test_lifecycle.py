@@ -77,8 +77,10 @@ def trained(ray_session, lifecycle_config):
 def test_finetune_registers_a_checkpoint_with_lineage(trained, lifecycle_config):
     from mlflow import MlflowClient
 
-    assert trained.metrics["epoch"] in (1, 2)  # the best epoch by val_accuracy is registered
-    assert 0.0 <= trained.metrics["val_accuracy"] <= 1.0
+    # Each label has its own anchor word, twice per text: a model that learned anything is far
+    # above chance (0.25 for 4 balanced labels). On the 24 validation rows, a model guessing at
+    # chance reaches 0.5 with probability about 0.3% (binomial tail, n=24, p=0.25).
+    assert trained.metrics["val_accuracy"] >= 2 / len(LABELS)
     files = {p.name for p in Path(trained.checkpoint_path).iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "raylift.json"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
@@ -95,8 +97,12 @@ def test_finetune_registers_a_checkpoint_with_lineage(trained, lifecycle_config)
     run = MlflowClient().get_run(trained.run_id)
     assert run.info.status == "FINISHED"
     history = MlflowClient().get_metric_history(trained.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2]
-    assert trained.metrics["val_accuracy"] == pytest.approx(max(m.value for m in history))
+    by_epoch = {m.step: m.value for m in history}
+    assert sorted(by_epoch) == [1, 2]
+    # the registered checkpoint is the epoch with the best val_accuracy in the run's history
+    best = max(by_epoch.values())
+    assert by_epoch[trained.metrics["epoch"]] == pytest.approx(best)
+    assert trained.metrics["val_accuracy"] == pytest.approx(best)
 
 
 def test_promote_serve_and_score(trained, lifecycle_config):
