@@ -28,7 +28,7 @@ import numpy as np
 from cluster import init_ray
 from jobs import warehouse
 from jobs.config import LifecycleConfig
-from serving import registry
+from serving import registry, tags
 from serving.text import UNUSABLE_REASON, usable_mask
 
 if TYPE_CHECKING:
@@ -62,9 +62,9 @@ class _Pinned:
     def lineage(self, input_table: str) -> dict[str, str]:
         """Snapshot-summary properties for the predictions and quarantine commits."""
         return {
-            "raylift.input-table": input_table,
-            "raylift.input-snapshot-id": str(self.snapshot_id),
-            "raylift.model-uri": self.model.uri,
+            tags.INPUT_TABLE_PROPERTY: input_table,
+            tags.INPUT_SNAPSHOT_ID_PROPERTY: str(self.snapshot_id),
+            tags.MODEL_URI_PROPERTY: self.model.uri,
         }
 
 

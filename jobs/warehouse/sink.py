@@ -24,6 +24,7 @@ from jobs.warehouse.catalog import (
     try_load_table,
 )
 from jobs.warehouse.reads import count_rows
+from serving import tags
 
 if TYPE_CHECKING:
     import ray.data
@@ -66,7 +67,7 @@ class RunDateSink(IcebergDatasink):
             catalog_kwargs=catalog_kwargs,
             mode=SaveMode.OVERWRITE,
             overwrite_filter=col("run_date") == run_date,
-            snapshot_properties={**(properties or {}), "raylift.run-date": run_date},
+            snapshot_properties={**(properties or {}), tags.RUN_DATE_PROPERTY: run_date},
         )
         self._run_date = run_date
         self._required = (*required_columns, timestamp_column, "run_date")

@@ -133,11 +133,13 @@ def test_scoring_and_quarantine_read_the_snapshot_pinned_at_start(
 
 def _assert_lineage(config, table: str, snapshot_id: int, version: str) -> None:
     tbl = warehouse.load_catalog(config.catalog).load_table(table)
+    from serving import tags
+
     summary = tbl.current_snapshot().summary
-    assert summary["raylift.input-snapshot-id"] == str(snapshot_id)
-    assert summary["raylift.input-table"] == INBOX
-    assert summary["raylift.model-uri"] == f"models:/{MODEL}/{version}"
-    assert summary["raylift.run-date"] == RUN_DATE
+    assert summary[tags.INPUT_SNAPSHOT_ID_PROPERTY] == str(snapshot_id)
+    assert summary[tags.INPUT_TABLE_PROPERTY] == INBOX
+    assert summary[tags.MODEL_URI_PROPERTY] == f"models:/{MODEL}/{version}"
+    assert summary[tags.RUN_DATE_PROPERTY] == RUN_DATE
 
 
 def test_every_prediction_row_names_the_pinned_version(ray_session, config, registered, tmp_path):

@@ -14,6 +14,7 @@ from ray.data.expressions import col
 
 from jobs import warehouse
 from jobs.config import CatalogConfig
+from serving import tags
 from tests.helpers import make_ticket_rows
 
 LABELS = ["card_arrival", "lost_card", "refund", "exchange_rate"]
@@ -182,7 +183,7 @@ def test_rerunning_a_date_replaces_its_rows_in_one_snapshot(ray_session, cfg):
     history = snapshots(cfg, table)
     assert len(history) == before + 1  # no intermediate "day deleted" snapshot
     assert history[-1].summary["deleted-records"] == "100"
-    assert history[-1].summary["raylift.run-date"] == "2024-06-01"
+    assert history[-1].summary[tags.RUN_DATE_PROPERTY] == "2024-06-01"
     rows = stored(cfg, table)
     assert rows.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
     assert rows["scored_at"][0].as_py() == SCORED_AT.replace(tzinfo=dt.timezone.utc)
