@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.integration.test_serve_app import _config as serve_app_config
 from tests.unit.test_predictor import LABELS, NAN_WORD, make_fragile_checkpoint
 
 PORT = 8124
@@ -24,22 +25,15 @@ LONG_TEXT = " ".join(["card", "pin"] * 300)  # ~600 tokens; the model has 16 pos
 
 
 def _config(model_name: str, **serve):
-    from jobs.config import LifecycleConfig
-
-    serve = {
+    limits = {
         "port": PORT,
-        "num_cpus": 0.5,
-        "torch_threads": 1,
-        "precision": "fp32",
         "max_text_chars": 5000,
         "max_body_bytes": MAX_BODY,
         "request_timeout_s": TIMEOUT_S,
         "max_batch_size": 16,
         "batch_wait_timeout_s": 0.2,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-        **serve,
     }
-    return LifecycleConfig(name="test", registry={"model_name": model_name}, serve=serve)
+    return serve_app_config(model_name, **{**limits, **serve})
 
 
 @pytest.fixture(scope="module")
