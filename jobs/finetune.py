@@ -16,7 +16,12 @@ from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash
 from jobs.modeling import resolve_base_model
 from jobs.train_loop import LoopInputs, train_func
-from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
+from jobs.training_data import (
+    EveryEvalRowConfig,
+    PreparedData,
+    prepare_training_data,
+    scan_training_rows,
+)
 from serving import registry
 
 __all__ = ["FinetuneResult", "main"]
@@ -93,6 +98,7 @@ def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], ru
             ),
         ),
         datasets=data.datasets,
+        dataset_config=EveryEvalRowConfig(),
     )
     return trainer.fit()
 

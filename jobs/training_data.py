@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from ray.train import DataConfig
 
 from jobs import warehouse
 from jobs.config import LifecycleConfig
@@ -29,6 +30,7 @@ from jobs.warehouse.catalog import load_table, require_columns, schema_at
 from serving.text import UNUSABLE_REASON, usable_mask
 
 __all__ = [
+    "EveryEvalRowConfig",
     "PreparedData",
     "TrainingRows",
     "prepare_training_data",
@@ -254,3 +256,29 @@ def _tokenized(config: LifecycleConfig, labels: list[str], ds):
         batch_size=1024,
         num_cpus=0.5,
     )
+
+
+class EveryEvalRowConfig(DataConfig):
+    """How the datasets reach the workers: train shards equal, evaluation shards whole.
+
+    Ray Train splits every dataset with `streaming_split(equal=True)`, which drops up to
+    world_size - 1 rows so that shards match: harmless for training, but an evaluation must see
+    every validation row (2 workers over 9 rows evaluated 8). The train loop already keeps ranks
+    in step on uneven shards, so the validation split is cut with equal=False.
+    """
+
+    def __init__(self, whole: tuple[str, ...] = ("validation",)):
+        super().__init__(datasets_to_split="all")
+        self._whole = set(whole)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        equal = {name: ds for name, ds in datasets.items() if name not in self._whole}
+        output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name in self._whole & set(datasets):
+            ds = datasets[name].copy(datasets[name])
+            ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            shards = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for rank, shard in enumerate(shards):
+                output[rank][name] = shard
+        return output
