@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["absolute_sqlite_uri", "worker_visible_uri"]
+__all__ = ["worker_visible_uri"]
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -18,14 +18,14 @@ def worker_visible_uri(uri: str, key: str, *, create: bool = False, file_uri: bo
 
     Ray workers may run in another directory than the driver, so relative local paths would
     name other (empty) places there:
-    - `sqlite:` URIs get an absolute path (see `absolute_sqlite_uri`; `key` names the config
+    - `sqlite:` URIs get an absolute path (see `_absolute_sqlite_uri`; `key` names the config
       key in its error);
     - local paths and `file://` URIs become absolute (`~` expanded); `create=True` makes the
       folder, for callers that write into it; `file_uri=True` returns `file:///...`;
     - any other scheme (`s3://`, `gs://`, `models:/`, `postgresql://`) is returned unchanged.
     """
     if uri.startswith("sqlite:"):
-        return absolute_sqlite_uri(uri, key=key)
+        return _absolute_sqlite_uri(uri, key=key)
     if _SCHEME.match(uri) and not uri.startswith("file://"):
         return uri  # object storage, a registry or a server: nothing local to resolve
     path = Path(uri.removeprefix("file://")).expanduser().resolve()
@@ -34,7 +34,7 @@ def worker_visible_uri(uri: str, key: str, *, create: bool = False, file_uri: bo
     return path.as_uri() if file_uri else str(path)
 
 
-def absolute_sqlite_uri(uri: str, key: str = "uri") -> str:
+def _absolute_sqlite_uri(uri: str, key: str) -> str:
     """A SQLite URI with an absolute path (its folder created); any other URI unchanged.
 
     Ray workers and Serve replicas may run in another directory than the driver, so a relative

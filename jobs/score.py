@@ -165,6 +165,7 @@ def _predict(
             "torch_threads": score.torch_threads,
             "text_column": config.task.text_column,
             "passthrough_columns": tuple(score.key_columns),
+            "trust_remote_code": config.model.trust_remote_code,
         },
         batch_size=score.batch_size,
         batch_format="numpy",

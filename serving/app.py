@@ -47,7 +47,6 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
@@ -56,7 +55,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from ray import serve
 
-from cluster.storage import absolute_sqlite_uri
+from cluster.storage import worker_visible_uri
 from jobs.config import LifecycleConfig, ServeConfig
 from serving.text import is_usable_text
 
@@ -227,6 +226,7 @@ class ModelServer:
         serve_config: ServeConfig,
         tracking_uri: str | None = None,
         token_sha256: str | None = None,
+        trust_remote_code: bool = False,
     ):
         from serving.predictor import Predictor
 
@@ -239,6 +239,7 @@ class ModelServer:
             tracking_uri=tracking_uri,
             precision=serve_config.precision,
             torch_threads=serve_config.torch_threads,
+            trust_remote_code=trust_remote_code,  # the config's model.trust_remote_code only
         )
         # One thread runs the model so the event loop keeps accepting (and batching)
         # requests while a batch computes; torch releases the GIL inside kernels.
@@ -360,14 +361,6 @@ class ModelServer:
 # -- building and deploying ------------------------------------------------------------------
 
 
-def _driver_absolute(uri: str) -> str:
-    """Local paths and relative SQLite URIs as absolute: replicas run in another directory."""
-    if uri.startswith("sqlite:"):
-        return absolute_sqlite_uri(uri)
-    path = Path(uri).expanduser()
-    return str(path.resolve()) if path.exists() else uri
-
-
 def _expected_token_sha256(serve_config: ServeConfig) -> str | None:
     """Digest of the token in serve.auth_token_env, read here where the app is built."""
     env_name = serve_config.auth_token_env
@@ -407,11 +400,12 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         user_config=_batching(serve_cfg),
     )
     return deployment.bind(
-        _driver_absolute(uri),
+        worker_visible_uri(uri, key="serve.model_uri"),
         served_name=config.registry.model_name,
         serve_config=serve_cfg,
-        tracking_uri=_driver_absolute(config.registry.tracking_uri),
+        tracking_uri=worker_visible_uri(config.registry.tracking_uri, key="registry.tracking_uri"),
         token_sha256=_expected_token_sha256(serve_cfg),
+        trust_remote_code=config.model.trust_remote_code,
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import absolute_sqlite_uri
+from cluster.storage import worker_visible_uri
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
@@ -58,7 +58,7 @@ class ResolvedVersion:
 
 def absolute_tracking_uri(tracking_uri: str) -> str:
     """The tracking URI as Ray workers and replicas must see it (absolute SQLite path)."""
-    return absolute_sqlite_uri(tracking_uri, key="registry.tracking_uri")
+    return worker_visible_uri(tracking_uri, key="registry.tracking_uri")
 
 
 def configure_tracking(tracking_uri: str, experiment: str | None = None) -> str | None:

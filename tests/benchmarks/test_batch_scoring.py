@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from jobs.checkpoint import CheckpointMeta
 from jobs.datasets import banking77_path
 from jobs.modeling import load_checkpoint, resolve_base_model, save_checkpoint
 
@@ -57,13 +58,14 @@ def checkpoint(tmp_path_factory) -> str:
     targets = torch.tensor([labels.index(c) for c in categories[::3]])
     _fit_head(model.classifier, features, targets)
     directory = tmp_path_factory.mktemp("bench-model")
-    meta = {
-        "task": "sequence-classification",
-        "labels": labels,
-        "base_model": base,
-        "max_length": 64,
-        "text_column": "text",
-    }
+    meta = CheckpointMeta(
+        task="sequence-classification",
+        labels=labels,
+        base_model=base,
+        method="frozen",  # a linear probe: the base as loaded, a fitted head
+        max_length=64,
+        text_column="text",
+    )
     save_checkpoint(model, tokenizer, directory, meta)
     return str(directory)
 

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from jobs.checkpoint import CHECKPOINT_FORMAT
 from jobs.config import ModelConfig
 from jobs.modeling import build_model, load_checkpoint, resolve_base_model
 from jobs.tasks import get_task
@@ -47,5 +48,5 @@ def test_unknown_base_model_names_the_key(tmp_path):
 def test_checkpoint_meta_is_json(tiny_bert, tmp_path):
     directory = make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS)
     meta = json.loads((tmp_path / "ckpt" / "raylift.json").read_text())
-    assert meta["format_version"] == 1 and meta["labels"] == LABELS
+    assert meta["format_version"] == CHECKPOINT_FORMAT and meta["labels"] == LABELS
     assert directory.endswith("ckpt")
