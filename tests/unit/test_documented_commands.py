@@ -1,9 +1,10 @@
 """Every command line the project shows a user is run through the real entry points.
 
 The README's `raylift ...`, `python -m jobs.X ...` and `ray job submit ... -- python -m ...`
-lines, each job module's docstring command and each config's first-line command are parsed by
-`jobs.cli`, with each job's entry point replaced by a recorder: the test asserts the line
-parsed, reached the job its subcommand names, and that its `key=value` overrides took effect.
+lines, each job module's docstring command, each config's first-line command and the Makefile's
+`raylift` recipes are parsed by `jobs.cli`, with each job's entry point replaced by a recorder:
+the test asserts the line parsed, reached the job its subcommand names, and that its
+`key=value` overrides took effect.
 """
 
 from __future__ import annotations
@@ -120,6 +121,16 @@ def _config_commands() -> list[str]:
     return commands
 
 
+def _makefile_commands() -> list[str]:
+    """`$(BIN)/raylift ...` recipe lines of the Makefile, with its `VAR ?= value` defaults."""
+    text = (REPO / "Makefile").read_text()
+    defaults = dict(re.findall(r"^(\w+)\s*\?=\s*(.+)$", text, flags=re.M))
+    commands = []
+    for line in re.findall(r"^\t\$\(BIN\)/(raylift .+)$", text, flags=re.M):
+        commands.append(re.sub(r"\$\((\w+)\)", lambda m: defaults[m[1]].strip(), line))
+    return commands
+
+
 def _run_raylift(argv: list[str], calls) -> None:
     assert cli.main(argv) == 0, argv
     command = argv[0]
@@ -149,8 +160,8 @@ def test_readme_raylift_line_parses_and_reaches_its_job(line, job_calls):
     _run_raylift(_raylift_argv(line), job_calls)
 
 
-@pytest.mark.parametrize("line", _config_commands())
-def test_config_first_line_command_parses_and_reaches_its_job(line, job_calls):
+@pytest.mark.parametrize("line", _config_commands() + _makefile_commands())
+def test_config_and_makefile_command_parses_and_reaches_its_job(line, job_calls):
     _run_raylift(_raylift_argv(line), job_calls)
 
 
