@@ -12,6 +12,7 @@ loop all-reduces it (a sum), and `metrics(state.numpy())` reads the summed state
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,17 +47,27 @@ _TASKS: dict[str, Task] = {}
 def register_task(task: Task) -> Task:
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is already registered")
-    import peft
-    import transformers
-
-    if not hasattr(transformers, task.auto_model):
-        raise ValueError(f"task {task.name!r}: transformers has no {task.auto_model}")
-    if not hasattr(peft.TaskType, task.peft_task_type):
-        raise ValueError(f"task {task.name!r}: peft.TaskType has no {task.peft_task_type}")
     _check_head_modules(task)
     _check_eval_state(task)
     _TASKS[task.name] = task
     return task
+
+
+@functools.cache
+def _check_libraries(name: str) -> None:
+    """The Hugging Face class and peft task type a task names exist (once per process).
+
+    Checked when a task is first fetched for modelling, not at registration: importing peft
+    costs about 4 s, which `raylift validate` (it only needs the task names) should not pay.
+    """
+    import peft
+    import transformers
+
+    task = _TASKS[name]
+    if not hasattr(transformers, task.auto_model):
+        raise ValueError(f"task {task.name!r}: transformers has no {task.auto_model}")
+    if not hasattr(peft.TaskType, task.peft_task_type):
+        raise ValueError(f"task {task.name!r}: peft.TaskType has no {task.peft_task_type}")
 
 
 def _check_head_modules(task: Task) -> None:
@@ -87,10 +98,10 @@ def _check_eval_state(task: Task) -> None:
 
 
 def get_task(name: str) -> Task:
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}") from None
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}")
+    _check_libraries(name)
+    return _TASKS[name]
 
 
 def task_names() -> list[str]:

@@ -12,6 +12,7 @@ import pytest
 
 from jobs import finetune, load, promote, score
 from jobs.config import validate_mapping
+from serving import tags as tag_names
 from tests.helpers import make_ticket_rows
 
 LABELS = ["card_arrival", "lost_card", "refund", "exchange_rate"]
@@ -90,6 +91,7 @@ def test_finetune_registers_a_checkpoint_with_lineage(trained, lifecycle_config)
     version = MlflowClient().get_model_version("e2e-router", trained.version)
     tags = version.tags
     assert tags["raylift.iceberg_table"] == "support.tickets"
+    assert tags[tag_names.ROWS_REFUSED] == "1"  # the blank text was counted, never trained on
     assert int(tags["raylift.iceberg_snapshot_id"]) > 0
     assert tags["raylift.base_model"] == lifecycle_config.model.base
     assert len(tags["raylift.config_hash"]) == 12 and tags["raylift.git_sha"]
