@@ -30,6 +30,8 @@ __all__ = [
     "config_hash",
     "load_config",
     "parse_overrides",
+    "search_space_errors",
+    "with_overrides",
 ]
 
 
@@ -219,14 +221,59 @@ class RegistryConfig(_Strict):
 
 class PromoteConfig(_Strict):
     alias: str = Field("production", description="Alias the gate moves.")
-    metric: str = Field("val_accuracy", description="Metric the floor applies to.")
-    min_value: float = Field(0.5, description="Floor the metric must clear to promote.")
+    metric: str = Field("val_accuracy", description="Metric the floor and regression check use.")
+    mode: Literal["max", "min"] = Field(
+        "max",
+        description="Which way the metric improves: max (val_accuracy, val_macro_f1) or min "
+        "(val_loss). With min, a candidate must stay under max_value and may rise at most "
+        "max_regression above the current alias.",
+    )
+    min_value: float | None = Field(
+        0.5, description="Floor the metric must clear to promote (mode=max); null: no floor."
+    )
+    max_value: float | None = Field(
+        None, description="Ceiling the metric must stay under to promote (mode=min)."
+    )
     max_regression: float = Field(
         0.005,
         ge=0,
-        description="How far below the current alias's metric a candidate may be, when both "
-        "were evaluated on the same table snapshot and split.",
+        description="How far a candidate may fall behind the current alias on the metric, both "
+        "measured on the same rows: the stored figures when both were evaluated on the same "
+        "table snapshot and split, else both re-evaluated on the candidate's validation rows.",
     )
+    allowed_base_models: list[str] = Field(
+        default_factory=list,
+        description="Base models (model.base as trained) a candidate may be built on; empty: any.",
+    )
+    slices: dict[str, str] = Field(
+        default_factory=dict,
+        description="Label → slice name (e.g. card_arrival: cards). When set, both versions are "
+        "evaluated per slice on the same rows; labels not listed belong to no slice.",
+    )
+    max_slice_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest drop of a slice's accuracy against the current alias (used when "
+        "slices is set).",
+    )
+
+    @model_validator(mode="after")
+    def _bound_matches_mode(self) -> PromoteConfig:
+        wrong = "min_value" if self.mode == "min" else "max_value"
+        right = "max_value" if self.mode == "min" else "min_value"
+        explicit = wrong in self.model_fields_set and getattr(self, wrong) is not None
+        if explicit:
+            raise ValueError(
+                f"{wrong} does not apply with mode={self.mode}; set {right} instead "
+                f"(a {'ceiling' if self.mode == 'min' else 'floor'} for {self.metric})"
+            )
+        return self
+
+    @property
+    def bound(self) -> float | None:
+        """The floor (mode=max) or ceiling (mode=min) the metric must clear; None: no bound."""
+        return self.max_value if self.mode == "min" else self.min_value
 
 
 class AutoscalingConfig(_Strict):
@@ -320,6 +367,140 @@ class ScoreConfig(_Strict):
     )
 
 
+# Config keys a search may vary: what shapes the model (not where data, runs or models live).
+# train.epochs is ASHA's max_t, so it is one value for every trial.
+_SEARCHABLE_SECTIONS = ("task", "model", "train")
+_UNSEARCHABLE_KEYS = {"train.epochs": "it is ASHA's max_t; set train.epochs for every trial"}
+
+
+class SearchDimension(_Strict):
+    """One hyperparameter of a Tune search: a distribution over one dotted config key."""
+
+    type: Literal["loguniform", "uniform", "randint", "choice"] = Field(
+        ...,
+        description="loguniform/uniform: a float in [low, high]; randint: an integer in "
+        "[low, high] (both ends included); choice: one of values.",
+    )
+    low: int | float | None = Field(None, description="Lower bound (not for choice).")
+    high: int | float | None = Field(None, description="Upper bound (not for choice).")
+    values: list[Any] | None = Field(None, description="The options of a choice.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDimension:
+        if self.type == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("choice takes values: [a, b, ...] (and no low/high)")
+            return self
+        if self.values is not None or self.low is None or self.high is None:
+            raise ValueError(f"{self.type} takes low and high (and no values)")
+        if self.low >= self.high:
+            raise ValueError(
+                f"low={self.low} must be below high={self.high}; swap them, or use choice: "
+                "[value] for a fixed value"
+            )
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {self.low}; use uniform from 0")
+        if self.type == "randint" and not all(_is_int(v) for v in (self.low, self.high)):
+            raise ValueError("randint takes integer low and high; use uniform for floats")
+        return self
+
+    def probe_values(self) -> list[Any]:
+        """Values a sample can take that a config must accept: the ends, one inner float."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "randint":
+            return [int(self.low), int(self.high)]
+        # An inner float too: an int key accepts 4.0 and 64.0 but not what uniform samples.
+        inner = self.low + (self.high - self.low) * 0.3183098861837907
+        return [float(self.low), float(self.high), inner]
+
+
+def _is_int(value: int | float | None) -> bool:
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+class AshaConfig(_Strict):
+    grace_period: int = Field(
+        1, ge=1, description="Epochs every trial runs before ASHA may stop it."
+    )
+    reduction_factor: float = Field(
+        2.0, gt=1, description="ASHA keeps 1/reduction_factor of the trials at each rung."
+    )
+
+
+class TuneConfig(_Strict):
+    search_space: dict[str, SearchDimension] = Field(
+        default_factory=dict,
+        description="Dotted config key → distribution, e.g. train.learning_rate: "
+        "{type: loguniform, low: 1.0e-4, high: 3.0e-3}. Keys under task, model and train.",
+    )
+    num_samples: int = Field(8, ge=1, description="Trials sampled from the search space.")
+    metric: str | None = Field(
+        None,
+        description="Metric trials are ranked by (reported every epoch); promote.metric if unset.",
+    )
+    mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximized.")
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", description="asha: stop weak trials early; fifo: every trial runs every epoch."
+    )
+    asha: AshaConfig = Field(
+        default_factory=AshaConfig,
+        description="ASHA settings; its max_t is train.epochs (epochs are its time unit).",
+    )
+    searcher: Literal["random"] = Field(
+        "random", description="How trials are sampled: random (Ray Tune's basic variant generator)."
+    )
+    seed: int | None = Field(17, description="Seed of the sampling; same seed, same trials.")
+    max_concurrent_trials: int | None = Field(
+        None,
+        ge=1,
+        description="Trials running at once; by default as many as the cluster's CPUs fit "
+        "(each trial's workers plus its data stages).",
+    )
+    max_failures: int = Field(
+        1, ge=0, description="Times a failed trial is restarted before it counts as failed."
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop starting trials, and stop running ones, after this long."
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _searchable_keys(cls, value: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        problems = [p for key in value if (p := _key_problem(key))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def metric_name(self, promote: PromoteConfig) -> str:
+        return self.metric or promote.metric
+
+
+def _key_problem(key: str) -> str | None:
+    """Why `key` cannot be searched (unknown, a section, not searchable), or None."""
+    loc = key.split(".")
+    if key in _UNSEARCHABLE_KEYS:
+        return f"{key} cannot be searched: {_UNSEARCHABLE_KEYS[key]}"
+    if loc[0] not in _SEARCHABLE_SECTIONS:
+        return f"{key} cannot be searched: only keys under {', '.join(_SEARCHABLE_SECTIONS)}"
+    model: type[BaseModel] = LifecycleConfig
+    for depth, part in enumerate(loc):
+        field = model.model_fields.get(part)
+        if field is None:
+            return f"{key} is not a config key; {_suggest(loc[: depth + 1])}"
+        if _is_section(field.annotation):
+            model = field.annotation
+        elif depth < len(loc) - 1:
+            return f"{key}: {'.'.join(loc[: depth + 1])} is a value, not a section"
+        else:
+            return None
+    return f"{key} is a section; search one of its keys: {', '.join(model.model_fields)}"
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 class LifecycleConfig(_Strict):
     name: str = Field(..., description="Short name of this model's lifecycle.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="What the model predicts.")
@@ -331,6 +512,9 @@ class LifecycleConfig(_Strict):
     promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Promotion gate.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Online endpoint.")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Batch scoring.")
+    tune: TuneConfig = Field(
+        default_factory=TuneConfig, description="Ray Tune search (raylift tune)."
+    )
 
     @property
     def production_uri(self) -> str:
@@ -385,9 +569,49 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Li
 
 def validate_mapping(raw: dict[str, Any], source: str = "<config>") -> LifecycleConfig:
     try:
-        return LifecycleConfig.model_validate(raw)
+        config = LifecycleConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+    errors = search_space_errors(config)
+    if errors:
+        raise ConfigError(source, errors)
+    return config
+
+
+def with_overrides(config: LifecycleConfig, overrides: dict[str, Any]) -> LifecycleConfig:
+    """`config` with dotted `overrides` applied (a Tune trial's sample), validated again."""
+    raw = config.model_dump(mode="python")
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    return LifecycleConfig.model_validate(raw)
+
+
+def search_space_errors(config: LifecycleConfig) -> list[str]:
+    """Every value a tune.search_space dimension can sample must make a valid config.
+
+    Checked with each bound (and one inner float) substituted in turn, so `model.lora.r:
+    {type: uniform, low: 0, high: 8}` fails here, not in a trial an hour into a search.
+    """
+    errors = []
+    grace, epochs = config.tune.asha.grace_period, config.train.epochs
+    if config.tune.scheduler == "asha" and grace > epochs:
+        errors.append(
+            f"  tune.asha.grace_period: {grace} is more than train.epochs={epochs} (ASHA's "
+            "max_t); lower it, or raise train.epochs"
+        )
+    for key, dimension in config.tune.search_space.items():
+        for value in dimension.probe_values():
+            try:
+                with_overrides(config, {key: value})
+            except ValidationError as exc:
+                reason = "; ".join(e["msg"] for e in exc.errors())
+                errors.append(
+                    f"  tune.search_space.{key}: {dimension.type} can sample {value!r}, which "
+                    f"{key} refuses ({reason}). {key}: {_field_description(key.split('.'))}; "
+                    "narrow the bounds (or use randint/choice for an integer key)"
+                )
+                break
+    return errors
 
 
 def config_hash(config: LifecycleConfig) -> str:
