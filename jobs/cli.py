@@ -72,6 +72,12 @@ def _promote(args: argparse.Namespace) -> Any:
     return promote.main(_config(args), version=args.version)
 
 
+def _rollback(args: argparse.Namespace) -> Any:
+    from jobs import rollback
+
+    return rollback.main(_config(args), reason=args.reason)
+
+
 def _serve(args: argparse.Namespace) -> Any:
     from serving import app
 
@@ -92,6 +98,10 @@ def _demo(args: argparse.Namespace) -> Any:
 
 def _version_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="Registered version to promote (default: newest).")
+
+
+def _reason_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", help="Why: tagged on both versions with the time.")
 
 
 def _model_uri_argument(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +127,9 @@ COMMANDS: dict[str, Command] = {
     "finetune": Command("Fine-tune with Ray Train + DeepSpeed; register the model.", _finetune),
     "promote": Command(
         "Gate a registered version and move the alias.", _promote, add_arguments=_version_argument
+    ),
+    "rollback": Command(
+        "Move the promoted alias back to @previous.", _rollback, add_arguments=_reason_argument
     ),
     "serve": Command(
         "Serve the promoted model with Ray Serve (blocks).",

@@ -19,6 +19,7 @@ __all__ = [
     "ResolvedModel",
     "ResolvedVersion",
     "configure_tracking",
+    "delete_alias",
     "get_alias_version",
     "previous_alias",
     "register_checkpoint",
@@ -126,6 +127,13 @@ def set_alias(model_name: str, alias: str, version: str) -> str | None:
         client.set_registered_model_alias(model_name, previous_alias(alias), previous)
     client.set_registered_model_alias(model_name, alias, str(version))
     return previous
+
+
+def delete_alias(model_name: str, alias: str) -> None:
+    """Remove `alias` from the model (the version itself stays)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().delete_registered_model_alias(model_name, alias)
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:

@@ -15,6 +15,7 @@ __all__ = [
     "CONFIG_HASH",
     "CONFIG_NAME",
     "EVAL_ROWS_TAGS",
+    "GATE_FIELDS",
     "GIT_SHA",
     "ICEBERG_SNAPSHOT_ID",
     "ICEBERG_TABLE",
@@ -27,14 +28,22 @@ __all__ = [
     "RUN_DATE_PROPERTY",
     "TASK",
     "TRAIN_ROWS",
+    "TUNE_EXPERIMENT",
+    "TUNE_PARENT_RUN_ID",
+    "TUNE_STOPPED_EARLY",
+    "TUNE_TRIAL_EPOCHS",
+    "TUNE_TRIAL_ID",
     "VALIDATION_ROWS",
     "VALIDATION_SPLIT",
     "format_metric",
+    "gate_check_tag",
     "gate_tag",
     "metric_tag",
     "metric_tags",
     "parse_metric",
     "read_metric",
+    "reevaluated_tag",
+    "rollback_tag",
 ]
 
 _LINEAGE = "raylift."
@@ -53,6 +62,13 @@ TRAIN_ROWS = f"{_LINEAGE}train_rows"
 VALIDATION_ROWS = f"{_LINEAGE}validation_rows"
 ROWS_REFUSED = f"{_LINEAGE}rows_refused"  # rows with no usable text or label, never trained on
 
+# Tune: which search a version (or a trial's MLflow run) came from, and how its trial ended.
+TUNE_EXPERIMENT = f"{_LINEAGE}tune.experiment"  # the Tune experiment's storage path
+TUNE_PARENT_RUN_ID = f"{_LINEAGE}tune.parent_run_id"  # the search's MLflow parent run
+TUNE_TRIAL_ID = f"{_LINEAGE}tune.trial_id"
+TUNE_TRIAL_EPOCHS = f"{_LINEAGE}tune.trial_epochs"  # epochs the trial reported
+TUNE_STOPPED_EARLY = f"{_LINEAGE}tune.stopped_early"  # "true" when the scheduler stopped it
+
 # Two versions' metrics are comparable only when both were evaluated on these same rows.
 EVAL_ROWS_TAGS = (ICEBERG_TABLE, ICEBERG_SNAPSHOT_ID, VALIDATION_SPLIT)
 
@@ -67,6 +83,11 @@ INPUT_SNAPSHOT_ID_PROPERTY = f"{_LINEAGE}input-snapshot-id"
 MODEL_URI_PROPERTY = f"{_LINEAGE}model-uri"
 
 _GATE_PREFIX = f"{_LINEAGE}gate."
+_REEVALUATED_PREFIX = f"{_LINEAGE}reevaluated."
+_ROLLBACK_PREFIX = f"{_LINEAGE}rollback."
+
+# The fields each gate check records on the candidate (see gate_check_tag).
+GATE_FIELDS = ("verdict", "value", "threshold", "at")
 _METRIC_DIGITS = 6
 
 
@@ -78,6 +99,25 @@ def metric_tag(name: str) -> str:
 def gate_tag(alias: str) -> str:
     """The tag holding the promotion verdict ('passed' / 'refused') for `alias`."""
     return f"{_GATE_PREFIX}{alias}"
+
+
+def gate_check_tag(alias: str, gate: str, field: str) -> str:
+    """The tag holding one field of one gate's result for `alias`, e.g.
+    raylift.gate.production.floor.value; `field` is one of GATE_FIELDS."""
+    if field not in GATE_FIELDS:
+        raise ValueError(f"gate field {field!r}; known: {', '.join(GATE_FIELDS)}")
+    return f"{_GATE_PREFIX}{alias}.{gate}.{field}"
+
+
+def reevaluated_tag(name: str) -> str:
+    """The tag holding a figure promotion measured again on shared rows, e.g.
+    raylift.reevaluated.val_accuracy, raylift.reevaluated.rows (which rows), .at (when)."""
+    return f"{_REEVALUATED_PREFIX}{name}"
+
+
+def rollback_tag(alias: str, field: str) -> str:
+    """The tag recording a rollback of `alias` on a version: reason, at, role."""
+    return f"{_ROLLBACK_PREFIX}{alias}.{field}"
 
 
 def format_metric(value: float | int) -> str:

@@ -18,6 +18,7 @@ JOB_ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "warehouse": ("jobs.load", "main"),
     "finetune": ("jobs.finetune", "main"),
     "promote": ("jobs.promote", "main"),
+    "rollback": ("jobs.rollback", "main"),
     "serve": ("serving.app", "deploy"),
     "score": ("jobs.score", "main"),
     "demo": ("jobs.demo", "main"),

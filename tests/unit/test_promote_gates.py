@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 
-from jobs.config import validate_mapping
-from jobs.promote import GateRefused, evaluate_gates
+from jobs.config import ConfigError, validate_mapping
+from jobs.promote import Comparison, Figures, GateRefused, evaluate_gates
+from jobs.reevaluate import EvalRows, slice_accuracy
 from serving import tags
 
 SAME_ROWS = {
@@ -16,27 +18,86 @@ def _config(**promote):
     return validate_mapping({"name": "x", "promote": {"min_value": 0.8, **promote}})
 
 
+def _compare(candidate: float, incumbent: float, **slices) -> Comparison:
+    cand = {k: v[0] for k, v in slices.items()}
+    inc = {k: v[1] for k, v in slices.items()}
+    return Comparison("1", "rows", Figures(candidate, cand), Figures(incumbent, inc))
+
+
+def _passed(checks) -> bool:
+    return all(c.passed for c in checks)
+
+
 def test_floor():
-    passed, checks = evaluate_gates(_config(), {ACCURACY: "0.79"}, None)
-    assert not passed and "< floor 0.8" in checks[0]
-    passed, _ = evaluate_gates(_config(), {ACCURACY: "0.81"}, None)
-    assert passed
+    checks = evaluate_gates(_config(), {ACCURACY: "0.79"}, None)
+    assert not _passed(checks) and "< floor 0.8" in checks[0].line
+    assert (checks[0].gate, checks[0].value, checks[0].threshold) == ("floor", "0.790000", "0.8")
+    assert _passed(evaluate_gates(_config(), {ACCURACY: "0.81"}, None))
 
 
-def test_no_regression_against_alias_on_same_rows():
-    current = {**SAME_ROWS, ACCURACY: "0.90"}
-    worse = {**SAME_ROWS, ACCURACY: "0.85"}
-    passed, checks = evaluate_gates(_config(max_regression=0.01), worse, current)
-    assert not passed and "beyond max_regression" in checks[1]
-    close = {**SAME_ROWS, ACCURACY: "0.895"}
-    assert evaluate_gates(_config(max_regression=0.01), close, current)[0]
+def test_min_mode_bounds_from_above_and_regresses_upwards():
+    config = _config(min_value=None, mode="min", metric="val_loss", max_value=1.0)
+    loss = tags.metric_tag("val_loss")
+    checks = evaluate_gates(config, {loss: "1.2"}, None)
+    assert not _passed(checks) and "val_loss=1.2000 > ceiling 1.0" in checks[0].line
+    assert _passed(evaluate_gates(config, {loss: "0.5"}, _compare(0.5, 0.6)))
+    worse = evaluate_gates(config, {loss: "0.7"}, _compare(0.7, 0.6))
+    assert [c.gate for c in worse if not c.passed] == ["regression"]
 
 
-def test_regression_check_skipped_on_other_rows():
-    current = {**SAME_ROWS, ACCURACY: "0.99"}
-    other = {**SAME_ROWS, tags.ICEBERG_SNAPSHOT_ID: "2", ACCURACY: "0.85"}
-    passed, checks = evaluate_gates(_config(), other, current)
-    assert passed and "regression check skipped" in checks[1]
+def test_floor_key_must_match_the_mode():
+    with pytest.raises(ConfigError, match="min_value does not apply with mode=min; set max_value"):
+        _config(mode="min", metric="val_loss")
+
+
+def test_regression_against_the_alias():
+    checks = evaluate_gates(_config(max_regression=0.01), {ACCURACY: "0.85"}, _compare(0.85, 0.9))
+    assert not _passed(checks) and "beyond max_regression" in checks[1].line
+    assert checks[1].threshold == "0.890000"
+    close = evaluate_gates(_config(max_regression=0.01), {ACCURACY: "0.895"}, _compare(0.895, 0.9))
+    assert _passed(close)
+
+
+def test_the_comparison_figures_decide_not_the_stored_metric():
+    # Stored 0.99 clears the floor, but on the shared rows the candidate is far behind.
+    checks = evaluate_gates(_config(), {ACCURACY: "0.99"}, _compare(0.80, 0.95))
+    assert [c.gate for c in checks if not c.passed] == ["regression"]
+
+
+def test_base_model_allow_list():
+    config = _config(allowed_base_models=["all-MiniLM-L6-v2"])
+    checks = evaluate_gates(config, {ACCURACY: "0.9", tags.BASE_MODEL: "bert-large"}, None)
+    refused = [c for c in checks if not c.passed]
+    assert [c.gate for c in refused] == ["base_model"]
+    assert "'bert-large' is not in promote.allowed_base_models" in refused[0].line
+    ok = {ACCURACY: "0.9", tags.BASE_MODEL: "all-MiniLM-L6-v2"}
+    assert _passed(evaluate_gates(config, ok, None))
+    assert "base_model" not in [c.gate for c in evaluate_gates(_config(), ok, None)]
+
+
+def test_a_slice_dropping_too_far_is_refused_even_when_the_total_holds():
+    config = _config(slices={"card_arrival": "cards", "top_up_failed": "top_ups"})
+    comparison = _compare(0.90, 0.90, cards=(0.80, 0.90), top_ups=(0.97, 0.90))
+    checks = evaluate_gates(config, {ACCURACY: "0.9"}, comparison)
+    refused = [c for c in checks if not c.passed]
+    assert [c.gate for c in refused] == ["slice.cards"]
+    assert "beyond max_slice_drop 0.05" in refused[0].line
+    near = _compare(0.90, 0.90, cards=(0.86, 0.90), top_ups=(0.90, 0.90))
+    assert _passed(evaluate_gates(config, {ACCURACY: "0.9"}, near))
+
+
+def test_eval_rows_parse_from_the_lineage_tags():
+    rows = EvalRows.from_tags({**SAME_ROWS, tags.ICEBERG_SNAPSHOT_ID: "42"})
+    assert rows == EvalRows("support.tickets", 42, 0.1, 17)
+    with pytest.raises(ValueError, match="cannot tell which rows"):
+        EvalRows.from_tags({tags.ICEBERG_TABLE: "support.tickets"})
+
+
+def test_slice_accuracy_counts_only_mapped_labels():
+    truth = np.array(["a", "a", "b", "c"], dtype=object)
+    predicted = np.array(["a", "b", "b", None], dtype=object)
+    accuracy, rows = slice_accuracy(truth, predicted, {"a": "x", "b": "y"})
+    assert accuracy == {"x": 0.5, "y": 1.0} and rows == {"x": 2, "y": 1}
 
 
 def test_missing_metric_names_the_tag_and_the_key():
@@ -53,6 +114,9 @@ def test_tag_names_on_the_wire_are_unchanged():
     # Registries hold versions tagged with these names: renaming one silently breaks gates.
     assert ACCURACY == "metric.val_accuracy"
     assert tags.gate_tag("production") == "raylift.gate.production"
+    assert (
+        tags.gate_check_tag("production", "floor", "value") == "raylift.gate.production.floor.value"
+    )
     assert tags.EVAL_ROWS_TAGS == (
         "raylift.iceberg_table",
         "raylift.iceberg_snapshot_id",

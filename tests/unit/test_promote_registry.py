@@ -4,11 +4,14 @@ target under @previous, which still resolves to its own checkpoint."""
 
 from __future__ import annotations
 
+import datetime
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from jobs import promote, tracking
+from jobs import cli, promote, rollback, tracking
 from jobs.config import validate_mapping
 from serving import registry, tags
 
@@ -42,7 +45,7 @@ def _register(config, tmp_path: Path, accuracy: float, marker: str, **lineage) -
     (checkpoint / "marker.txt").write_text(marker)
     version_tags = {**SAME_ROWS, **lineage}
     with tracking.tracked_run(config, version_tags) as run_id:
-        metrics = {"val_accuracy": accuracy, "epoch": 1}
+        metrics = {"val_accuracy": accuracy, "val_loss": 1 - accuracy, "epoch": 1}
         return tracking.register(config, run_id, checkpoint, version_tags, metrics)
 
 
@@ -51,6 +54,12 @@ def _aliases(config) -> dict[str, str]:
 
     model = MlflowClient().get_registered_model(config.registry.model_name)
     return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def _version_tags(config, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(config.registry.model_name, version).tags
 
 
 def _verdict(config, version: str) -> str | None:
@@ -65,7 +74,7 @@ def test_a_regression_is_refused_and_the_alias_stays(tracking_uri, tmp_path):
     first = _register(config, tmp_path, 0.90, "v1")
     assert promote.main(config, version=first).previous_version is None
     worse = _register(config, tmp_path, 0.85, "v2")
-    with pytest.raises(promote.GateRefused, match="not promoted to @production.*beyond"):
+    with pytest.raises(promote.GateRefused, match="(?s)not promoted to @production.*beyond"):
         promote.main(config, version=worse)
     assert _aliases(config) == {"production": first}
     assert (_verdict(config, first), _verdict(config, worse)) == ("passed", "refused")
@@ -104,11 +113,106 @@ def test_promoting_the_current_version_again_does_not_overwrite_previous(trackin
     assert _aliases(config) == {"production": second, "previous": first}
 
 
-def test_a_regression_on_other_rows_is_not_compared(tracking_uri, tmp_path):
+def test_other_rows_are_never_skipped_a_metric_that_cannot_be_remeasured_is_refused(
+    tracking_uri, tmp_path
+):
     config = _config(tracking_uri, "other-rows")
     first = _register(config, tmp_path, 0.95, "v1")
     promote.main(config, version=first)
     other = _register(config, tmp_path, 0.80, "v2", **{tags.ICEBERG_SNAPSHOT_ID: "2"})
-    result = promote.main(config, version=other)
-    assert "regression check skipped" in result.checks[1]
-    assert _aliases(config) == {"production": other, "previous": first}
+    loss = _config(tracking_uri, "other-rows", metric="val_loss", min_value=None, mode="min")
+    with pytest.raises(promote.GateRefused, match="promote.metric=val_loss cannot be measured"):
+        promote.main(loss, version=other)
+    assert _aliases(config) == {"production": first}
+
+
+def _config_file(config, tmp_path: Path) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"tune"})))
+    return str(path)
+
+
+def test_a_refusal_through_the_cli_exits_non_zero_prints_and_tags_every_verdict(
+    tracking_uri, tmp_path, capsys
+):
+    config = _config(tracking_uri, "refuse-cli", min_value=0.8)
+    version = _register(config, tmp_path, 0.75, "v1")
+    before = time.time()
+    assert cli.main(["promote", "--config", _config_file(config, tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "not promoted to @production" in err
+        and "FAIL floor: val_accuracy=0.7500 < floor 0.8" in err
+    )
+    assert "PASS regression: no other version at @production" in err
+    assert _aliases(config) == {}
+    found = _version_tags(config, version)
+    floor = {f: found[tags.gate_check_tag("production", "floor", f)] for f in tags.GATE_FIELDS}
+    assert (floor["verdict"], floor["value"], floor["threshold"]) == ("refused", "0.750000", "0.8")
+    stamped = datetime.datetime.fromisoformat(floor["at"]).timestamp()
+    assert before - 1 <= stamped <= time.time() + 1
+    assert found[tags.gate_tag("production")] == "refused"
+
+
+def test_a_base_model_not_allowed_is_refused(tracking_uri, tmp_path):
+    config = _config(tracking_uri, "base-allow", allowed_base_models=["all-MiniLM-L6-v2"])
+    version = _register(config, tmp_path, 0.95, "v1", **{tags.BASE_MODEL: "bert-large"})
+    with pytest.raises(promote.GateRefused, match="'bert-large' is not in promote.allowed_base"):
+        promote.main(config, version=version)
+    assert _aliases(config) == {}
+    verdict = tags.gate_check_tag("production", "base_model", "verdict")
+    assert _version_tags(config, version)[verdict] == "refused"
+    allowed = _register(config, tmp_path, 0.95, "v2", **{tags.BASE_MODEL: "all-MiniLM-L6-v2"})
+    promote.main(config, version=allowed)
+    assert _aliases(config) == {"production": allowed}
+
+
+def test_of_two_racing_promotes_exactly_one_wins(tracking_uri, tmp_path):
+    config = _config(tracking_uri, "race")
+    first = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=first)
+    slow = _register(config, tmp_path, 0.91, "v2")
+    fast = _register(config, tmp_path, 0.92, "v3")
+    won = []
+
+    def the_other_promote_lands_first():  # runs after slow's gates, before its alias move
+        won.append(promote.main(config, version=fast).version)
+
+    with pytest.raises(promote.GateRefused, match="moved from version 1 to 3 while the gates ran"):
+        promote.main(config, version=slow, before_alias_move=the_other_promote_lands_first)
+    assert won == [fast]
+    assert _aliases(config) == {"production": fast, "previous": first}
+    assert _verdict(config, slow) == "refused" and _verdict(config, fast) == "passed"
+    check = tags.gate_check_tag("production", "incumbent_unchanged", "verdict")
+    assert _version_tags(config, slow)[check] == "refused"
+
+
+def test_rollback_moves_production_back_records_why_and_only_once(tracking_uri, tmp_path, capsys):
+    config = _config(tracking_uri, "rollback")
+    first = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=first)
+    second = _register(config, tmp_path, 0.91, "v2")
+    promote.main(config, version=second)
+    path = _config_file(config, tmp_path)
+    assert cli.main(["rollback", "--config", path, "--reason", "cards slice broke"]) == 0
+    assert _aliases(config) == {"production": first}
+    for version, role in ((first, "restored"), (second, "rolled_back")):
+        found = _version_tags(config, version)
+        assert found[tags.rollback_tag("production", "role")] == role
+        assert found[tags.rollback_tag("production", "reason")] == "cards slice broke"
+        assert datetime.datetime.fromisoformat(found[tags.rollback_tag("production", "at")])
+    capsys.readouterr()
+    assert cli.main(["rollback", "--config", path]) == 1
+    assert "has no @previous: nothing to roll @production back to" in capsys.readouterr().err
+    assert _aliases(config) == {"production": first}
+    resolved = registry.resolve_model(f"models:/{config.registry.model_name}@production")
+    assert (Path(resolved.path) / "marker.txt").read_text() == "v1"
+
+
+def test_rollback_without_a_previous_version_is_refused(tracking_uri, tmp_path):
+    config = _config(tracking_uri, "rollback-none")
+    only = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=only)
+    with pytest.raises(LookupError, match="promote the version you want with raylift promote"):
+        rollback.main(config, reason="x")
+    assert _aliases(config) == {"production": only}
