@@ -66,6 +66,20 @@ def _finetune(args: argparse.Namespace) -> Any:
     return finetune.main(_config(args))
 
 
+def _tune(args: argparse.Namespace) -> Any:
+    from jobs import tune
+
+    return tune.main(_config(args), resume=args.resume)
+
+
+def _resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue this config's search whose driver died; finished trials are kept.",
+    )
+
+
 def _promote(args: argparse.Namespace) -> Any:
     from jobs import promote
 
@@ -125,6 +139,11 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_warehouse_action,
     ),
     "finetune": Command("Fine-tune with Ray Train + DeepSpeed; register the model.", _finetune),
+    "tune": Command(
+        "Search hyperparameters with Ray Tune (ASHA); register the winner.",
+        _tune,
+        add_arguments=_resume_argument,
+    ),
     "promote": Command(
         "Gate a registered version and move the alias.", _promote, add_arguments=_version_argument
     ),

@@ -370,7 +370,14 @@ class ScoreConfig(_Strict):
 # Config keys a search may vary: what shapes the model (not where data, runs or models live).
 # train.epochs is ASHA's max_t, so it is one value for every trial.
 _SEARCHABLE_SECTIONS = ("task", "model", "train")
-_UNSEARCHABLE_KEYS = {"train.epochs": "it is ASHA's max_t; set train.epochs for every trial"}
+# Trial sizing (jobs.tune) assumes one worker shape for every trial.
+_UNSEARCHABLE_KEYS = {
+    "train.epochs": "it is ASHA's max_t; set train.epochs for every trial",
+    "train.num_workers": "trials are sized for one worker shape; set it for every trial",
+    "train.cpus_per_worker": "trials are sized for one worker shape; set it for every trial",
+    "train.use_gpu": "trials are sized for one worker shape; set it for every trial",
+    "train.checkpoint_dir": "it says where checkpoints go, not how the model trains",
+}
 
 
 class SearchDimension(_Strict):

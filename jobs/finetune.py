@@ -24,7 +24,7 @@ from jobs.training_data import (
 )
 from serving import registry
 
-__all__ = ["FinetuneResult", "main"]
+__all__ = ["FinetuneResult", "build_trainer", "loop_inputs", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,22 @@ def main(config: LifecycleConfig) -> FinetuneResult:
 
 
 def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], run_id: str):
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    inputs = loop_inputs(config, data, tags, run_id)
+    trainer = build_trainer(
+        config,
+        data,
+        inputs,
+        name=f"{config.name}-{config_hash(config)}-{int(time.time())}",
+        storage_path=_storage_path(config.train.checkpoint_dir),
+    )
+    return trainer.fit()
 
-    train = config.train
-    inputs = LoopInputs(
+
+def loop_inputs(
+    config: LifecycleConfig, data: PreparedData, tags: dict[str, str], run_id: str
+) -> LoopInputs:
+    """What every worker of one training run is handed; rank 0 logs epochs to `run_id`."""
+    return LoopInputs(
         config=config.model_dump(mode="json"),
         labels=data.labels,
         train_rows=data.train_rows,
@@ -76,7 +87,29 @@ def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], ru
         tracking_uri=registry.absolute_tracking_uri(config.registry.tracking_uri),
         run_id=run_id,
     )
-    trainer = TorchTrainer(
+
+
+def build_trainer(
+    config: LifecycleConfig,
+    data: PreparedData,
+    inputs: LoopInputs,
+    *,
+    name: str,
+    storage_path: str,
+    metric: str | None = None,
+    mode: str = "max",
+    callbacks: list | None = None,
+):
+    """The TorchTrainer running `train_func` over the pinned data: one per finetune or trial.
+
+    Checkpoints are kept by `metric` (promote.metric by default) in `mode` order, so the best
+    epoch of the run is always among the two kept.
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = config.train
+    return TorchTrainer(
         train_func,
         train_loop_config=inputs.as_dict(),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
@@ -89,18 +122,18 @@ def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], ru
             },
         ),
         run_config=RunConfig(
-            name=f"{config.name}-{config_hash(config)}-{int(time.time())}",
-            storage_path=_storage_path(train.checkpoint_dir),
+            name=name,
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2,
-                checkpoint_score_attribute=config.promote.metric,
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=metric or config.promote.metric,
+                checkpoint_score_order=mode,
             ),
+            callbacks=callbacks,
         ),
         datasets=data.datasets,
         dataset_config=EveryEvalRowConfig(),
     )
-    return trainer.fit()
 
 
 def _storage_path(checkpoint_dir: str) -> str:

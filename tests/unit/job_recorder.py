@@ -17,6 +17,7 @@ from jobs.config import LifecycleConfig
 JOB_ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "warehouse": ("jobs.load", "main"),
     "finetune": ("jobs.finetune", "main"),
+    "tune": ("jobs.tune", "main"),
     "promote": ("jobs.promote", "main"),
     "rollback": ("jobs.rollback", "main"),
     "serve": ("serving.app", "deploy"),

@@ -1,0 +1,520 @@
+"""Search hyperparameters with Ray Tune; register the winning trial's best checkpoint.
+
+python -m jobs.tune --config configs/banking77/minilm_tune.yaml [key=value ...]
+
+Every trial is one Ray Train run of the same `jobs.train_loop.train_func` (the TorchTrainer of
+`jobs.finetune.build_trainer`, DeepSpeed included) over the same pinned Iceberg snapshot,
+prepared once here; the trial's sample is applied to the config as dotted-key overrides. ASHA
+stops weak trials on the per-epoch metric. One MLflow parent run holds a nested run per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster import init_ray
+from cluster.storage import worker_visible_uri
+from jobs import tracking
+from jobs.config import LifecycleConfig, config_hash, with_overrides
+from jobs.finetune import build_trainer, loop_inputs
+from jobs.modeling import resolve_base_model
+from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
+from serving import registry, tags
+
+__all__ = ["TrialSummary", "TuneResult", "concurrent_trials", "experiment_name", "main"]
+
+log = logging.getLogger(__name__)
+
+# Ray Data stages each trial runs beside its workers: the Iceberg read task (1 CPU) and the
+# tokenize tasks (0.5 CPU each). Ray schedules by logical CPUs, and each trial's Ray Data
+# budget only leaves out its own trial's workers, so trials × (workers + data stages) must fit
+# the cluster's CPUs, or a trial's read task waits behind another trial's workers. The
+# embedded Ray advertises 2 logical CPUs per core (cluster/runtime.py): on 2 cores (4 logical
+# CPUs) that is one trial of one 1-CPU worker (2.5), or two trials of 0.5-CPU workers (2 each).
+_DATA_STAGE_CPUS = 1.5
+_STATE_FILE = "raylift_tune.json"
+_OVERRIDES = "overrides"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    run_id: str | None  # the trial's nested MLflow run
+    status: str  # TERMINATED, ERROR
+    epochs: int  # epochs the trial reported
+    stopped_early: bool  # the scheduler stopped it before train.epochs
+    best_metric: float | None
+    params: dict[str, Any]
+
+
+@dataclass
+class TuneResult:
+    parent_run_id: str
+    experiment_path: str
+    model_name: str
+    version: str
+    winner_trial_id: str
+    winner_run_id: str
+    winner_params: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint_path: str
+    trials: list[TrialSummary] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _TrialSetup:
+    """What every trial needs besides its sample and the data (plain data: pickled to trials)."""
+
+    base_config: dict[str, Any]
+    tracking_uri: str
+    mlflow_experiment_id: str
+    parent_run_id: str
+    lineage: dict[str, str]
+    train_storage: str
+    metric: str
+    mode: str
+
+
+def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
+    started = time.perf_counter()
+    _require_search_space(config)
+    resolve_base_model(config.model.base)  # fail before touching the cluster
+    experiment = _experiment_path(config)
+    state = _experiment_state(config, experiment, resume)
+    if resume:  # the trials that finished saw this snapshot: the rest must see it too
+        config = with_overrides(config, {"data.snapshot_id": state["snapshot_id"]})
+    rows = scan_training_rows(config)  # pyiceberg only: unusable data is refused before Ray
+    init_ray()
+    data = prepare_training_data(config, rows)
+    lineage = tracking.lineage_tags(config, data.lineage())
+    with _parent_run(config, lineage, state.get("parent_run_id")) as parent_run_id:
+        _write_state(experiment, parent_run_id, data.snapshot_id, finished=False)
+        setup = _trial_setup(config, lineage, parent_run_id, experiment)
+        grid = _tuner(config, data, setup, experiment, resume).fit()
+        trials = _summarize_trials(config, grid, setup)
+        result = _register_winner(config, data, grid, setup, trials)
+        _write_state(experiment, parent_run_id, data.snapshot_id, finished=True)
+    result.wall_s = time.perf_counter() - started
+    log.info(
+        "tune: %d trials, winner %s registered as %s version %s (%s=%.4g)",
+        len(trials),
+        result.winner_trial_id,
+        result.model_name,
+        result.version,
+        setup.metric,
+        result.metrics[setup.metric],
+    )
+    return result
+
+
+def _require_search_space(config: LifecycleConfig) -> None:
+    if not config.tune.search_space:
+        raise ValueError(
+            "tune.search_space is empty: add the keys to search, e.g. tune: {search_space: "
+            "{train.learning_rate: {type: loguniform, low: 1.0e-4, high: 3.0e-3}}}"
+        )
+
+
+def experiment_name(config: LifecycleConfig) -> str:
+    """Deterministic: the same config (model-shaping settings and tune section) names the same
+    experiment, which is how `--resume` finds it."""
+    search = json.dumps(config.tune.model_dump(mode="json"), sort_keys=True).encode()
+    return f"{config.name}-tune-{config_hash(config)}-{hashlib.sha256(search).hexdigest()[:8]}"
+
+
+def _experiment_path(config: LifecycleConfig) -> str:
+    storage = worker_visible_uri(
+        config.train.checkpoint_dir, key="train.checkpoint_dir", create=True
+    )
+    return f"{storage.rstrip('/')}/{experiment_name(config)}"
+
+
+# --- experiment state: what --resume needs besides Tune's own files ---------------------------
+
+
+def _filesystem(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def _read_state(experiment: str) -> dict[str, Any] | None:
+    import pyarrow.fs
+
+    fs, path = _filesystem(experiment)
+    state = f"{path}/{_STATE_FILE}"
+    if fs.get_file_info(state).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(state) as stream:
+        return json.loads(stream.read())
+
+
+def _write_state(experiment: str, parent_run_id: str, snapshot_id: int, finished: bool) -> None:
+    fs, path = _filesystem(experiment)
+    fs.create_dir(path, recursive=True)
+    body = {"parent_run_id": parent_run_id, "snapshot_id": snapshot_id, "finished": finished}
+    with fs.open_output_stream(f"{path}/{_STATE_FILE}") as stream:
+        stream.write(json.dumps(body).encode())
+
+
+def _experiment_state(config: LifecycleConfig, experiment: str, resume: bool) -> dict[str, Any]:
+    """The saved state to resume from; {} for a fresh start (a finished experiment is cleared)."""
+    from ray import tune
+
+    state = _read_state(experiment)
+    restorable = state is not None and tune.Tuner.can_restore(experiment)
+    if resume:
+        if not restorable or state.get("finished"):
+            raise ValueError(
+                f"nothing to resume at {experiment}: no unfinished search of this config "
+                "(same name, model settings and tune section); start one with raylift tune "
+                "--config FILE (without --resume)"
+            )
+        log.info("resuming the search at %s (parent run %s)", experiment, state["parent_run_id"])
+        return state
+    if restorable and not state.get("finished"):
+        raise ValueError(
+            f"an unfinished search of this config is at {experiment}: continue it with "
+            "raylift tune --config FILE --resume, or delete that folder to start over"
+        )
+    fs, path = _filesystem(experiment)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)  # a finished search's trials are in MLflow and the registry
+    return {}
+
+
+@contextlib.contextmanager
+def _parent_run(
+    config: LifecycleConfig, lineage: dict[str, str], parent_run_id: str | None
+) -> Iterator[str]:
+    """The search's MLflow run: a new one, or (resuming) the one the dead driver started."""
+    import mlflow
+
+    if parent_run_id is not None:
+        registry.configure_tracking(config.registry.tracking_uri, config.registry.experiment)
+        with mlflow.start_run(run_id=parent_run_id):
+            yield parent_run_id
+        return
+    with tracking.tracked_run(config, lineage) as run_id:
+        mlflow.log_params(tracking._flat_params(config.model_dump(mode="json", include={"tune"})))
+        yield run_id
+
+
+def _trial_setup(
+    config: LifecycleConfig, lineage: dict[str, str], parent_run_id: str, experiment: str
+) -> _TrialSetup:
+    return _TrialSetup(
+        base_config=config.model_dump(mode="json"),
+        tracking_uri=registry.absolute_tracking_uri(config.registry.tracking_uri),
+        mlflow_experiment_id=registry.configure_tracking(
+            config.registry.tracking_uri, config.registry.experiment
+        ),
+        parent_run_id=parent_run_id,
+        lineage={
+            **lineage,
+            tags.TUNE_EXPERIMENT: experiment,
+            tags.TUNE_PARENT_RUN_ID: parent_run_id,
+        },
+        train_storage=f"{experiment}/train",
+        metric=config.tune.metric_name(config.promote),
+        mode=config.tune.mode,
+    )
+
+
+# --- the search -------------------------------------------------------------------------------
+
+
+def concurrent_trials(config: LifecycleConfig, cluster: dict[str, float]) -> int:
+    """Trials at once: as many as the cluster's CPUs (and GPUs) fit, workers and data stages
+    together (see _DATA_STAGE_CPUS); tune.max_concurrent_trials overrides it."""
+    train = config.train
+    per_trial = train.num_workers * train.cpus_per_worker + _DATA_STAGE_CPUS
+    fits = math.floor(cluster.get("CPU", 0.0) / per_trial)
+    if train.use_gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / train.num_workers))
+    fits = max(1, fits)
+    wanted = config.tune.max_concurrent_trials
+    if wanted and wanted > fits:
+        log.warning(
+            "tune.max_concurrent_trials=%d: the cluster fits %d trial(s) of %.1f CPUs at once; "
+            "the others wait for resources",
+            wanted,
+            fits,
+            per_trial,
+        )
+    return min(wanted or fits, config.tune.num_samples)
+
+
+def _param_space(config: LifecycleConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for key, dim in config.tune.search_space.items():
+        if dim.type == "loguniform":
+            space[key] = tune.loguniform(dim.low, dim.high)
+        elif dim.type == "uniform":
+            space[key] = tune.uniform(dim.low, dim.high)
+        elif dim.type == "randint":
+            space[key] = tune.randint(int(dim.low), int(dim.high) + 1)  # high included
+        else:
+            space[key] = tune.choice(dim.values)
+    return {_OVERRIDES: space}
+
+
+def _scheduler(config: LifecycleConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if config.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    # Time is counted in epochs (the "epoch" metric train_func reports), not in Tune iterations,
+    # so a trial restarted from scratch is judged by the epochs it really trained.
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=config.train.epochs,
+        grace_period=config.tune.asha.grace_period,
+        reduction_factor=config.tune.asha.reduction_factor,
+    )
+
+
+def _trainable(data: PreparedData, setup: _TrialSetup):
+    from ray import tune
+
+    # The trial's own actor only drives its Train run (waits on it): it holds no CPU, so the
+    # CPUs go to the workers and data stages that concurrent_trials counts.
+    return tune.with_resources(tune.with_parameters(_run_trial, data=data, setup=setup), {"cpu": 0})
+
+
+def _tuner(
+    config: LifecycleConfig,
+    data: PreparedData,
+    setup: _TrialSetup,
+    experiment: str,
+    resume: bool,
+):
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = _trainable(data, setup)
+    if resume:
+        # Finished trials keep their results; unfinished ones start their Train run again.
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    concurrent = concurrent_trials(config, ray.cluster_resources())
+    log.info("tune: %d trials, %d at a time", config.tune.num_samples, concurrent)
+    storage, _, name = experiment.rpartition("/")
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(config),
+        tune_config=tune.TuneConfig(
+            metric=setup.metric,
+            mode=setup.mode,
+            num_samples=config.tune.num_samples,
+            scheduler=_scheduler(config),
+            search_alg=BasicVariantGenerator(random_state=config.tune.seed),
+            max_concurrent_trials=concurrent,
+            time_budget_s=config.tune.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=config.tune.max_failures),
+        ),
+    )
+
+
+def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup) -> None:
+    """One trial: the base config with this sample applied, trained by one Ray Train run."""
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    overrides = dict(sample[_OVERRIDES])
+    config = with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
+    trial_id = tune.get_context().get_trial_id()
+    client = MlflowClient(setup.tracking_uri)
+    run_id = _start_trial_run(client, setup, trial_id, config, overrides)
+    meta = {**setup.lineage, tags.CONFIG_HASH: config_hash(config), tags.TUNE_TRIAL_ID: trial_id}
+    trainer = build_trainer(
+        config,
+        data,
+        loop_inputs(config, data, meta, run_id),
+        # One Train run per attempt: train_func starts at epoch 1, so a restarted trial must not
+        # pick up the checkpoints of its dead attempt.
+        name=f"{trial_id}-{run_id[:8]}",
+        storage_path=setup.train_storage,
+        metric=setup.metric,
+        mode=setup.mode,
+        callbacks=[TuneReportCallback()],
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _start_trial_run(
+    client, setup: _TrialSetup, trial_id: str, config: LifecycleConfig, overrides: dict
+) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    run = client.create_run(
+        setup.mlflow_experiment_id,
+        run_name=f"trial-{trial_id}",
+        tags={MLFLOW_PARENT_RUN_ID: setup.parent_run_id, tags.TUNE_TRIAL_ID: trial_id},
+    )
+    params = tracking._flat_params(config.model_dump(include={"model", "train", "data", "task"}))
+    params.update({f"search.{key}": str(value) for key, value in overrides.items()})
+    from mlflow.entities import Param
+
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    return run.info.run_id
+
+
+# --- after the search -------------------------------------------------------------------------
+
+
+def _trial_runs(client, setup: _TrialSetup) -> dict[str, list[Any]]:
+    """trial id → its nested runs, newest first (a resumed trial has one per attempt)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    runs = client.search_runs(
+        [setup.mlflow_experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{setup.parent_run_id}'",
+        max_results=10_000,
+    )
+    by_trial: dict[str, list[Any]] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        by_trial.setdefault(run.data.tags.get(tags.TUNE_TRIAL_ID, ""), []).append(run)
+    return by_trial
+
+
+def _summarize_trials(config: LifecycleConfig, grid, setup: _TrialSetup) -> list[TrialSummary]:
+    """Close each trial's nested run with how it ended (a stopped trial's actor never could)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(setup.tracking_uri)
+    runs = _trial_runs(client, setup)
+    summaries = []
+    for result in grid:
+        summary = _summary(config, result, setup, runs)
+        summaries.append(summary)
+        for stale in runs.get(summary.trial_id, [])[1:]:  # attempts a dead driver left behind
+            if stale.info.status == "RUNNING":
+                client.set_terminated(stale.info.run_id, "KILLED")
+        if summary.run_id is None:
+            continue
+        client.set_tag(summary.run_id, tags.TUNE_TRIAL_EPOCHS, str(summary.epochs))
+        client.set_tag(summary.run_id, tags.TUNE_STOPPED_EARLY, str(summary.stopped_early).lower())
+        if client.get_run(summary.run_id).info.status == "RUNNING":
+            client.set_terminated(
+                summary.run_id, "FAILED" if summary.status == "ERROR" else "FINISHED"
+            )
+    return summaries
+
+
+def _summary(config: LifecycleConfig, result, setup: _TrialSetup, runs) -> TrialSummary:
+    frame = result.metrics_dataframe
+    trial_id = str((result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1])
+    epochs = int(frame["epoch"].max()) if frame is not None and "epoch" in frame else 0
+    best = None
+    if frame is not None and setup.metric in frame:
+        values = frame[setup.metric].dropna()
+        best = float(values.max() if setup.mode == "max" else values.min()) if len(values) else None
+    attempts = runs.get(trial_id, [])
+    return TrialSummary(
+        trial_id=trial_id,
+        run_id=attempts[0].info.run_id if attempts else None,
+        status="ERROR" if result.error else "TERMINATED",
+        epochs=epochs,
+        stopped_early=result.error is None and epochs < config.train.epochs,
+        best_metric=best,
+        params=dict((result.config or {}).get(_OVERRIDES, {})),
+    )
+
+
+def _best_report(grid, setup: _TrialSetup) -> tuple[Any, dict[str, Any]]:
+    """(result, reported row) of the best epoch of any trial, among rows with a checkpoint."""
+    best = None
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or setup.metric not in frame or "checkpoint_path" not in frame:
+            continue
+        for row in frame.dropna(subset=[setup.metric, "checkpoint_path"]).to_dict("records"):
+            value = row[setup.metric]
+            if best is None or (value > best[1][setup.metric]) == (setup.mode == "max"):
+                best = (result, row)
+    if best is None:
+        raise RuntimeError(
+            f"no trial reported {setup.metric!r} with a checkpoint; see the trial errors above "
+            "(tune.metric must be a metric the task reports, e.g. val_accuracy)"
+        )
+    return best
+
+
+def _register_winner(
+    config: LifecycleConfig,
+    data: PreparedData,
+    grid,
+    setup: _TrialSetup,
+    trials: list[TrialSummary],
+) -> TuneResult:
+    from ray.train import Checkpoint
+
+    _, row = _best_report(grid, setup)
+    winner = next(t for t in trials if t.trial_id == row["trial_id"])
+    winner_config = with_overrides(config, winner.params)
+    version_tags = {
+        **tracking.lineage_tags(winner_config, data.lineage()),
+        tags.TUNE_EXPERIMENT: setup.lineage[tags.TUNE_EXPERIMENT],
+        tags.TUNE_PARENT_RUN_ID: setup.parent_run_id,
+        tags.TUNE_TRIAL_ID: winner.trial_id,
+    }
+    metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and k in _REPORTED}
+    fs, _ = _filesystem(setup.train_storage)
+    checkpoint = Checkpoint(row["checkpoint_path"], filesystem=fs)
+    with checkpoint.as_directory() as directory:
+        version = tracking.register(config, winner.run_id, directory, version_tags, metrics)
+    return TuneResult(
+        parent_run_id=setup.parent_run_id,
+        experiment_path=setup.lineage[tags.TUNE_EXPERIMENT],
+        model_name=config.registry.model_name,
+        version=version,
+        winner_trial_id=winner.trial_id,
+        winner_run_id=winner.run_id,
+        winner_params=winner.params,
+        metrics=metrics,
+        checkpoint_path=row["checkpoint_path"],
+        trials=trials,
+    )
+
+
+# What train_func reports each epoch (Tune adds its own bookkeeping columns beside them).
+_REPORTED = (
+    "epoch",
+    "train_loss",
+    "train_steps",
+    "train_rows_per_s",
+    "data_wait_fraction",
+    "learning_rate",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_loss",
+    "val_rows",
+)
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_job
+
+    run_job(main, __doc__)
