@@ -7,6 +7,8 @@ import os
 import sys
 from typing import TextIO
 
+from cluster.hardware import NATIVE_BF16_ENV
+
 __all__ = ["configure_progress", "embedded_logical_cpus", "init_ray", "progress_bars_wanted"]
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **quiet_env}
+    if NATIVE_BF16_ENV in os.environ:  # every worker decides precision as the driver was told
+        env_vars[NATIVE_BF16_ENV] = os.environ[NATIVE_BF16_ENV]
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)

@@ -48,3 +48,14 @@ def test_precision_resolves_per_cpu_kind(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     assert hardware.resolve_precision("auto", use_gpu=False) == "fp32"
     assert hardware.resolve_precision("bf16", use_gpu=False) == "fp32"  # emulated: refused
+
+
+def test_native_bf16_can_be_forced_off_to_check_the_avx2_choices(monkeypatch):
+    from cluster import hardware
+
+    for forced, native in (("0", False), ("1", True)):
+        monkeypatch.setenv(hardware.NATIVE_BF16_ENV, forced)
+        hardware.cpu_has_native_bf16.cache_clear()
+        assert hardware.cpu_has_native_bf16() is native
+        assert hardware.resolve_precision("auto", use_gpu=False) == ("bf16" if native else "fp32")
+    hardware.cpu_has_native_bf16.cache_clear()
