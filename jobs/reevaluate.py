@@ -15,6 +15,7 @@ The driver asks the registry for each version's number only; the actors download
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = ["REEVALUATED_METRICS", "EvalRows", "Evaluation", "reevaluate", "slice_accuracy"]
+
+log = logging.getLogger(__name__)
 
 # What a re-evaluation measures; a promote.metric outside these cannot be compared on new rows.
 REEVALUATED_METRICS = ("val_accuracy", "val_macro_f1")
@@ -151,6 +154,13 @@ def _evaluate(
     slices: Mapping[str, str],
 ) -> Evaluation:
     truth, predicted = _predict(config, rows, model)
+    unseen = sorted(set(slices) - {str(t) for t in truth})
+    if unseen:  # a typo in promote.slices would otherwise just shrink its slice
+        log.warning(
+            "promote.slices lists %d label(s) with no row in the evaluation: %s",
+            len(unseen),
+            ", ".join(unseen[:10]),
+        )
     accuracy, slice_rows = slice_accuracy(truth, predicted, slices)
     return Evaluation(
         rows=len(truth),
@@ -164,28 +174,14 @@ def _predict(
     config: LifecycleConfig, rows: ray.data.Dataset, model: registry.ResolvedVersion
 ) -> tuple[np.ndarray, np.ndarray]:
     """(true labels, predicted labels) of every row, gathered in the driver (validation only)."""
-    import ray.data
+    from jobs import score
 
-    from serving.predictor import Predictor
-
-    score = config.score  # the batch-scoring actor settings: evaluation is batch scoring
-    predicted = rows.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model_uri": model.uri,
-            "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
-            "precision": score.precision,
-            "torch_threads": score.torch_threads,
-            "text_column": config.task.text_column,
-            "passthrough_columns": (_TRUE_LABEL,),
-            "trust_remote_code": config.model.trust_remote_code,
-        },
-        batch_size=score.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=score.concurrency),
-        num_cpus=score.num_cpus,
-        udf_modifying_row_count=False,
-    ).select_columns([_TRUE_LABEL, "label"])
+    # The scoring job's Predictor actors, settings and all (score.*): evaluation is batch
+    # scoring whose one passthrough column is the true label.
+    scoring = config.model_copy(
+        update={"score": config.score.model_copy(update={"key_columns": [_TRUE_LABEL]})}
+    )
+    predicted = score._predict(scoring, rows, model).select_columns([_TRUE_LABEL, "label"])
     truth, labels = [], []
     for batch in predicted.iter_batches(batch_format="numpy"):
         truth.append(batch[_TRUE_LABEL].astype(object))
