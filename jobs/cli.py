@@ -83,7 +83,7 @@ def _resume_argument(parser: argparse.ArgumentParser) -> None:
 def _promote(args: argparse.Namespace) -> Any:
     from jobs import promote
 
-    return promote.main(_config(args), version=args.version)
+    return promote.main(_config(args), version=args.version, best_of=args.best_of)
 
 
 def _rollback(args: argparse.Namespace) -> Any:
@@ -112,6 +112,9 @@ def _demo(args: argparse.Namespace) -> Any:
 
 def _version_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="Registered version to promote (default: newest).")
+    parser.add_argument(
+        "--best-of", metavar="RUN", help="Promote the winner of this tune run (parent run id)."
+    )
 
 
 def _reason_argument(parser: argparse.ArgumentParser) -> None:

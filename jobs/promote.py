@@ -83,15 +83,16 @@ def main(
     config: LifecycleConfig,
     version: str | None = None,
     *,
+    best_of: str | None = None,
     before_alias_move: Callable[[], None] | None = None,
 ) -> PromoteResult:
-    """Gate `version` (default: the newest) and move promote.alias to it.
+    """Gate `version` (default: the newest; with `best_of`, the winner a tune run registered)
+    and move promote.alias to it.
 
     `before_alias_move` runs between the gates and the alias move (tests use it to race)."""
     client = _client(config)
-    name = config.registry.model_name
-    candidate = client.get_model_version(name, version or _newest_version(client, name))
-    incumbent = registry.get_alias_version(name, config.promote.alias)
+    candidate = _candidate(client, config.registry.model_name, version, best_of)
+    incumbent = registry.get_alias_version(config.registry.model_name, config.promote.alias)
     checks = evaluate_gates(config, candidate.tags, _comparison(config, candidate, incumbent))
     previous = None
     if all(c.passed for c in checks):
@@ -318,6 +319,29 @@ def _metric(version_tags: Mapping[str, str], metric: str) -> float:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _candidate(client: Any, name: str, version: str | None, best_of: str | None) -> Any:
+    if version and best_of:
+        raise ValueError("give --version or --best-of, not both")
+    if best_of:
+        version = _tune_winner(client, name, best_of)
+    return client.get_model_version(name, version or _newest_version(client, name))
+
+
+def _tune_winner(client: Any, name: str, parent_run_id: str) -> str:
+    """The version `raylift tune` registered from the search whose MLflow parent run is this."""
+    found = [
+        int(v.version)
+        for v in client.search_model_versions(f"name='{name}'")
+        if v.tags.get(tags.TUNE_PARENT_RUN_ID) == parent_run_id
+    ]
+    if not found:
+        raise LookupError(
+            f"no version of {name!r} was registered by a tune run with parent run id "
+            f"{parent_run_id!r}; pass the parent_run_id raylift tune printed, or --version N"
+        )
+    return str(max(found))
 
 
 def _newest_version(client: Any, name: str) -> str:

@@ -216,3 +216,14 @@ def test_rollback_without_a_previous_version_is_refused(tracking_uri, tmp_path):
     with pytest.raises(LookupError, match="promote the version you want with raylift promote"):
         rollback.main(config, reason="x")
     assert _aliases(config) == {"production": only}
+
+
+def test_best_of_promotes_the_winner_a_tune_run_registered(tracking_uri, tmp_path, capsys):
+    config = _config(tracking_uri, "best-of")
+    winner = _register(config, tmp_path, 0.93, "v1", **{tags.TUNE_PARENT_RUN_ID: "parent-a"})
+    _register(config, tmp_path, 0.94, "v2")  # newer, but not from that search
+    path = _config_file(config, tmp_path)
+    assert cli.main(["promote", "--config", path, "--best-of", "parent-b"]) == 1
+    assert "no version of 'best-of' was registered by a tune run" in capsys.readouterr().err
+    assert cli.main(["promote", "--config", path, "--best-of", "parent-a"]) == 0
+    assert _aliases(config) == {"production": winner}
