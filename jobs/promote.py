@@ -247,7 +247,11 @@ def _record_reevaluation(config: LifecycleConfig, version: str, rows: str, evalu
 
 
 def _move_alias(config: LifecycleConfig, version: str, seen: Any) -> tuple[str | None, GateCheck]:
-    """Move the alias unless it changed since the gates read it (another promote won)."""
+    """Move the alias unless it changed since the gates read it (another promote won).
+
+    MLflow offers no compare-and-set on aliases, so this re-read narrows the race to the
+    moment between this read and the write below (milliseconds), where the gates took seconds
+    to minutes; two promotes landing inside that moment would still both move it."""
     name, alias = config.registry.model_name, config.promote.alias
     now = registry.get_alias_version(name, alias)
     before = str(seen.version) if seen is not None else "none"
