@@ -93,7 +93,7 @@ def main(
     client = _client(config)
     candidate = _candidate(client, config.registry.model_name, version, best_of)
     incumbent = registry.get_alias_version(config.registry.model_name, config.promote.alias)
-    checks = evaluate_gates(config, candidate.tags, _comparison(config, candidate, incumbent))
+    checks = _gate(config, candidate, incumbent)
     previous = None
     if all(c.passed for c in checks):
         if before_alias_move is not None:
@@ -184,6 +184,17 @@ def _slice_checks(config: LifecycleConfig, comparison: Comparison | None) -> lis
         threshold = tags.format_metric(incumbent - drop)
         checks.append(GateCheck(f"slice.{name}", ok, tags.format_metric(value), threshold, line))
     return checks
+
+
+def _gate(config: LifecycleConfig, candidate: Any, incumbent: Any) -> list[GateCheck]:
+    """evaluate_gates, with a comparison that could not be made recorded as a failed check."""
+    try:
+        comparison = _comparison(config, candidate, incumbent)
+    except GateRefused as exc:  # no figures on shared rows: refused, never skipped
+        own = evaluate_gates(config, candidate.tags, None)
+        failed = GateCheck("regression", False, "", "", str(exc))
+        return [*(c for c in own if c.gate != "regression"), failed]
+    return evaluate_gates(config, candidate.tags, comparison)
 
 
 def _comparison(config: LifecycleConfig, candidate: Any, incumbent: Any) -> Comparison | None:

@@ -124,6 +124,8 @@ def test_other_rows_are_never_skipped_a_metric_that_cannot_be_remeasured_is_refu
     with pytest.raises(promote.GateRefused, match="promote.metric=val_loss cannot be measured"):
         promote.main(loss, version=other)
     assert _aliases(config) == {"production": first}
+    verdict = tags.gate_check_tag("production", "regression", "verdict")
+    assert _version_tags(config, other)[verdict] == "refused"
 
 
 def _config_file(config, tmp_path: Path) -> str:
