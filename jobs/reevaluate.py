@@ -181,7 +181,7 @@ def _predict(
     scoring = config.model_copy(
         update={"score": config.score.model_copy(update={"key_columns": [_TRUE_LABEL]})}
     )
-    predicted = score._predict(scoring, rows, model).select_columns([_TRUE_LABEL, "label"])
+    predicted = score.predict_rows(scoring, rows, model).select_columns([_TRUE_LABEL, "label"])
     truth, labels = [], []
     for batch in predicted.iter_batches(batch_format="numpy"):
         truth.append(batch[_TRUE_LABEL].astype(object))

@@ -34,7 +34,7 @@ from serving.text import UNUSABLE_REASON, usable_mask
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["ScoreResult", "main"]
+__all__ = ["ScoreResult", "main", "predict_rows"]
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _read_input(config: LifecycleConfig, pinned: _Pinned) -> ray.data.Dataset:
 
 def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> None:
     usable = rows.map_batches(UsableRows(config.task.text_column, keep=True), batch_format="numpy")
-    predictions = _predict(config, usable, pinned.model).map_batches(
+    predictions = predict_rows(config, usable, pinned.model).map_batches(
         StampRun(pinned.run_date, datetime.datetime.now(datetime.UTC)), batch_format="numpy"
     )
     warehouse.write_predictions(
@@ -148,9 +148,10 @@ def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> 
     )
 
 
-def _predict(
+def predict_rows(
     config: LifecycleConfig, source: ray.data.Dataset, model: registry.ResolvedVersion
 ) -> ray.data.Dataset:
+    """`source` through the Predictor actors of `model` (scoring and re-evaluation share it)."""
     import ray.data
 
     from serving.predictor import Predictor
