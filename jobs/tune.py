@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # embedded Ray advertises 2 logical CPUs per core (cluster/runtime.py): on 2 cores (4 logical
 # CPUs) that is one trial of one 1-CPU worker (2.5), or two trials of 0.5-CPU workers (2 each).
 _DATA_STAGE_CPUS = 1.5
+_TRIAL_DRIVER_CPUS = 0.01
 _STATE_FILE = "raylift_tune.json"
 _OVERRIDES = "overrides"
 
@@ -288,9 +289,11 @@ def _scheduler(config: LifecycleConfig):
 def _trainable(data: PreparedData, setup: _TrialSetup):
     from ray import tune
 
-    # The trial's own actor only drives its Train run (waits on it): it holds no CPU, so the
-    # CPUs go to the workers and data stages that concurrent_trials counts.
-    return tune.with_resources(tune.with_parameters(_run_trial, data=data, setup=setup), {"cpu": 0})
+    # The trial's own actor only drives its Train run (waits on it), so it holds a token CPU
+    # (Tune refuses an empty resource request) and the CPUs go to the workers and data stages
+    # that concurrent_trials counts.
+    trainable = tune.with_parameters(_run_trial, data=data, setup=setup)
+    return tune.with_resources(trainable, {"cpu": _TRIAL_DRIVER_CPUS})
 
 
 def _tuner(
@@ -319,8 +322,11 @@ def _tuner(
             mode=setup.mode,
             num_samples=config.tune.num_samples,
             scheduler=_scheduler(config),
-            search_alg=BasicVariantGenerator(random_state=config.tune.seed),
-            max_concurrent_trials=concurrent,
+            # The cap goes on the generator: Tune ignores max_concurrent_trials (with a warning)
+            # when a search_alg is given, and 4 tiny trials then all ran at once.
+            search_alg=BasicVariantGenerator(
+                random_state=config.tune.seed, max_concurrent=concurrent
+            ),
             time_budget_s=config.tune.time_budget_s,
         ),
         run_config=tune.RunConfig(
@@ -416,10 +422,9 @@ def _summarize_trials(config: LifecycleConfig, grid, setup: _TrialSetup) -> list
             continue
         client.set_tag(summary.run_id, tags.TUNE_TRIAL_EPOCHS, str(summary.epochs))
         client.set_tag(summary.run_id, tags.TUNE_STOPPED_EARLY, str(summary.stopped_early).lower())
-        if client.get_run(summary.run_id).info.status == "RUNNING":
-            client.set_terminated(
-                summary.run_id, "FAILED" if summary.status == "ERROR" else "FINISHED"
-            )
+        # A trial the scheduler stopped had its Train run cut short (its actor may have marked
+        # it FAILED on the way out): Tune's verdict is the one recorded.
+        client.set_terminated(summary.run_id, "FAILED" if summary.status == "ERROR" else "FINISHED")
     return summaries
 
 

@@ -1,0 +1,147 @@
+"""A real Ray Tune search: 4 trials of the tiny BERT, each a Ray Train run of the same train loop
+(DeepSpeed, one worker) over one pinned Iceberg snapshot; ASHA stops the weak ones; MLflow holds
+a parent run with a nested run per trial; the winner alone is registered, with its lineage."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from jobs import load, tune
+from jobs.config import config_hash, validate_mapping, with_overrides
+from serving import tags
+from tests.helpers import make_ticket_rows
+
+LABELS = ["card_arrival", "lost_card", "refund"]
+EPOCHS = 2  # ASHA's one rung is epoch 1: a stopped trial reports 1, a kept one 2
+
+
+def _config(root: Path, tiny_bert: str):
+    source = root / "tickets.csv"
+    with source.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(make_ticket_rows(90, LABELS, seed=5))
+    return validate_mapping(
+        {
+            "name": "tune-tiny",
+            "task": {"label_column": "category", "max_length": 32},
+            "model": {
+                "base": tiny_bert,
+                "method": "lora",
+                "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+            },
+            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
+            "data": {"source": str(source), "inbox_rows": 0},
+            "train": {
+                "num_workers": 1,
+                # 0.5-CPU workers: two trials (0.5 + 1.5 data CPUs each) fit the embedded Ray's
+                # 4 logical CPUs at once
+                "cpus_per_worker": 0.5,
+                "epochs": EPOCHS,
+                "batch_size": 8,
+                "precision": "fp32",
+                "zero_stage": 0,
+                "checkpoint_dir": str(root / "checkpoints"),
+            },
+            "tune": {
+                "search_space": {
+                    # a rate that learns nothing beside ones that learn: val_loss parts them
+                    "train.learning_rate": {"type": "choice", "values": [1.0e-6, 3.0e-2]},
+                    "model.lora.r": {"type": "randint", "low": 2, "high": 8},
+                    "train.head_learning_rate": {"type": "loguniform", "low": 1e-2, "high": 5e-2},
+                },
+                "num_samples": 4,
+                "metric": "val_loss",  # continuous: no ties at an ASHA rung
+                "mode": "min",
+                "asha": {"grace_period": 1, "reduction_factor": 2},
+                "seed": 3,
+                "max_concurrent_trials": 2,
+            },
+            "registry": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "experiment": "tune",
+                "model_name": "tune-tiny",
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp("tune")
+    config = _config(root, tiny_bert)
+    load.main(config)
+    return config, tune.main(config)
+
+
+def _client(config):
+    from mlflow import MlflowClient
+
+    from serving.registry import absolute_tracking_uri
+
+    return MlflowClient(absolute_tracking_uri(config.registry.tracking_uri))
+
+
+def test_asha_stopped_a_trial_early_and_let_one_finish(searched):
+    _, result = searched
+    assert len(result.trials) == 4
+    epochs = sorted(t.epochs for t in result.trials)
+    assert epochs[0] < EPOCHS, f"ASHA stopped no trial: epochs reported {epochs}"
+    assert epochs[-1] == EPOCHS
+    assert [t.stopped_early for t in result.trials] == [t.epochs < EPOCHS for t in result.trials]
+    assert all(t.status == "TERMINATED" for t in result.trials)
+
+
+def test_parent_run_has_a_nested_run_per_trial_with_params_and_epoch_metrics(searched):
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    config, result = searched
+    client = _client(config)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["tune.num_samples"] == "4"
+    nested = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{result.parent_run_id}'",
+    )
+    assert len(nested) == 4
+    by_run = {t.run_id: t for t in result.trials}
+    assert set(by_run) == {r.info.run_id for r in nested}
+    for run in nested:
+        trial = by_run[run.info.run_id]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags[tags.TUNE_TRIAL_ID] == trial.trial_id
+        assert run.data.tags[tags.TUNE_STOPPED_EARLY] == str(trial.stopped_early).lower()
+        sampled = float(run.data.params["search.train.learning_rate"])
+        assert sampled == trial.params["train.learning_rate"]
+        assert run.data.params["model.lora.r"] == str(trial.params["model.lora.r"])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+        # A stopped trial may have trained (and logged) one more epoch while Tune was stopping
+        # it: the run holds every epoch trained, at least the ones Tune saw.
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= trial.epochs
+        if not trial.stopped_early:
+            assert steps == list(range(1, EPOCHS + 1))
+
+
+def test_exactly_the_winner_is_registered_with_its_lineage(searched):
+    config, result = searched
+    client = _client(config)
+    versions = client.search_model_versions(f"name='{config.registry.model_name}'")
+    assert [str(v.version) for v in versions] == [result.version] == ["1"]
+    version = versions[0]
+    winner = next(t for t in result.trials if t.trial_id == result.winner_trial_id)
+    assert version.run_id == result.winner_run_id == winner.run_id
+    assert version.tags[tags.TUNE_TRIAL_ID] == winner.trial_id
+    assert version.tags[tags.TUNE_PARENT_RUN_ID] == result.parent_run_id
+    assert version.tags[tags.CONFIG_HASH] == config_hash(with_overrides(config, winner.params))
+    assert version.tags[tags.CONFIG_HASH] != config_hash(config)  # the sample, not the base
+    from jobs import warehouse
+
+    snapshot = warehouse.table_snapshot(config.catalog, config.data.table)
+    assert version.tags[tags.ICEBERG_SNAPSHOT_ID] == str(snapshot)
+    # the best epoch of any trial won (mode=min)
+    best = min(t.best_metric for t in result.trials if t.best_metric is not None)
+    assert result.metrics["val_loss"] == pytest.approx(best)
+    assert tags.read_metric(version.tags, "val_loss") == pytest.approx(best, abs=1e-6)
