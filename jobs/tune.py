@@ -1,6 +1,6 @@
 """Search hyperparameters with Ray Tune; register the winning trial's best checkpoint.
 
-python -m jobs.tune --config configs/banking77/minilm_tune.yaml [key=value ...]
+python -m jobs.tune --config configs/banking77/minilm_tune.yaml [--resume] [key=value ...]
 
 Every trial is one Ray Train run of the same `jobs.train_loop.train_func` (the TorchTrainer of
 `jobs.finetune.build_trainer`, DeepSpeed included) over the same pinned Iceberg snapshot,
@@ -520,6 +520,12 @@ _REPORTED = (
 
 
 if __name__ == "__main__":
+    import functools
+    import sys
+
     from jobs.cli import run_job
 
+    if "--resume" in sys.argv:  # run_job parses --config and overrides only
+        sys.argv.remove("--resume")
+        main = functools.partial(main, resume=True)
     run_job(main, __doc__)

@@ -118,3 +118,24 @@ def test_tune_settings_are_strict():
     )
     assert "tune.mode" in _errors({}, mode="maximize")
     assert "tune.asha.reduction_factor" in _errors({}, asha={"reduction_factor": 1})
+
+
+def _sized(workers: int, cpus: float, samples: int = 8, **tune) -> int:
+    from jobs.tune import concurrent_trials
+
+    config = validate_mapping(
+        {
+            "name": "sizing",
+            "train": {"num_workers": workers, "cpus_per_worker": cpus},
+            "tune": {"num_samples": samples, **tune},
+        }
+    )
+    return concurrent_trials(config, {"CPU": 4.0})
+
+
+def test_trials_at_once_fit_workers_and_data_stages_in_the_cluster_cpus():
+    assert _sized(workers=2, cpus=1) == 1  # 2 + 1.5 data CPUs: one trial on 4 logical CPUs
+    assert _sized(workers=1, cpus=0.5) == 2  # 0.5 + 1.5 each
+    assert _sized(workers=4, cpus=1) == 1  # never less than one: it waits for resources
+    assert _sized(workers=1, cpus=0.5, samples=1) == 1  # never more than there are trials
+    assert _sized(workers=2, cpus=1, max_concurrent_trials=3) == 3  # the config decides
