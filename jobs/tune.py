@@ -91,9 +91,10 @@ def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
     resolve_base_model(config.model.base)  # fail before touching the cluster
     experiment = _experiment_path(config)
     state = _experiment_state(config, experiment, resume)
-    if resume:  # the trials that finished saw this snapshot: the rest must see it too
-        config = with_overrides(config, {"data.snapshot_id": state["snapshot_id"]})
-    rows = scan_training_rows(config)  # pyiceberg only: unusable data is refused before Ray
+    # pyiceberg only: unusable data is refused before Ray. Resuming, the rest of the trials see
+    # the snapshot the finished ones saw (the config itself, and so its hash, stay as given).
+    pinned = {"data.snapshot_id": state["snapshot_id"]} if resume else {}
+    rows = scan_training_rows(with_overrides(config, pinned))
     init_ray()
     data = prepare_training_data(config, rows)
     lineage = tracking.lineage_tags(config, data.lineage())
