@@ -1,6 +1,8 @@
 """Search hyperparameters with Ray Tune; register the winning trial's best checkpoint.
 
-python -m jobs.tune --config configs/banking77/minilm_tune.yaml [--resume] [key=value ...]
+python -m jobs.tune --config configs/banking77/minilm_tune.yaml [key=value ...]
+
+Give --resume as well to continue the search of this config whose driver died.
 
 Every trial is one Ray Train run of the same `jobs.train_loop.train_func` (the TorchTrainer of
 `jobs.finetune.build_trainer`, DeepSpeed included) over the same pinned Iceberg snapshot,
@@ -39,6 +41,9 @@ log = logging.getLogger(__name__)
 # the cluster's CPUs, or a trial's read task waits behind another trial's workers. The
 # embedded Ray advertises 2 logical CPUs per core (cluster/runtime.py): on 2 cores (4 logical
 # CPUs) that is one trial of one 1-CPU worker (2.5), or two trials of 0.5-CPU workers (2 each).
+# Measured on 2 cores with 4 tiny-BERT trials of one 0.5-CPU worker: 2 at a time (this rule)
+# took 92 s; all 4 at once (the cap not applied) did not hang but took 125 s, the trials
+# fighting for the same 2 cores.
 _DATA_STAGE_CPUS = 1.5
 _TRIAL_DRIVER_CPUS = 0.01
 _STATE_FILE = "raylift_tune.json"
