@@ -11,7 +11,7 @@ from typing import Any
 from jobs.config import LifecycleConfig, config_hash
 from serving import registry, tags
 
-__all__ = ["git_sha", "lineage_tags", "register", "tracked_run"]
+__all__ = ["flat_params", "git_sha", "lineage_tags", "register", "tracked_run"]
 
 _LOGGED_METRICS = (
     "train_loss",
@@ -67,7 +67,7 @@ def tracked_run(config: LifecycleConfig, run_tags: dict[str, str]) -> Iterator[s
     )
     with mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
         mlflow.log_params(
-            _flat_params(config.model_dump(include={"model", "train", "data", "task"}))
+            flat_params(config.model_dump(include={"model", "train", "data", "task"}))
         )
         yield run.info.run_id
 
@@ -86,12 +86,13 @@ def register(
     )
 
 
-def _flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, values as text cut to 500 characters."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flat_params(value, prefix=f"{name}."))
+            flat.update(flat_params(value, prefix=f"{name}."))
         else:
             flat[name] = str(value)[:500]
     return flat

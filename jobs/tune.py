@@ -212,7 +212,7 @@ def _parent_run(
             yield parent_run_id
         return
     with tracking.tracked_run(config, lineage) as run_id:
-        mlflow.log_params(tracking._flat_params(config.model_dump(mode="json", include={"tune"})))
+        mlflow.log_params(tracking.flat_params(config.model_dump(mode="json", include={"tune"})))
         yield run_id
 
 
@@ -385,7 +385,7 @@ def _start_trial_run(
         run_name=f"trial-{trial_id}",
         tags={MLFLOW_PARENT_RUN_ID: setup.parent_run_id, tags.TUNE_TRIAL_ID: trial_id},
     )
-    params = tracking._flat_params(config.model_dump(include={"model", "train", "data", "task"}))
+    params = tracking.flat_params(config.model_dump(include={"model", "train", "data", "task"}))
     params.update({f"search.{key}": str(value) for key, value in overrides.items()})
     from mlflow.entities import Param
 

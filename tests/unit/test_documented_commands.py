@@ -31,7 +31,15 @@ from tests.unit.job_recorder import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-JOB_MODULES = ("jobs.load", "jobs.finetune", "jobs.promote", "jobs.score", "jobs.demo")
+JOB_MODULES = (
+    "jobs.load",
+    "jobs.finetune",
+    "jobs.tune",
+    "jobs.promote",
+    "jobs.rollback",
+    "jobs.score",
+    "jobs.demo",
+)
 _BRACKET = re.compile(r"\[([^\]]*)\]")
 _PLACEHOLDER = "..."  # `[key=value ...]` stands for any override: shown, never typed as is
 
