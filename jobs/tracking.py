@@ -9,19 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import LifecycleConfig, config_hash
+from jobs.train_loop import REPORTED_METRICS
 from serving import registry, tags
 
 __all__ = ["flat_params", "git_sha", "lineage_tags", "register", "tracked_run"]
-
-_LOGGED_METRICS = (
-    "train_loss",
-    "train_rows_per_s",
-    "data_wait_fraction",
-    "learning_rate",
-    "val_accuracy",
-    "val_macro_f1",
-    "val_loss",
-)
 
 
 def git_sha() -> str:
@@ -80,7 +71,7 @@ def register(
     metrics: dict[str, Any],
 ) -> str:
     """Register the checkpoint as a new version; its metrics ride along as version tags."""
-    metric_tags = tags.metric_tags(metrics, (*_LOGGED_METRICS, "epoch"))
+    metric_tags = tags.metric_tags(metrics, REPORTED_METRICS)
     return registry.register_checkpoint(
         config.registry.model_name, run_id, checkpoint_dir, {**version_tags, **metric_tags}
     )

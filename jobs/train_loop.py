@@ -25,11 +25,32 @@ from jobs.config import LifecycleConfig, TrainConfig
 from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
 from jobs.tasks import Task, get_task
 
-__all__ = ["LoopInputs", "deepspeed_config", "pad_batch", "train_func", "windowed_batches"]
+__all__ = [
+    "REPORTED_METRICS",
+    "LoopInputs",
+    "deepspeed_config",
+    "pad_batch",
+    "train_func",
+    "windowed_batches",
+]
 
 INPUT_IDS = "input_ids"
 TARGETS = "targets"
 _LOG_EVERY_STEPS = 50
+
+# What train_func reports each epoch: the metrics tracking, registry tags and Tune read.
+REPORTED_METRICS = (
+    "epoch",
+    "train_loss",
+    "train_steps",
+    "train_rows_per_s",
+    "data_wait_fraction",
+    "learning_rate",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_loss",
+    "val_rows",
+)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
 from jobs.finetune import build_trainer, loop_inputs
 from jobs.modeling import resolve_base_model
+from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
 from serving import registry, tags
 
@@ -491,7 +492,7 @@ def _register_winner(
         tags.TUNE_PARENT_RUN_ID: setup.parent_run_id,
         tags.TUNE_TRIAL_ID: winner.trial_id,
     }
-    metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and k in _REPORTED}
+    metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and k in REPORTED_METRICS}
     fs, _ = _filesystem(setup.train_storage)
     checkpoint = Checkpoint(row["checkpoint_path"], filesystem=fs)
     with checkpoint.as_directory() as directory:
@@ -508,21 +509,6 @@ def _register_winner(
         checkpoint_path=row["checkpoint_path"],
         trials=trials,
     )
-
-
-# What train_func reports each epoch (Tune adds its own bookkeeping columns beside them).
-_REPORTED = (
-    "epoch",
-    "train_loss",
-    "train_steps",
-    "train_rows_per_s",
-    "data_wait_fraction",
-    "learning_rate",
-    "val_accuracy",
-    "val_macro_f1",
-    "val_loss",
-    "val_rows",
-)
 
 
 if __name__ == "__main__":
