@@ -107,3 +107,38 @@ def make_full_checkpoint(base: str, directory: Path, labels: list[str], model=No
         max_length=32,
     )
     return save_checkpoint(model, load_tokenizer(base), directory, meta)
+
+
+def write_ticket_csv(path: Path, rows: list[dict]) -> Path:
+    """`rows` (text, category) as a CSV file a `warehouse load` can read."""
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **sections):
+    """A lifecycle config over the tiny BERT with all its state under `root`: a LoRA run on
+    `rows` (written as the source CSV), 8-row batches; `sections` are merged over each section."""
+    from jobs.config import validate_mapping
+
+    source = write_ticket_csv(root / "tickets.csv", rows)
+    config = {
+        "name": name,
+        "task": {"label_column": "category", "max_length": 32},
+        "model": {
+            "base": tiny_bert,
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        },
+        "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
+        "data": {"source": str(source), "inbox_rows": 0},
+        "train": {"batch_size": 8, "checkpoint_dir": str(root / "checkpoints")},
+        "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": name},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return validate_mapping(config)

@@ -3,7 +3,6 @@ promote → serve → batch score (twice, same date) — real Ray, Iceberg, MLfl
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import httpx
 import pytest
 
 from jobs import finetune, load, promote, score
-from jobs.config import validate_mapping
 from serving import tags as tag_names
-from tests.helpers import make_ticket_rows
+from tests.helpers import make_ticket_rows, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund", "exchange_rate"]
 
@@ -21,51 +19,24 @@ LABELS = ["card_arrival", "lost_card", "refund", "exchange_rate"]
 @pytest.fixture(scope="module")
 def lifecycle_config(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("lifecycle")
-    source = root / "tickets.csv"
     rows = make_ticket_rows(240, LABELS, seed=3)
     rows[5]["text"] = ""  # the inbox will carry one row that cannot be scored
-    with source.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return validate_mapping(
-        {
-            "name": "e2e",
-            "task": {"label_column": "category", "max_length": 32},
-            "model": {
-                "base": tiny_bert,
-                "method": "lora",
-                "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-            },
-            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
-            "data": {"source": str(source), "inbox_rows": 120},
-            "train": {
-                "num_workers": 2,
-                "epochs": 2,
-                "batch_size": 8,
-                "learning_rate": 2e-2,
-                "zero_stage": 2,
-                "checkpoint_dir": str(root / "checkpoints"),
-            },
-            "registry": {
-                "tracking_uri": f"sqlite:///{root}/mlflow.db",
-                "experiment": "e2e",
-                "model_name": "e2e-router",
-            },
-            "promote": {"min_value": 0.0},
-            "serve": {
-                "port": 8131,
-                "num_cpus": 0.5,
-                "torch_threads": 1,
-                "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-            },
-            "score": {
-                "run_date": "2026-11-21",
-                "batch_size": 64,
-                "num_cpus": 0.5,
-                "torch_threads": 1,
-            },
-        }
+    return tiny_lifecycle(
+        root,
+        tiny_bert,
+        rows,
+        name="e2e",
+        data={"inbox_rows": 120},
+        train={"num_workers": 2, "epochs": 2, "learning_rate": 2e-2, "zero_stage": 2},
+        registry={"experiment": "e2e", "model_name": "e2e-router"},
+        promote={"min_value": 0.0},
+        serve={
+            "port": 8131,
+            "num_cpus": 0.5,
+            "torch_threads": 1,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        },
+        score={"run_date": "2026-11-21", "batch_size": 64, "num_cpus": 0.5, "torch_threads": 1},
     )
 
 

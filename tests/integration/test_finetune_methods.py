@@ -8,7 +8,6 @@ bf16 (AVX2 only), where raylift refuses emulated bf16 and would silently train i
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,10 @@ from safetensors.torch import load_file
 
 from cluster.hardware import cpu_has_native_bf16
 from jobs import finetune, load
-from jobs.config import validate_mapping
 from jobs.modeling import read_checkpoint_meta
 from serving import tags
 from serving.predictor import Predictor
-from tests.helpers import make_ticket_rows
+from tests.helpers import make_ticket_rows, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 PRECISIONS = [
@@ -38,37 +36,20 @@ PRECISIONS = [
 
 
 def _config(root: Path, tiny_bert: str, method: str, zero_stage: int, workers: int, precision: str):
-    source = root / "tickets.csv"
-    with source.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
-        writer.writeheader()
-        writer.writerows(make_ticket_rows(90, LABELS, seed=5))
-    return validate_mapping(
-        {
-            "name": f"methods-{method}",
-            "task": {"label_column": "category", "max_length": 32},
-            "model": {
-                "base": tiny_bert,
-                "method": method,
-                "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-            },
-            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
-            "data": {"source": str(source), "inbox_rows": 0},
-            "train": {
-                "num_workers": workers,
-                "epochs": 2,  # epoch 2 trains after an evaluation: eval must not alter weights
-                "batch_size": 8,
-                "learning_rate": 2e-2,
-                "zero_stage": zero_stage,
-                "precision": precision,
-                "checkpoint_dir": str(root / "checkpoints"),
-            },
-            "registry": {
-                "tracking_uri": f"sqlite:///{root}/mlflow.db",
-                "experiment": "methods",
-                "model_name": f"methods-{method}",
-            },
-        }
+    return tiny_lifecycle(
+        root,
+        tiny_bert,
+        make_ticket_rows(90, LABELS, seed=5),
+        name=f"methods-{method}",
+        model={"method": method},
+        train={
+            "num_workers": workers,
+            "epochs": 2,  # epoch 2 trains after an evaluation: eval must not alter weights
+            "learning_rate": 2e-2,
+            "zero_stage": zero_stage,
+            "precision": precision,
+        },
+        registry={"experiment": "methods", "model_name": f"methods-{method}"},
     )
 
 

@@ -5,7 +5,6 @@ a parent run with a nested run per trial; the winner alone is registered, with i
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import signal
@@ -19,9 +18,9 @@ import pytest
 import yaml
 
 from jobs import load, tune
-from jobs.config import config_hash, validate_mapping, with_overrides
+from jobs.config import config_hash, with_overrides
 from serving import tags
-from tests.helpers import make_ticket_rows
+from tests.helpers import make_ticket_rows, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 # ASHA's rungs are epochs 1 and 2. A tiny epoch takes about a second, so a stop can land an
@@ -31,62 +30,36 @@ EPOCHS = 4
 
 
 def _config(root: Path, tiny_bert: str):
-    source = root / "tickets.csv"
-    with source.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
-        writer.writeheader()
-        writer.writerows(make_ticket_rows(90, LABELS, seed=5))
-    return validate_mapping(
-        {
-            "name": "tune-tiny",
-            "task": {"label_column": "category", "max_length": 32},
-            "model": {
-                "base": tiny_bert,
-                "method": "lora",
-                "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    return tiny_lifecycle(
+        root,
+        tiny_bert,
+        make_ticket_rows(90, LABELS, seed=5),
+        name="tune-tiny",
+        train={
+            "num_workers": 1,
+            # 0.5-CPU workers: two trials (0.5 + 1.5 data CPUs each) fit the embedded Ray's
+            # 4 logical CPUs at once
+            "cpus_per_worker": 0.5,
+            "epochs": EPOCHS,
+            "precision": "fp32",
+            "zero_stage": 0,
+        },
+        tune={
+            "search_space": {
+                # a rate that learns nothing beside ones that learn: val_loss parts them
+                "train.learning_rate": {"type": "choice", "values": [1.0e-6, 3.0e-2]},
+                "model.lora.r": {"type": "randint", "low": 2, "high": 8},
+                "train.head_learning_rate": {"type": "loguniform", "low": 1e-2, "high": 5e-2},
             },
-            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
-            "data": {"source": str(source), "inbox_rows": 0},
-            "train": {
-                "num_workers": 1,
-                # 0.5-CPU workers: two trials (0.5 + 1.5 data CPUs each) fit the embedded Ray's
-                # 4 logical CPUs at once
-                "cpus_per_worker": 0.5,
-                "epochs": EPOCHS,
-                "batch_size": 8,
-                "precision": "fp32",
-                "zero_stage": 0,
-                "checkpoint_dir": str(root / "checkpoints"),
-            },
-            "tune": {
-                "search_space": {
-                    # a rate that learns nothing beside ones that learn: val_loss parts them
-                    "train.learning_rate": {"type": "choice", "values": [1.0e-6, 3.0e-2]},
-                    "model.lora.r": {"type": "randint", "low": 2, "high": 8},
-                    "train.head_learning_rate": {"type": "loguniform", "low": 1e-2, "high": 5e-2},
-                },
-                "num_samples": 4,
-                "metric": "val_loss",  # continuous: no ties at an ASHA rung
-                "mode": "min",
-                "asha": {"grace_period": 1, "reduction_factor": 2},
-                "seed": 3,
-                "max_concurrent_trials": 2,
-            },
-            "registry": {
-                "tracking_uri": f"sqlite:///{root}/mlflow.db",
-                "experiment": "tune",
-                "model_name": "tune-tiny",
-            },
-        }
+            "num_samples": 4,
+            "metric": "val_loss",  # continuous: no ties at an ASHA rung
+            "mode": "min",
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+            "seed": 3,
+            "max_concurrent_trials": 2,
+        },
+        registry={"experiment": "tune", "model_name": "tune-tiny"},
     )
-
-
-@pytest.fixture(scope="module")
-def searched(ray_session, tmp_path_factory, tiny_bert):
-    root = tmp_path_factory.mktemp("tune")
-    config = _config(root, tiny_bert)
-    load.main(config)
-    return config, tune.main(config)
 
 
 def _client(config):
