@@ -40,6 +40,11 @@ def make_tiny_bert(directory: Path) -> str:
         intermediate_size=64,
         max_position_embeddings=128,
     )
+    import torch
+
+    # Seeded: the same random base every session, so what a test asserts about learning on it
+    # does not depend on which tests ran before (an unseeded base left e2e at chance once).
+    torch.manual_seed(1234)
     BertModel(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return str(directory)

@@ -62,6 +62,14 @@ def _config(root: Path, tiny_bert: str):
     )
 
 
+@pytest.fixture(scope="module")
+def searched(ray_session, tmp_path_factory, tiny_bert):
+    root = tmp_path_factory.mktemp("tune")
+    config = _config(root, tiny_bert)
+    load.main(config)
+    return config, tune.main(config)
+
+
 def _client(config):
     from mlflow import MlflowClient
 
