@@ -324,6 +324,11 @@ class ServeConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision; auto: bf16 where native, else fp32."
     )
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="Inference runtime. auto: the fastest variant that passed the registration "
+        "gate, by a short calibration here (torch when the version has no engine artifacts).",
+    )
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Serve autoscaling."
     )
@@ -357,6 +362,11 @@ class ScoreConfig(_Strict):
     torch_threads: int = Field(1, ge=1, description="Torch threads per Predictor actor.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Inference precision; auto: bf16 where native, else fp32."
+    )
+    engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="Inference runtime. auto: the fastest variant that passed the registration "
+        "gate, by a short calibration here (torch when the version has no engine artifacts).",
     )
     run_date: datetime.date | None = Field(
         None, description="YYYY-MM-DD the rows belong to; today (UTC) if unset."
