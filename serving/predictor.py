@@ -169,6 +169,16 @@ class Predictor:
         return out
 
     @property
+    def runtime(self) -> dict[str, Any]:
+        """What actually runs: {"engine", "precision", "threads"}, for run summaries, GET
+        /v1/models/{name} and metric labels."""
+        return {
+            "engine": "torch",
+            "precision": self._precision,
+            "threads": self._torch_threads or torch.get_num_threads(),
+        }
+
+    @property
     def max_length(self) -> int:
         """Tokens kept per text: the requested max_length, clamped to the model's positions."""
         return self._max_length
