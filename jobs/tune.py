@@ -220,9 +220,14 @@ def _parent_run(
 def _trial_setup(
     config: LifecycleConfig, lineage: dict[str, str], parent_run_id: str, experiment: str
 ) -> _TrialSetup:
+    tracking_uri = registry.absolute_tracking_uri(config.registry.tracking_uri)
+    base_config = config.model_dump(mode="json")
+    # Tune runs each trial in its own working directory, so a relative sqlite URI would name a
+    # new, empty database there: trials get the absolute one the driver resolved.
+    base_config["registry"]["tracking_uri"] = tracking_uri
     return _TrialSetup(
-        base_config=config.model_dump(mode="json"),
-        tracking_uri=registry.absolute_tracking_uri(config.registry.tracking_uri),
+        base_config=base_config,
+        tracking_uri=tracking_uri,
         mlflow_experiment_id=registry.configure_tracking(
             config.registry.tracking_uri, config.registry.experiment
         ),
