@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -436,6 +437,9 @@ def _is_int(value: int | float | None) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
+_OPTUNA_SCALARS = (type(None), bool, int, float, str)
+
+
 class AshaConfig(_Strict):
     grace_period: int = Field(
         1, ge=1, description="Epochs every trial runs before ASHA may stop it."
@@ -464,10 +468,17 @@ class TuneConfig(_Strict):
         default_factory=AshaConfig,
         description="ASHA settings; its max_t is train.epochs (epochs are its time unit).",
     )
-    searcher: Literal["random"] = Field(
-        "random", description="How trials are sampled: random (Ray Tune's basic variant generator)."
+    searcher: Literal["random", "optuna"] = Field(
+        "random",
+        description="How trials are sampled. random: independently (Ray Tune's basic variant "
+        "generator); optuna: Optuna's TPE sampler: the first half of the trials (at most 10) at "
+        "random, the rest near the best results of the finished ones.",
     )
-    seed: int | None = Field(17, description="Seed of the sampling; same seed, same trials.")
+    seed: int | None = Field(
+        17,
+        description="Seed of the sampling; same seed, same trials (optuna: the same random "
+        "trials, and the same guided ones given the same results).",
+    )
     max_concurrent_trials: int | None = Field(
         None,
         ge=1,
@@ -487,6 +498,26 @@ class TuneConfig(_Strict):
         problems = [p for key in value if (p := _key_problem(key))]
         if problems:
             raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("searcher")
+    @classmethod
+    def _searcher_usable(cls, value: str, info: ValidationInfo) -> str:
+        if value != "optuna":
+            return value
+        from importlib.util import find_spec
+
+        if find_spec("optuna") is None:
+            raise ValueError("optuna is not installed: pip install optuna, or use searcher: random")
+        # Optuna's categorical distribution holds scalars (it warns about the rest and cannot
+        # store them): a list-valued choice is searchable by the random searcher only.
+        for key, dim in (info.data.get("search_space") or {}).items():
+            odd = [v for v in dim.values or [] if not isinstance(v, _OPTUNA_SCALARS)]
+            if odd:
+                raise ValueError(
+                    f"optuna samples choices of numbers, strings, booleans or null, but "
+                    f"tune.search_space.{key} offers {odd[0]!r}; use searcher: random for it"
+                )
         return value
 
     def metric_name(self, promote: PromoteConfig) -> str:

@@ -6,8 +6,9 @@ Give --resume as well to continue the search of this config whose driver died.
 
 Every trial is one Ray Train run of the same `jobs.train_loop.train_func` (the TorchTrainer of
 `jobs.finetune.build_trainer`, DeepSpeed included) over the same pinned Iceberg snapshot,
-prepared once here; the trial's sample is applied to the config as dotted-key overrides. ASHA
-stops weak trials on the per-epoch metric. One MLflow parent run holds a nested run per trial.
+prepared once here; the trial's sample (random, or Optuna's TPE: tune.searcher) is applied to the
+config as dotted-key overrides. ASHA stops weak trials on the per-epoch metric. One MLflow parent
+run holds a nested run per trial.
 """
 
 from __future__ import annotations
@@ -298,6 +299,32 @@ def _scheduler(config: LifecycleConfig):
     )
 
 
+def _search_alg(config: LifecycleConfig, concurrent: int):
+    """What samples the trials, at most `concurrent` at once. The cap goes on the search
+    algorithm: Tune ignores max_concurrent_trials (with a warning) beside a BasicVariantGenerator,
+    and 4 tiny trials then all ran at once. Both kinds are saved in the experiment and restored
+    by --resume (Tuner.restore) with what they had sampled and learned."""
+    if config.tune.searcher == "optuna":
+        return _optuna_search(config, concurrent)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=config.tune.seed, max_concurrent=concurrent)
+
+
+def _optuna_search(config: LifecycleConfig, concurrent: int):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    # TPE models the results of finished trials, so it needs some to start from: Optuna's
+    # default of 10 random trials would make a search of 10 or fewer plain random search.
+    startup = min(10, max(1, math.ceil(config.tune.num_samples / 2)))
+    sampler = optuna.samplers.TPESampler(seed=config.tune.seed, n_startup_trials=startup)
+    # No space, metric or mode here: Tune hands over the TuneConfig's and converts the tune.*
+    # domains of _param_space (keys "overrides/<dotted key>") into Optuna distributions.
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
+
+
 def _trainable(data: PreparedData, setup: _TrialSetup):
     from ray import tune
 
@@ -317,7 +344,6 @@ def _tuner(
 ):
     import ray
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = _trainable(data, setup)
     if resume:
@@ -334,11 +360,7 @@ def _tuner(
             mode=setup.mode,
             num_samples=config.tune.num_samples,
             scheduler=_scheduler(config),
-            # The cap goes on the generator: Tune ignores max_concurrent_trials (with a warning)
-            # when a search_alg is given, and 4 tiny trials then all ran at once.
-            search_alg=BasicVariantGenerator(
-                random_state=config.tune.seed, max_concurrent=concurrent
-            ),
+            search_alg=_search_alg(config, concurrent),
             time_budget_s=config.tune.time_budget_s,
         ),
         run_config=tune.RunConfig(

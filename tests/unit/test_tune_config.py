@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from jobs.config import ConfigError, validate_mapping
@@ -139,3 +141,97 @@ def test_trials_at_once_fit_workers_and_data_stages_in_the_cluster_cpus():
     assert _sized(workers=4, cpus=1) == 1  # never less than one: it waits for resources
     assert _sized(workers=1, cpus=0.5, samples=1) == 1  # never more than there are trials
     assert _sized(workers=2, cpus=1, max_concurrent_trials=3) == 3  # the config decides
+
+
+# --- tune.searcher: optuna --------------------------------------------------------------------
+
+SPACE = {
+    "train.learning_rate": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-3},
+    "train.warmup_ratio": {"type": "uniform", "low": 0.0, "high": 0.2},
+    "model.lora.r": {"type": "randint", "low": 2, "high": 4},
+    "model.lora.alpha": {"type": "choice", "values": [8, 16, 32]},
+}
+
+
+def _searcher(seed: int | None = 3, samples: int = 6, concurrent: int = 2):
+    """The search algorithm jobs.tune builds, given the space as Tune gives it (no Ray needed)."""
+    from jobs.tune import _param_space, _search_alg
+
+    config = validate_mapping(_config(SPACE, searcher="optuna", seed=seed, num_samples=samples))
+    searcher = _search_alg(config, concurrent)
+    assert searcher.set_search_properties("val_accuracy", "max", _param_space(config))
+    return searcher
+
+
+def _suggestions(searcher, trial_ids: list[str]) -> list[dict]:
+    return [searcher.suggest(trial_id) for trial_id in trial_ids]
+
+
+def test_optuna_samples_every_kind_of_dimension_within_its_bounds():
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = _searcher(samples=40, concurrent=40)
+    assert isinstance(searcher, ConcurrencyLimiter)
+    assert isinstance(searcher.searcher, OptunaSearch)
+    samples = [s["overrides"] for s in _suggestions(searcher, [f"t{i}" for i in range(40)])]
+    assert all(set(s) == set(SPACE) for s in samples)
+    rates = [s["train.learning_rate"] for s in samples]
+    assert all(1.0e-4 <= r <= 3.0e-3 for r in rates)
+    assert sum(r < 5.5e-4 for r in rates) > 10  # log-uniform: the lower half of the decades
+    assert all(0.0 <= s["train.warmup_ratio"] <= 0.2 for s in samples)
+    ranks = {s["model.lora.r"] for s in samples}
+    assert ranks == {2, 3, 4} and all(isinstance(r, int) for r in ranks)  # high included
+    assert {s["model.lora.alpha"] for s in samples} == {8, 16, 32}
+
+
+def test_optuna_same_seed_same_trials():
+    ids = ["a", "b", "c"]
+    first = _suggestions(_searcher(seed=3), ids)
+    assert _suggestions(_searcher(seed=3), ids) == first
+    assert _suggestions(_searcher(seed=4), ids) != first
+
+
+def test_optuna_holds_back_trials_beyond_the_concurrency_cap():
+    searcher = _searcher(concurrent=2)
+    assert all(_suggestions(searcher, ["a", "b"]))
+    assert searcher.suggest("c") is None  # Tune asks again once a trial finished
+    searcher.on_trial_complete("a", {"val_accuracy": 0.5, "training_iteration": 1})
+    assert searcher.suggest("c") is not None
+
+
+def test_optuna_state_survives_a_save_and_restore(tmp_path):
+    """What --resume relies on: Tune saves the searcher in the experiment and restores it."""
+    from ray.tune.search.search_generator import SearchGenerator
+
+    before = SearchGenerator(_searcher(seed=3, samples=4))
+    first = _suggestions(before.searcher, ["a", "b"])
+    before.searcher.on_trial_complete("a", {"val_accuracy": 0.7, "training_iteration": 2})
+    before.save_to_dir(str(tmp_path), session_str="s1")
+    expected = before.searcher.suggest("c")
+
+    after = SearchGenerator(_searcher(seed=99, samples=4))  # its own seed is overwritten
+    after.restore_from_dir(str(tmp_path))
+    study = after.searcher.searcher._ot_study
+    assert [t.params for t in study.trials][:2] == [
+        {f"overrides/{k}": v for k, v in s["overrides"].items()} for s in first
+    ]
+    assert [t.value for t in study.trials] == [0.7, None]  # a told, b still running
+    assert after.searcher.suggest("c") == expected
+    assert after.searcher.suggest("d") is None  # b and c still hold the two slots
+
+
+def test_optuna_searcher_is_validated_with_the_key_and_the_fix(monkeypatch):
+    config = validate_mapping(_config(SPACE, searcher="optuna"))
+    assert config.tune.searcher == "optuna"
+    assert "tune.searcher: Input should be 'random' or 'optuna'" in _errors(SPACE, searcher="tpe")
+    err = _errors(
+        {"model.lora.target_modules": {"type": "choice", "values": [["query"], ["value"]]}},
+        searcher="optuna",
+    )
+    assert "tune.searcher" in err
+    assert "tune.search_space.model.lora.target_modules offers ['query']" in err
+    assert "use searcher: random for it" in err
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    err = _errors(SPACE, searcher="optuna")
+    assert "tune.searcher" in err and "pip install optuna, or use searcher: random" in err
