@@ -15,7 +15,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any
 
-from jobs.config import ConfigError, LifecycleConfig, load_config, parse_overrides
+from jobs.config import (
+    ConfigError,
+    LifecycleConfig,
+    load_config,
+    parse_overrides,
+    validate_mapping,
+)
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse_args", "run_job"]
 
@@ -110,6 +116,54 @@ def _demo(args: argparse.Namespace) -> Any:
     return demo.main(_config(args))
 
 
+def _report(args: argparse.Namespace) -> Any:
+    from jobs import report
+
+    if "=" in args.run:
+        raise ConfigError("report", [f"  {args.run!r} is not a run id: raylift report RUN [...]"])
+    return report.main(_config_or_defaults(args), run_id=args.run, out=args.out)
+
+
+def _ui(args: argparse.Namespace) -> Any:
+    from jobs import ui
+
+    return ui.main(_config_or_defaults(args), port=args.port)
+
+
+def _config_or_defaults(args: argparse.Namespace) -> LifecycleConfig:
+    """--config FILE, or the embedded defaults (registry, catalog) with the overrides."""
+    if args.config:
+        return _config(args)
+    raw: dict[str, Any] = {"name": "raylift"}
+    for key, value in parse_overrides(args.overrides).items():
+        *sections, leaf = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return validate_mapping(raw, source="defaults")
+
+
+def _optional_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="Lifecycle YAML the run was made with (default: the embedded store)."
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run", metavar="RUN", help="MLflow run id: a tune parent run or a finetune run."
+    )
+    parser.add_argument("--out", help="Folder for report.html and its plots.")
+    _optional_config_arguments(parser)
+
+
+def _ui_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=5000, help="Port on 127.0.0.1.")
+    _optional_config_arguments(parser)
+
+
 def _version_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", help="Registered version to promote (default: newest).")
     parser.add_argument(
@@ -152,6 +206,18 @@ COMMANDS: dict[str, Command] = {
     ),
     "rollback": Command(
         "Move the promoted alias back to @previous.", _rollback, add_arguments=_reason_argument
+    ),
+    "report": Command(
+        "One HTML page on a tune search or finetune run: curves, trials, confusion, gates.",
+        _report,
+        needs_config=False,
+        add_arguments=_report_arguments,
+    ),
+    "ui": Command(
+        "The MLflow UI on the tracking store, on 127.0.0.1 (blocks).",
+        _ui,
+        needs_config=False,
+        add_arguments=_ui_arguments,
     ),
     "serve": Command(
         "Serve the promoted model with Ray Serve (blocks).",

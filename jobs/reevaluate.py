@@ -31,7 +31,14 @@ from serving import registry, tags
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["REEVALUATED_METRICS", "EvalRows", "Evaluation", "reevaluate", "slice_accuracy"]
+__all__ = [
+    "REEVALUATED_METRICS",
+    "EvalRows",
+    "Evaluation",
+    "predictions",
+    "reevaluate",
+    "slice_accuracy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +111,20 @@ def reevaluate(
         str(model.version): _evaluate(config, validation, model, config.promote.slices)
         for model in pinned
     }
+
+
+def predictions(
+    config: LifecycleConfig, version: str, rows: EvalRows
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true labels, predicted labels) of one version on `rows`, by the same path as
+    `reevaluate` (a report's confusion matrix is built from them)."""
+    from cluster import init_ray
+
+    init_ray()
+    model = registry.resolve_version(
+        f"models:/{config.registry.model_name}/{version}", config.registry.tracking_uri
+    )
+    return _predict(config, _validation_rows(config, rows), model)
 
 
 def _validation_rows(config: LifecycleConfig, rows: EvalRows) -> ray.data.Dataset:

@@ -20,11 +20,15 @@ JOB_ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "tune": ("jobs.tune", "main"),
     "promote": ("jobs.promote", "main"),
     "rollback": ("jobs.rollback", "main"),
+    "report": ("jobs.report", "main"),
+    "ui": ("jobs.ui", "main"),
     "serve": ("serving.app", "deploy"),
     "score": ("jobs.score", "main"),
     "demo": ("jobs.demo", "main"),
 }
 CONFIG_FREE_COMMANDS = {"validate"}
+# positional arguments a subcommand needs before its options (placeholders: the job is recorded)
+SUBCOMMAND_ARGUMENTS: dict[str, list[str]] = {"warehouse": ["load"], "report": ["RUN_ID"]}
 
 
 @dataclass
@@ -64,3 +68,17 @@ def module_main_block_runs_its_main(module_name: str) -> bool:
         if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
             return "run_job(main, __doc__)" in ast.unparse(node)
     return False
+
+
+def module_main_block_subcommand(module_name: str) -> str | None:
+    """The raylift subcommand `module_name`'s `__main__` block hands its arguments to, as in
+    `raylift(["report", *sys.argv[1:]])`; None when the block does something else."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            for call in ast.walk(node):
+                if isinstance(call, ast.List) and "*sys.argv[1:]" in ast.unparse(call):
+                    first = call.elts[0]
+                    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                        return first.value
+    return None

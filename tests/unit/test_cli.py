@@ -4,6 +4,7 @@ from jobs.cli import COMMANDS, build_parser, main
 from tests.unit.job_recorder import (
     CONFIG_FREE_COMMANDS,
     JOB_ENTRY_POINTS,
+    SUBCOMMAND_ARGUMENTS,
     JobCall,
     record_jobs,
 )
@@ -52,7 +53,7 @@ def test_every_subcommand_hands_its_config_to_its_job_main(job_calls):
     assert set(COMMANDS) == set(JOB_ENTRY_POINTS) | CONFIG_FREE_COMMANDS
     for command, (module, attr) in JOB_ENTRY_POINTS.items():
         job_calls.clear()
-        argv = [command, *(["load"] if command == "warehouse" else [])]
+        argv = [command, *SUBCOMMAND_ARGUMENTS.get(command, [])]
         assert main([*argv, "--config", CONFIG, "train.epochs=7"]) == 0
         assert [c.job for c in job_calls] == [f"{module}.{attr}"]
         assert job_calls[0].config.train.epochs == 7

@@ -26,6 +26,7 @@ from tests.unit.job_recorder import (
     JobCall,
     dotted,
     module_main_block_runs_its_main,
+    module_main_block_subcommand,
     record_jobs,
     recorder,
 )
@@ -37,6 +38,7 @@ JOB_MODULES = (
     "jobs.tune",
     "jobs.promote",
     "jobs.rollback",
+    "jobs.report",
     "jobs.score",
     "jobs.demo",
 )
@@ -150,6 +152,13 @@ def _run_raylift(argv: list[str], calls) -> None:
     _assert_overrides_applied(argv, calls[0].config)
     if "--version" in argv:
         assert calls[0].kwargs["version"] == argv[argv.index("--version") + 1]
+    if command == "report":
+        assert calls[0].kwargs["run_id"] == argv[1]
+        if "--out" in argv:
+            assert calls[0].kwargs["out"] == argv[argv.index("--out") + 1]
+    if command == "ui":
+        port = argv[argv.index("--port") + 1] if "--port" in argv else "5000"
+        assert calls[0].kwargs["port"] == int(port)
 
 
 def _assert_overrides_applied(argv: list[str], config) -> None:
@@ -174,8 +183,12 @@ def test_config_and_makefile_command_parses_and_reaches_its_job(line, job_calls)
 
 
 @pytest.mark.parametrize("line", _readme_modules() + _docstring_modules())
-def test_python_m_line_parses_and_reaches_the_module_main(line, monkeypatch):
+def test_python_m_line_parses_and_reaches_the_module_main(line, monkeypatch, job_calls):
     module_name, args = _module_argv(line)
+    subcommand = module_main_block_subcommand(module_name)
+    if subcommand is not None:  # the module is `raylift SUBCOMMAND` under another name
+        _run_raylift([subcommand, *args], job_calls)
+        return
     assert module_main_block_runs_its_main(module_name), f"{module_name} has no run_job(main)"
     calls = []
     monkeypatch.setattr(sys, "argv", [module_name, *args])
