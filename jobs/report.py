@@ -81,6 +81,11 @@ class Confusion:
     def rows(self) -> int:
         return int(self.counts.sum())
 
+    @property
+    def true_labels(self) -> list[str]:
+        """The labels rows can have (all but the no-prediction column)."""
+        return [label for label in self.labels if label != _NO_PREDICTION]
+
 
 @dataclass
 class ReportResult:
@@ -402,27 +407,21 @@ def _curves_legend(fig: Any, first_ax: Any, search: _Search) -> None:
     from matplotlib.lines import Line2D
 
     handles, labels = first_ax.get_legend_handles_labels()
-    handles.append(
-        Line2D(
-            [],
-            [],
-            linestyle="none",
-            marker="X",
-            markersize=10,
-            markeredgecolor="black",
-            color="white",
-        )
-    )
-    labels.append("stopped early by ASHA")
-    fig.legend(
-        handles, labels, loc="upper center", ncol=min(6, len(labels)), fontsize=8, frameon=False
-    )
+    if any(t.stopped_early for t in search.trials):
+        cross = dict(marker="X", markersize=10, markeredgecolor="black", color="white")
+        handles.append(Line2D([], [], linestyle="none", **cross))
+        labels.append("stopped early by ASHA")
+    columns = min(6, len(labels))
+    fig.legend(handles, labels, loc="upper center", ncol=columns, fontsize=8, frameon=False)
 
 
 def _draw_confusion(path: Path, confusion: Confusion) -> str:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels, counts = confusion.labels, confusion.counts
+    truth = confusion.true_labels
+    counts = counts[: len(truth)]  # the no-prediction label is a column, never a true label
     small = len(labels) <= _ANNOTATED_LABELS
     shown = counts.astype(float)
     if not small:  # the diagonal would drown every mistake: show the mistakes alone
@@ -435,10 +434,12 @@ def _draw_confusion(path: Path, confusion: Confusion) -> str:
         interpolation="nearest",
         vmin=0,
     )
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="rows")
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="rows")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
     font = 9 if small else 5.5
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=font)
-    ax.set_yticks(range(len(labels)), labels, fontsize=font)
+    ax.set_yticks(range(len(truth)), truth, fontsize=font)
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
     if small:
@@ -462,7 +463,7 @@ def _write_confusion_csv(path: Path, confusion: Confusion) -> None:
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["true \\ predicted", *confusion.labels])
-        for label, row in zip(confusion.labels, confusion.counts, strict=True):
+        for label, row in zip(confusion.true_labels, confusion.counts, strict=False):
             writer.writerow([label, *(int(n) for n in row)])
 
 
@@ -595,8 +596,10 @@ def _short(value: str) -> str:
 
 
 def _outcome(trial: Trial, winner: Trial | None, max_epochs: int | None) -> str:
-    if trial.status == "FAILED":
-        return "failed"
+    if trial.status in ("FAILED", "KILLED"):
+        return trial.status.lower()
+    if trial.status == "RUNNING":
+        return f"still running ({trial.epochs} epochs so far)"
     if trial.stopped_early:
         return f"stopped early by ASHA after epoch {trial.epochs}"
     ran = f"ran all {max_epochs} epochs" if max_epochs else f"ran {trial.epochs} epochs"
@@ -620,11 +623,13 @@ def _winner_section(search: _Search, winner: Trial | None, confusion: Confusion 
         "aliases": _e(", ".join(f"@{a}" for a in getattr(version, "aliases", []) or []) or "none"),
         "trial": _e(winner.trial_id if winner else version.run_id),
         "base model": _e(version.tags.get(tags.BASE_MODEL, "")),
-        "data": _e(
-            f"{version.tags.get(tags.ICEBERG_TABLE, '')}@"
-            f"{version.tags.get(tags.ICEBERG_SNAPSHOT_ID, '')}"
-        ),
     }
+    if version.tags.get(tags.ICEBERG_TABLE):
+        table, snapshot = (
+            version.tags[tags.ICEBERG_TABLE],
+            version.tags.get(tags.ICEBERG_SNAPSHOT_ID),
+        )
+        facts["data"] = _e(f"{table} @ snapshot {snapshot}")
     for name in ("val_accuracy", "val_macro_f1", "val_loss", "epoch"):
         if name in stored:
             facts[f"{name} (registered)"] = _e(stored[name])
