@@ -201,6 +201,22 @@ class TrainConfig(_Strict):
     checkpoint_dir: str = Field(
         ".raylift/checkpoints", description="Ray Train storage_path: local path or s3:// URI."
     )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also checkpoint the training state (engine, optimizer, LR schedule, data "
+        "position) every this many optimizer steps within an epoch, so a failure loses at "
+        "most that many steps; null: at epoch ends only. Turns on Ray Data's preserve_order "
+        "for the training stream, so the resumed epoch skips exactly the batches already "
+        "trained.",
+    )
+    max_failures: int = Field(
+        1,
+        ge=0,
+        description="Times Ray Train restarts the workers after a worker dies or raises "
+        "(Ray Train FailureConfig.max_failures); each restart resumes from the latest "
+        "checkpoint. Node preemptions are retried on their own, without limit.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Torch threads per worker; cpus_per_worker rounded up if unset."
     )
