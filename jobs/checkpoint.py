@@ -10,7 +10,10 @@ Formats:
      it is false and refuses the checkpoint when it is true (unless the caller's config allows
      remote code); it records the dtype found in the weights and `trained_precision="unknown"`
      when the config did not name one, since format 1 never recorded what training ran in.
-  2: this model. Remote code is never the checkpoint's choice: only the config can allow it.
+  2: Remote code is never the checkpoint's choice: only the config can allow it.
+  3: this model: format 2 plus `engine_format`, the layout of the inference-engine artifacts
+     (`engines/engines.json`, an `EnginesMeta`) that registration adds to the version's copy of
+     the checkpoint. Migration from 2 sets it to None: no engines, the version serves on torch.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "ENGINE_FORMAT",
     "AdapterMeta",
     "CheckpointMeta",
     "CheckpointMetaError",
+    "EngineVariantMeta",
+    "EnginesMeta",
     "RemoteCodeRefused",
     "parse_checkpoint_meta",
     "refuse_remote_code",
@@ -35,7 +41,11 @@ __all__ = [
 
 REMOTE_CODE_KEY = "model.trust_remote_code"
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+
+# Layout of engines/engines.json (EnginesMeta). A checkpoint whose engine format this code does
+# not know is served on torch, with a warning: engines are an optimisation, never a requirement.
+ENGINE_FORMAT = 1
 
 TrainedPrecision = Literal["fp32", "bf16", "fp16", "unknown"]
 
@@ -79,7 +89,7 @@ class AdapterMeta(_Strict):
 class CheckpointMeta(_Strict):
     """What a checkpoint is: written beside its weights as raylift.json."""
 
-    format_version: Literal[2] = Field(
+    format_version: Literal[3] = Field(
         CHECKPOINT_FORMAT, description="Layout of this file; older ones are migrated on read."
     )
     task: str = Field(description="Task name (jobs.tasks registry) the head was built for.")
@@ -112,6 +122,11 @@ class CheckpointMeta(_Strict):
     lineage: dict[str, str] = Field(
         default_factory=dict, description="Registry lineage tags (names in serving.tags)."
     )
+    engine_format: int | None = Field(
+        None,
+        description="Format of the inference-engine artifacts under engines/ (engines.json, "
+        "an EnginesMeta), written at registration; None: none built, the version serves on torch.",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -120,6 +135,42 @@ class CheckpointMeta(_Strict):
         if repeated:
             raise ValueError(f"labels repeat {repeated}: each output needs its own label")
         return labels
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+class EngineVariantMeta(_Strict):
+    """One engine variant checked at registration against fp32 torch on validation rows."""
+
+    engine: Literal["torch", "onnxruntime", "openvino"] = Field(description="Runtime.")
+    precision: Literal["fp32", "bf16", "int8"] = Field(description="Numeric precision it runs.")
+    file: str | None = Field(
+        None, description="Artifact, relative to the checkpoint directory; None for torch."
+    )
+    offered: bool = Field(description="True when it passed the gate: engine=auto may pick it.")
+    agreement: float | None = Field(
+        None, description="Top-1 agreement with fp32 torch on the checked rows; None: not run."
+    )
+    accuracy: float | None = Field(None, description="Accuracy on the checked rows.")
+    reason: str | None = Field(None, description="Why it is not offered; None when offered.")
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine}-{self.precision}"
+
+
+class EnginesMeta(_Strict):
+    """engines/engines.json: the engine artifacts of a registered version and their gate."""
+
+    format_version: Literal[1] = Field(ENGINE_FORMAT, description="Layout of this file.")
+    rows: int = Field(ge=0, description="Validation rows every variant was checked on.")
+    rows_source: str = Field(description="Which rows: table@snapshot and split, or a sample.")
+    reference_accuracy: float = Field(description="fp32 torch accuracy on those rows.")
+    min_agreement: float = Field(description="Gate: least top-1 agreement with fp32 torch.")
+    max_accuracy_drop: float = Field(description="Gate: most accuracy lost against fp32 torch.")
+    cpu: str = Field(description="CPU the checks ran on (bf16 variants need native bf16).")
+    variants: list[EngineVariantMeta] = Field(description="Every variant, offered or refused.")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -142,6 +193,8 @@ def parse_checkpoint_meta(
         )
     if version == 1:
         raw = _migrate_v1(raw, Path(directory), trust_remote_code)
+    elif version == 2:  # format 3 only adds engine_format; a format-2 version has no engines
+        raw = {**raw, "format_version": CHECKPOINT_FORMAT}
     try:
         return CheckpointMeta.model_validate(raw)
     except ValidationError as exc:

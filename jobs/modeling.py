@@ -38,6 +38,7 @@ __all__ = [
     "read_checkpoint_meta",
     "resolve_base_model",
     "save_checkpoint",
+    "write_checkpoint_meta",
 ]
 
 CHECKPOINT_META = "raylift.json"  # its content: jobs.checkpoint.CheckpointMeta
@@ -191,16 +192,22 @@ def save_checkpoint(
 ) -> Path:
     """Write weights (safetensors), tokenizer and raylift.json into `directory`.
 
-    The only writer of raylift.json. `meta.saved_dtype` is replaced by the dtype(s) actually
-    found in the written weights, so the file never claims a precision the weights lack.
+    `meta.saved_dtype` is replaced by the dtype(s) actually found in the written weights, so
+    the file never claims a precision the weights lack.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     meta = meta.model_copy(update={"saved_dtype": saved_dtype(directory)})
-    (directory / CHECKPOINT_META).write_text(meta.to_json())
+    write_checkpoint_meta(directory, meta)
     return directory
+
+
+def write_checkpoint_meta(directory: str | Path, meta: CheckpointMeta) -> None:
+    """The only writer of raylift.json: save_checkpoint, and registration when it records the
+    engine artifacts it built (serving.engines) in the version's copy of the checkpoint."""
+    (Path(directory) / CHECKPOINT_META).write_text(meta.to_json())
 
 
 @dataclass

@@ -4,7 +4,11 @@ Built from a model URI (a local checkpoint directory, or `models:/name@alias` /
 `models:/name/3` resolved through the MLflow registry), it knows the registry name and
 version it was loaded from and tags every prediction with them.
 
-Speed on CPU comes from three things, each measured (see the notes by the constants):
+The forward pass runs on an engine (`serving.engines`): torch, or onnxruntime / openvino
+artifacts built and checked against fp32 torch when the version was registered; `auto` picks the
+fastest of those the version offers by a short calibration here, torch when it offers none.
+
+Speed on CPU comes from these, each measured (see the notes by the constants):
 - torch threads set explicitly: Ray sets OMP_NUM_THREADS from an actor's CPUs (1 for a
   fractional actor), which would leave a replica on one core;
 - tokenized once without padding, rows sorted by token length inside the batch, run in
@@ -13,7 +17,8 @@ Speed on CPU comes from three things, each measured (see the notes by the consta
   row compute 3.8x the real tokens);
 - bf16 autocast, but only where the CPU does bf16 natively (AVX512-BF16 or AMX): on an AVX2
   CPU torch emulates bf16 matmuls about 8x slower than fp32, so there bf16 falls back to
-  fp32 with a warning.
+  fp32 with a warning;
+- an engine faster than torch where the version offers one (`serving.engines`).
 
 One bad row never fails the batch it rides in:
 - a text that is not usable (`serving.text.is_usable_text`: null, empty, blank, not a string)
@@ -28,7 +33,6 @@ One bad row never fails the batch it rides in:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,14 +41,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cluster.hardware import resolve_precision
+from serving import engines
 from serving.text import UNUSABLE_REASON, usable_mask
 
 __all__ = ["NON_FINITE_REASON", "Predictor"]
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
 
 # A forward pass takes rows until rows x (longest row) would pass this many tokens. A token
 # budget rather than a row count keeps every matmul about the same size, and gives the long
@@ -82,9 +86,14 @@ class Predictor:
     Args:
         model_uri: checkpoint directory, or a registry URI (`models:/name@alias`).
         tracking_uri: MLflow tracking URI used to resolve registry URIs.
-        precision: "bf16" (autocast; fp32 on CPUs without native bf16) or "fp32".
-        torch_threads: intra-op threads; None keeps torch's default, which under Ray is the
-            actor's CPU count (1 for a fractional actor).
+        precision: "bf16" (fp32 on CPUs without native bf16), "fp32", "int8" (onnxruntime
+            only) or "auto" (the engine's fastest variant this CPU runs natively).
+        engine: "torch", "onnxruntime", "openvino", or "auto" (the fastest the version
+            offers, by a short calibration here); one the version does not offer, or whose
+            artifact is missing or damaged, falls back to torch with a warning.
+        torch_threads: threads of the engine (torch, onnxruntime or openvino); None keeps
+            torch's default, which under Ray is the actor's CPU count (1 for a fractional
+            actor).
         text_column: input column; the checkpoint's `text_column` by default.
         passthrough_columns: input columns copied unchanged to the output (row keys).
         max_length: tokens kept per text; the checkpoint's `max_length` by default.
@@ -100,6 +109,7 @@ class Predictor:
         *,
         tracking_uri: str | None = None,
         precision: Precision = "bf16",
+        engine: engines.EngineName = "auto",
         torch_threads: int | None = None,
         text_column: str | None = None,
         passthrough_columns: Sequence[str] = (),
@@ -108,15 +118,16 @@ class Predictor:
         sub_batch_tokens: int = _SUB_BATCH_TOKENS,
         trust_remote_code: bool = False,
     ):
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision={precision!r}; use 'auto', 'fp32' or 'bf16'")
+        if precision not in ("auto", "fp32", "bf16", "int8"):
+            raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
+        if engine not in ("auto", "torch", "onnxruntime", "openvino"):
+            raise ValueError(f"engine={engine!r}; use 'auto', 'torch', 'onnxruntime' or 'openvino'")
         self._torch_threads = torch_threads
         self._apply_threads()
         path, self._model_name, self._model_version = _resolve(model_uri, tracking_uri)
         self._model_uri = model_uri
         self._trust_remote_code = trust_remote_code  # config's model.trust_remote_code only
         self._load(path)
-        self._precision: Precision = resolve_precision(precision, use_gpu=False)  # type: ignore
         self._text_column = text_column or self._meta.text_column
         self._passthrough = tuple(passthrough_columns)
         self._max_length = _clamp_max_length(
@@ -124,6 +135,7 @@ class Predictor:
         )
         self._sort_window = sort_window
         self._sub_batch_tokens = max(1, int(sub_batch_tokens))
+        self._engine = self._select_engine(path, engine, precision)
         self._warm_up()
 
     # -- public surface -------------------------------------------------------------------
@@ -147,7 +159,12 @@ class Predictor:
     @property
     def precision(self) -> Precision:
         """The precision actually used (bf16 requests fall back to fp32 without native bf16)."""
-        return self._precision
+        return self._engine.precision  # type: ignore[return-value]
+
+    @property
+    def engine(self) -> engines.Engine:
+        """The engine the forward pass runs on (see `runtime` for what it reports)."""
+        return self._engine
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score one Ray Data batch; output: passthrough columns, label, score, model tags."""
@@ -172,16 +189,19 @@ class Predictor:
     def runtime(self) -> dict[str, Any]:
         """What actually runs: {"engine", "precision", "threads"}, for run summaries, GET
         /v1/models/{name} and metric labels."""
-        return {
-            "engine": "torch",
-            "precision": self._precision,
-            "threads": self._torch_threads or torch.get_num_threads(),
-        }
+        return engines.runtime(self._engine)
 
     @property
     def max_length(self) -> int:
         """Tokens kept per text: the requested max_length, clamped to the model's positions."""
         return self._max_length
+
+    def predict_labels(
+        self, texts: Sequence[Any], engine: engines.Engine | None = None
+    ) -> np.ndarray:
+        """Labels of `texts` (None where there is none) on `engine`, this Predictor's own by
+        default: the engine gate at registration compares engines through it."""
+        return self._predict(texts, engine)[0]
 
     def predict_texts(self, texts: Sequence[Any]) -> list[dict[str, Any]]:
         """Plain-Python answers for Serve, one per text:
@@ -210,6 +230,23 @@ class Predictor:
             pad = self._tokenizer.eos_token_id or 0
         self._pad_id = int(pad)
 
+    def _select_engine(
+        self, path: str, engine: engines.EngineName, precision: Precision
+    ) -> engines.Engine:
+        threads = self._torch_threads or torch.get_num_threads()
+        rows = max(1, self._sub_batch_tokens // 16)
+        selected = engines.select_engine(
+            engine,
+            precision,
+            directory=path,
+            engines_meta=engines.read_engines_meta(path, self._meta.engine_format),
+            model=self._model,
+            threads=threads,
+            probe=engines.probe_batch(int(self._model.config.vocab_size), rows),
+        )
+        log.info("%s runs on %s", self._model_uri, engines.runtime(selected))
+        return selected
+
     def _warm_up(self) -> None:
         # The first forward pass picks and JIT-compiles kernels; pay it at load, not on the
         # first request a replica serves.
@@ -223,7 +260,9 @@ class Predictor:
         if self._torch_threads and torch.get_num_threads() != self._torch_threads:
             torch.set_num_threads(self._torch_threads)
 
-    def _predict(self, texts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    def _predict(
+        self, texts: Sequence[Any], engine: engines.Engine | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         texts = list(texts)
         labels = np.full(len(texts), None, dtype=object)
         scores = np.full(len(texts), np.nan, dtype=np.float32)
@@ -233,7 +272,7 @@ class Predictor:
         if not valid.all():
             log.warning("%d of %d rows have no usable text", (~valid).sum(), len(texts))
         rows = np.flatnonzero(valid)
-        logits = self._logits([texts[i] for i in rows])
+        logits = self._logits([texts[i] for i in rows], engine or self._engine)
         row_labels, row_scores = self._task.postprocess(logits, self._labels)
         finite = np.isfinite(logits).all(axis=1) & np.isfinite(row_scores)
         if not finite.all():
@@ -242,7 +281,7 @@ class Predictor:
         scores[rows[finite]] = row_scores[finite]
         return labels, scores
 
-    def _logits(self, texts: list[str]) -> np.ndarray:
+    def _logits(self, texts: list[str], engine: engines.Engine) -> np.ndarray:
         self._apply_threads()
         ids = self._tokenizer(
             texts,
@@ -255,21 +294,11 @@ class Predictor:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         order = np.argsort(lengths, kind="stable") if self._sort_window else np.arange(len(ids))
         out = np.empty((len(ids), len(self._labels)), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
-            for rows in _sub_batches(order, lengths, self._sub_batch_tokens):
-                input_ids, mask = _pad([ids[i] for i in rows], self._pad_id)
-                logits = self._model(input_ids=input_ids, attention_mask=mask).logits
-                out[rows] = logits.float().numpy()
+        chunks = list(_sub_batches(order, lengths, self._sub_batch_tokens))
+        padded = (_pad([ids[i] for i in rows], self._pad_id) for rows in chunks)
+        for rows, logits in zip(chunks, engine.forward(padded), strict=True):
+            out[rows] = logits
         return out
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        # Autocast rather than casting the weights: it keeps layer norms and the softmax of
-        # the head in fp32 (max score error 0.026 vs 0.052 for a bf16 model on MiniLM, same
-        # 99.6% top-1 agreement with fp32), and the weight casts it does are cached for the
-        # whole context, so a 512-row batch pays them once, not per sub-batch.
-        if self._precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 def _resolve(model_uri: str, tracking_uri: str | None) -> tuple[str, str, str]:
@@ -329,7 +358,7 @@ def _sub_batches(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterato
         yield order[start:]
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Right-pad to the longest row; no mask when every row has the same length."""
     lengths = [len(row) for row in rows]
     width = max(lengths)
@@ -337,6 +366,5 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
     if min(lengths) == width:
-        return torch.from_numpy(ids), None
-    mask = (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+        return ids, None
+    return ids, (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)

@@ -81,22 +81,43 @@ def configure_tracking(tracking_uri: str, experiment: str | None = None) -> str 
 
 
 def register_checkpoint(
-    model_name: str, run_id: str, checkpoint_dir: str | Path, tags: dict[str, str]
+    model_name: str,
+    run_id: str,
+    checkpoint_dir: str | Path,
+    tags: dict[str, str],
+    *,
+    engine_rows: Any | None = None,
+    trust_remote_code: bool = False,
 ) -> str:
-    """Upload `checkpoint_dir` to the run, then create a model version from it; return it."""
+    """Upload `checkpoint_dir` to the run, then create a model version from it; return it.
+
+    With `engine_rows` (a `serving.engines.EngineRows` of labelled validation rows), the
+    uploaded copy also holds inference engines built and checked on them, and the version's tags
+    their figures (`serving.engines.stage_with_engines`); without, the version serves on torch.
+    """
+    import tempfile
+
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from serving.engines import stage_with_engines
+
     client = MlflowClient()
-    client.log_artifacts(run_id, str(checkpoint_dir), CHECKPOINT_ARTIFACT)
+    with tempfile.TemporaryDirectory(prefix="raylift-engines-") as staging:
+        upload, engine_tags = stage_with_engines(
+            checkpoint_dir, staging, engine_rows, trust_remote_code=trust_remote_code
+        )
+        client.log_artifacts(run_id, str(upload), CHECKPOINT_ARTIFACT)
     try:
         client.create_registered_model(model_name)
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
     source = f"{mlflow.get_run(run_id).info.artifact_uri}/{CHECKPOINT_ARTIFACT}"
-    version = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+    version = client.create_model_version(
+        model_name, source=source, run_id=run_id, tags={**tags, **engine_tags}
+    )
     return str(version.version)
 
 

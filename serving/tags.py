@@ -14,6 +14,10 @@ __all__ = [
     "BASE_MODEL",
     "CONFIG_HASH",
     "CONFIG_NAME",
+    "ENGINES_NOT_BUILT",
+    "ENGINES_OFFERED",
+    "ENGINE_FIELDS",
+    "ENGINE_FORMAT",
     "EVAL_ROWS_TAGS",
     "GATE_FIELDS",
     "GIT_SHA",
@@ -36,6 +40,7 @@ __all__ = [
     "VALIDATION_ROWS",
     "VALIDATION_SPLIT",
     "format_metric",
+    "engine_tag",
     "gate_check_tag",
     "gate_tag",
     "metric_tag",
@@ -72,6 +77,15 @@ TUNE_STOPPED_EARLY = f"{_LINEAGE}tune.stopped_early"  # "true" when the schedule
 # Two versions' metrics are comparable only when both were evaluated on these same rows.
 EVAL_ROWS_TAGS = (ICEBERG_TABLE, ICEBERG_SNAPSHOT_ID, VALIDATION_SPLIT)
 
+# Inference engines built at registration (serving.engines): their format, the variants offered
+# (comma-separated names such as onnxruntime-fp32, or "none"), why none were built, and per
+# variant the gate's figures (engine_tag).
+ENGINE_FORMAT = f"{_LINEAGE}engines.format"
+ENGINES_OFFERED = f"{_LINEAGE}engines.offered"
+ENGINES_NOT_BUILT = f"{_LINEAGE}engines.not_built"
+ENGINE_FIELDS = ("verdict", "agreement", "accuracy", "reason")
+_ENGINE_PREFIX = f"{_LINEAGE}engine."
+
 # Metrics: one tag per reported metric, e.g. metric.val_accuracy.
 METRIC_PREFIX = "metric."
 
@@ -94,6 +108,14 @@ _METRIC_DIGITS = 6
 def metric_tag(name: str) -> str:
     """The tag holding metric `name`: metric.val_accuracy for val_accuracy."""
     return f"{METRIC_PREFIX}{name}"
+
+
+def engine_tag(variant: str, field: str) -> str:
+    """The tag holding one field of one engine variant's registration check, e.g.
+    raylift.engine.onnxruntime-int8.agreement; `field` is one of ENGINE_FIELDS."""
+    if field not in ENGINE_FIELDS:
+        raise ValueError(f"engine field {field!r}; known: {', '.join(ENGINE_FIELDS)}")
+    return f"{_ENGINE_PREFIX}{variant}.{field}"
 
 
 def gate_tag(alias: str) -> str:
