@@ -376,9 +376,16 @@ class ScoreConfig(_Strict):
         "1-thread actors scored 1.2-1.3x the rows of one 2-thread actor on MiniLM.",
     )
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per Predictor actor.")
-    torch_threads: int = Field(1, ge=1, description="Torch threads per Predictor actor.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Inference precision; auto: bf16 where native, else fp32."
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        description="Threads per Predictor actor, for whichever engine runs (torch, "
+        "onnxruntime or openvino).",
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="Inference precision; auto: the engine's fastest variant this CPU runs "
+        "natively (bf16 where native, int8 for onnxruntime when offered), else fp32.",
     )
     engine: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto",

@@ -101,6 +101,8 @@ class Predictor:
         sub_batch_tokens: padded tokens per forward pass (rows x longest row).
         trust_remote_code: run code shipped inside the model directory; pass the config's
             model.trust_remote_code, never a value read from the checkpoint.
+        runtime_board: a Ray actor handle with an `add` method (jobs.score.RuntimeBoard) told
+            `runtime` once the engine is chosen, so the scoring run can report it.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Predictor:
         sort_window: bool = True,
         sub_batch_tokens: int = _SUB_BATCH_TOKENS,
         trust_remote_code: bool = False,
+        runtime_board: Any = None,
     ):
         if precision not in ("auto", "fp32", "bf16", "int8"):
             raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
@@ -137,6 +140,8 @@ class Predictor:
         self._sub_batch_tokens = max(1, int(sub_batch_tokens))
         self._engine = self._select_engine(path, engine, precision)
         self._warm_up()
+        if runtime_board is not None:
+            runtime_board.add.remote(self.runtime)
 
     # -- public surface -------------------------------------------------------------------
 
