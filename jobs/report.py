@@ -263,11 +263,12 @@ def _shown_params(params: dict[str, str]) -> dict[str, str]:
 
 def _registered_version(client: Any, run_ids: list[str], parent_run_id: str | None) -> Any:
     """The newest version registered from one of `run_ids` (of a search: from that search)."""
-    found = []
-    for run_id in run_ids:
-        for version in client.search_model_versions(f"run_id = '{run_id}'"):
-            if parent_run_id is None or version.tags.get(tags.TUNE_PARENT_RUN_ID) == parent_run_id:
-                found.append(version)
+    listed = ", ".join(f"'{run_id}'" for run_id in run_ids)
+    found = [
+        version
+        for version in client.search_model_versions(f"run_id IN ({listed})")
+        if parent_run_id is None or version.tags.get(tags.TUNE_PARENT_RUN_ID) == parent_run_id
+    ]
     return max(found, key=lambda v: int(v.creation_timestamp or 0), default=None)
 
 

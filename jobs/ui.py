@@ -41,15 +41,32 @@ def main(config: LifecycleConfig, port: int = 5000) -> None:
     _require_free_port(port)
     url = f"http://{HOST}:{port}"
     log.info("starting the MLflow UI on %s", config.registry.tracking_uri)
-    server = subprocess.Popen(command, env=server_env())
+    # Its own session: Ctrl-C reaches raylift alone, which stops the server with one SIGTERM
+    # (in the terminal's group, uvicorn got SIGINT twice, once more forwarded by `mlflow
+    # server`, and died with a traceback).
+    server = subprocess.Popen(command, env=server_env(), start_new_session=True)
     try:
         _wait_until_up(server, url)
-        print(f"MLflow UI: {url}  (Ctrl-C stops it)", flush=True)
+        print(f"MLflow UI: {url}  (Ctrl-C stops it){_runs_page(config, url)}", flush=True)
         code = server.wait()
     except KeyboardInterrupt:
         _stop(server)
         return
-    raise SystemExit(f"error: mlflow server exited with code {code}; see its log above")
+    if code != 0:  # 0: someone stopped the server itself
+        raise SystemExit(f"error: mlflow server exited with code {code}; see its log above")
+
+
+def _runs_page(config: LifecycleConfig, url: str) -> str:
+    """Where the config's experiment lists its runs: MLflow 3 opens experiments on a GenAI
+    overview, where a training run is two clicks away."""
+    from mlflow import MlflowClient
+
+    uri = registry.absolute_tracking_uri(config.registry.tracking_uri)
+    experiment = MlflowClient(uri).get_experiment_by_name(config.registry.experiment)
+    if experiment is None:
+        return ""
+    runs = f"{url}/#/experiments/{experiment.experiment_id}/runs"
+    return f"\nruns of experiment {experiment.name}: {runs}"
 
 
 def server_command(config: LifecycleConfig, port: int) -> list[str]:
@@ -91,6 +108,8 @@ def _sqlite_store(uri: str) -> Path | None:
 
 def _require_free_port(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # as uvicorn binds: a port whose last connections wait in TIME_WAIT is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
         except OSError:
