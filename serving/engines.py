@@ -453,8 +453,8 @@ def build_engines(
     rows: EngineRows,
     *,
     threads: int = 1,
-    min_agreement: float = MIN_AGREEMENT,
-    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
     trust_remote_code: bool = False,
 ) -> Any:
     """Export the checkpoint in `directory` under engines/, check every variant on `rows`
@@ -467,6 +467,8 @@ def build_engines(
     from jobs.checkpoint import EnginesMeta
     from serving.predictor import Predictor
 
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+    max_accuracy_drop = MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop
     reference = Predictor(
         str(directory),
         engine="torch",

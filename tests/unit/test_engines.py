@@ -1,0 +1,285 @@
+"""Inference engines on a tiny random BERT (no Ray): built and gated at registration, each
+variant labels like fp32 torch, `auto` picks by measurement, and anything missing, refused,
+damaged or older serves on torch with a warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serving import engines, tags
+from tests.helpers import WORDS, make_lora_checkpoint, make_ticket_rows
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
+ALL_VARIANTS = [
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+]
+
+
+def _native_bf16() -> bool:
+    from cluster import hardware
+
+    return hardware.cpu_has_native_bf16()
+
+
+def _skip_without_bf16(precision: str) -> None:
+    if precision == "bf16" and not _native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 paths cannot run")
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=k)) for k in rng.integers(1, 31, size=n)]
+
+
+def _rows(n: int = 120) -> engines.EngineRows:
+    rows = make_ticket_rows(n, LABELS, seed=3)
+    return engines.EngineRows(
+        texts=[r["text"] for r in rows], labels=[r["category"] for r in rows], source="test rows"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_bert, tmp_path_factory) -> str:
+    return make_lora_checkpoint(tiny_bert, tmp_path_factory.mktemp("ckpt") / "tiny", LABELS)
+
+
+@pytest.fixture(scope="module")
+def staged(checkpoint, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """What registration uploads for the tiny checkpoint, and the version's engine tags."""
+    return engines.stage_with_engines(checkpoint, tmp_path_factory.mktemp("stage"), _rows())
+
+
+def _copy(staged_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(staged_dir, tmp_path / "version"))
+
+
+def _predictor(path, **kwargs):
+    from serving.predictor import Predictor
+
+    return Predictor(str(path), torch_threads=1, **kwargs)
+
+
+def test_registration_exports_and_records_every_variant(checkpoint, staged):
+    from jobs.modeling import read_checkpoint_meta
+
+    directory, version_tags = staged
+    assert directory != Path(checkpoint) and not (Path(checkpoint) / "engines").exists()
+    for name in ("model.onnx", "model.int8.onnx", "engines.json"):
+        assert (directory / "engines" / name).is_file()
+    assert read_checkpoint_meta(directory).engine_format == 1
+    report = json.loads((directory / "engines" / "engines.json").read_text())
+    assert report["rows"] == 120 and report["min_agreement"] == 0.995
+    variants = {(v["engine"], v["precision"]): v for v in report["variants"]}
+    assert set(variants) == set(ALL_VARIANTS)
+    for key, variant in variants.items():
+        if key[1] == "bf16" and not _native_bf16():
+            assert not variant["offered"] and "no native bf16" in variant["reason"]
+            continue
+        assert variant["offered"], variant["reason"]
+        assert variant["agreement"] >= 0.995
+        name = engines.variant_name(*key)
+        assert version_tags[tags.engine_tag(name, "verdict")] == "offered"
+        assert float(version_tags[tags.engine_tag(name, "agreement")]) == pytest.approx(
+            variant["agreement"], abs=1e-6
+        )
+    assert version_tags[tags.ENGINE_FORMAT] == "1"
+    assert "onnxruntime-int8" in version_tags[tags.ENGINES_OFFERED].split(",")
+
+
+@pytest.mark.parametrize(("engine", "precision"), ALL_VARIANTS)
+def test_each_variant_labels_like_fp32_torch(staged, engine, precision, monkeypatch):
+    """Every precision path is forced; bf16 ones are skipped where the CPU cannot run them."""
+    _skip_without_bf16(precision)
+    directory, _ = staged
+    texts = np.array(_texts(300, seed=1), dtype=object)
+    reference = _predictor(directory, engine="torch", precision="fp32")({"text": texts})
+    predictor = _predictor(directory, engine=engine, precision=precision)
+    got = predictor({"text": texts})
+
+    assert predictor.runtime == {"engine": engine, "precision": precision, "threads": 1}
+    assert np.mean(got["label"] == reference["label"]) >= engines.MIN_AGREEMENT
+    tolerance = 1e-4 if precision == "fp32" else 0.03
+    np.testing.assert_allclose(got["score"], reference["score"], atol=tolerance)
+    assert list(got) == list(reference)  # same output columns, same order
+
+
+def test_predict_texts_is_the_same_on_every_engine(staged):
+    """The Serve path (predict_texts) answers alike whatever runs underneath."""
+    directory, _ = staged
+    texts = ["card arrived late", "", "refund pending"]
+    answers = [
+        _predictor(directory, engine=e, precision="fp32").predict_texts(texts)
+        for e in ("torch", "onnxruntime", "openvino")
+    ]
+    assert [a["label"] for a in answers[1]] == [a["label"] for a in answers[0]]
+    assert [a["label"] for a in answers[2]] == [a["label"] for a in answers[0]]
+    assert answers[1][1]["error"] is not None and answers[2][1]["label"] is None
+
+
+def test_auto_picks_the_fastest_offered_variant_by_measurement(staged, monkeypatch, caplog):
+    import time
+
+    directory, _ = staged
+    monkeypatch.setattr(engines, "CALIBRATION_S", 0.2)
+
+    def slow(forward):
+        def run(self, batches):
+            for out in forward(self, batches):
+                time.sleep(0.02)
+                yield out
+
+        return run
+
+    # Everything but onnxruntime is made slow: auto must measure, not guess.
+    monkeypatch.setattr(engines.TorchEngine, "forward", slow(engines.TorchEngine.forward))
+    monkeypatch.setattr(engines.OpenVinoEngine, "forward", slow(engines.OpenVinoEngine.forward))
+    with caplog.at_level(logging.INFO, logger="serving.engines"):
+        predictor = _predictor(directory, engine="auto", precision="auto")
+    assert predictor.runtime["engine"] == "onnxruntime"
+    assert "engine=auto picked onnxruntime" in caplog.text
+    assert "torch" in caplog.text and "openvino" in caplog.text  # all candidates were timed
+
+
+def test_auto_on_fp32_considers_only_fp32_variants(staged):
+    directory, _ = staged
+    predictor = _predictor(directory, engine="auto", precision="fp32")
+    assert predictor.runtime["precision"] == "fp32"
+
+
+def test_a_variant_failing_the_gate_is_not_offered_and_says_why(checkpoint, tmp_path, caplog):
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(engines, "MIN_AGREEMENT", 1.01)  # impossible: every variant is refused
+    try:
+        directory, version_tags = engines.stage_with_engines(checkpoint, tmp_path, _rows(60))
+    finally:
+        monkey.undo()
+    report = json.loads((directory / "engines" / "engines.json").read_text())
+    refused = [v for v in report["variants"] if not v["offered"]]
+    assert {(v["engine"], v["precision"]) for v in refused} == set(ALL_VARIANTS) - {
+        ("torch", "fp32")
+    }
+    for variant in refused:
+        name = engines.variant_name(variant["engine"], variant["precision"])
+        assert version_tags[tags.engine_tag(name, "verdict")] == "refused"
+        assert version_tags[tags.engine_tag(name, "reason")] == variant["reason"]
+        if variant["agreement"] is not None:
+            assert "below 1.01" in variant["reason"]
+    assert version_tags[tags.ENGINES_OFFERED] == "torch-fp32"
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(directory, engine="onnxruntime", precision="fp32")
+    assert predictor.runtime["engine"] == "torch"
+    assert "refused at registration: top-1 agreement" in caplog.text
+    auto = _predictor(directory, engine="auto", precision="auto")
+    assert auto.runtime == {"engine": "torch", "precision": "fp32", "threads": 1}
+
+
+def test_a_variant_that_cannot_run_is_refused_with_the_error(checkpoint, tmp_path, monkeypatch):
+    def broken_quantization(source, target):
+        Path(target).write_bytes(b"not an onnx file")
+        return Path(target)
+
+    monkeypatch.setattr(engines, "quantize_int8", broken_quantization)
+    directory, version_tags = engines.stage_with_engines(checkpoint, tmp_path, _rows(60))
+    reason = version_tags[tags.engine_tag("onnxruntime-int8", "reason")]
+    assert reason.startswith("failed to run:")
+    assert version_tags[tags.engine_tag("onnxruntime-fp32", "verdict")] == "offered"
+    assert "onnxruntime-int8" not in version_tags[tags.ENGINES_OFFERED]
+
+
+def test_a_missing_artifact_falls_back_to_torch_with_a_warning(staged, tmp_path, caplog):
+    directory = _copy(staged[0], tmp_path)
+    (directory / "engines" / "model.onnx").unlink()
+    texts = np.array(_texts(40), dtype=object)
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(directory, engine="openvino", precision="fp32")
+    assert predictor.runtime == {"engine": "torch", "precision": "fp32", "threads": 1}
+    assert "engines/model.onnx is missing" in caplog.text
+    reference = _predictor(directory, engine="torch", precision="fp32")
+    assert list(predictor({"text": texts})["label"]) == list(reference({"text": texts})["label"])
+
+
+def test_a_damaged_artifact_falls_back_to_torch_with_a_warning(staged, tmp_path, caplog):
+    directory = _copy(staged[0], tmp_path)
+    (directory / "engines" / "model.int8.onnx").write_bytes(b"\x00garbage")
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(directory, engine="onnxruntime", precision="int8")
+    assert predictor.runtime["engine"] == "torch"
+    assert "onnxruntime-int8 could not be opened" in caplog.text
+
+
+def test_a_checkpoint_without_engines_serves_on_torch(checkpoint, tmp_path, caplog):
+    """Versions registered before engines (format 2, or format 3 without engine_format)."""
+    directory = Path(shutil.copytree(checkpoint, tmp_path / "old"))
+    meta = json.loads((directory / "raylift.json").read_text())
+    meta.pop("engine_format")
+    (directory / "raylift.json").write_text(json.dumps({**meta, "format_version": 2}))
+    assert _predictor(directory, engine="auto", precision="fp32").runtime["engine"] == "torch"
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(directory, engine="openvino", precision="fp32")
+    assert predictor.runtime["engine"] == "torch"
+    assert "not built for this version" in caplog.text
+
+
+def test_a_newer_engine_format_serves_on_torch(staged, tmp_path, caplog):
+    from jobs.modeling import read_checkpoint_meta, write_checkpoint_meta
+
+    directory = _copy(staged[0], tmp_path)
+    meta = read_checkpoint_meta(directory)
+    write_checkpoint_meta(directory, meta.model_copy(update={"engine_format": 99}))
+    with caplog.at_level(logging.WARNING):
+        predictor = _predictor(directory, engine="onnxruntime", precision="fp32")
+    assert predictor.runtime["engine"] == "torch"
+    assert "engine format 99, newer than the 1" in caplog.text
+
+
+def test_no_engines_without_rows_or_for_a_non_raylift_directory(checkpoint, tmp_path):
+    directory, found = engines.stage_with_engines(checkpoint, tmp_path / "a", None)
+    assert directory == Path(checkpoint)
+    assert "no labelled validation rows" in found[tags.ENGINES_NOT_BUILT]
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    directory, found = engines.stage_with_engines(marker, tmp_path / "b", _rows(10))
+    assert directory == marker and "not a raylift checkpoint" in found[tags.ENGINES_NOT_BUILT]
+
+
+def test_a_failed_export_registers_without_engines(checkpoint, tmp_path, monkeypatch):
+    def fails(model, path):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(engines, "export_onnx", fails)
+    directory, found = engines.stage_with_engines(checkpoint, tmp_path, _rows(10))
+    assert directory == Path(checkpoint)
+    assert found[tags.ENGINES_NOT_BUILT] == "export failed: exporter exploded"
+
+
+def test_unknown_engine_or_precision_names_the_choices(checkpoint):
+    with pytest.raises(ValueError, match="engine='tensorrt'.*'onnxruntime'"):
+        _predictor(checkpoint, engine="tensorrt")
+    with pytest.raises(ValueError, match="precision='fp8'.*'int8'"):
+        _predictor(checkpoint, precision="fp8")
+
+
+def test_engine_tag_names_are_owned_by_serving_tags():
+    assert tags.engine_tag("openvino-bf16", "agreement") == "raylift.engine.openvino-bf16.agreement"
+    with pytest.raises(ValueError, match="known: verdict"):
+        tags.engine_tag("openvino-bf16", "speed")
