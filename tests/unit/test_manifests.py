@@ -479,3 +479,15 @@ def test_generator_refuses_a_registry_only_one_pod_can_see(monkeypatch, capsys):
     argv = ["serve-config", "--config", "configs/banking77/minilm_lora.yaml", "serve.port=8001"]
     assert kuberay_gen.main(argv) == 2
     assert "MLFLOW_TRACKING_USERNAME" in capsys.readouterr().err
+
+
+def test_the_command_with_write_rebuilds_the_committed_manifest(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    committed = (KUBERAY_DIR / "rayservice.yaml").read_text()
+    stale = tmp_path / "rayservice.yaml"
+    stale.write_text(committed.replace("request_timeout_s: 60.0", "request_timeout_s: 1.0"))
+    (service,) = _of_kind("RayService")
+    first = service["spec"]["serveConfigV2"].splitlines()[0]
+    words = shlex.split(first.removeprefix(kuberay_gen.GENERATED_BY))
+    assert kuberay_gen.main([*words[3:], "--write", str(stale)]) == 0
+    assert stale.read_text() == committed
