@@ -369,8 +369,9 @@ def _draw_curves(path: Path, search: _Search, winner: Trial | None) -> str:
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
-    _curves_legend(fig, axes.flat[0], search)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    legend_rows = _curves_legend(fig, axes.flat[0], search)
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.1 + 0.25 * legend_rows) / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
@@ -404,7 +405,8 @@ def _plot_trial(ax: Any, trial: Trial, metric: str, color: Any, is_winner: bool)
         )
 
 
-def _curves_legend(fig: Any, first_ax: Any, search: _Search) -> None:
+def _curves_legend(fig: Any, first_ax: Any, search: _Search) -> int:
+    """The legend above the plots; returns how many rows of entries it has."""
     from matplotlib.lines import Line2D
 
     handles, labels = first_ax.get_legend_handles_labels()
@@ -414,6 +416,7 @@ def _curves_legend(fig: Any, first_ax: Any, search: _Search) -> None:
         labels.append("stopped early by ASHA")
     columns = min(6, len(labels))
     fig.legend(handles, labels, loc="upper center", ncol=columns, fontsize=8, frameon=False)
+    return math.ceil(len(labels) / max(1, columns))
 
 
 def _draw_confusion(path: Path, confusion: Confusion) -> str:
@@ -425,8 +428,9 @@ def _draw_confusion(path: Path, confusion: Confusion) -> str:
     counts = counts[: len(truth)]  # the no-prediction label is a column, never a true label
     small = len(labels) <= _ANNOTATED_LABELS
     shown = counts.astype(float)
-    if not small:  # the diagonal would drown every mistake: show the mistakes alone
+    if not small:  # the diagonal would drown every mistake: show the mistakes alone, on white
         np.fill_diagonal(shown, np.nan)
+        shown[shown == 0] = np.nan
     size = max(5.5, 0.17 * len(labels) + 3.5)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(
@@ -537,7 +541,14 @@ def _header(config: LifecycleConfig, search: _Search, name: str) -> str:
         "tracking store": f"<code>{_e(config.registry.tracking_uri)}</code>",
     }
     rows = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts.items())
-    return f"<h1>{_e(what)}: {_e(name)}</h1>\n<dl>{rows}</dl>"
+    running = ""
+    if run.info.status == "RUNNING" and search.kind == "tune":
+        running = (
+            '<p class="note">The search is still running (or its driver died: raylift tune '
+            "--resume): each trial's outcome is recorded when the search ends, and the winner "
+            "is registered then.</p>"
+        )
+    return f"<h1>{_e(what)}: {_e(name)}</h1>\n<dl>{rows}</dl>{running}"
 
 
 def _when(millis: int | None) -> str:
