@@ -69,7 +69,7 @@ def _warehouse(args: argparse.Namespace) -> Any:
 def _finetune(args: argparse.Namespace) -> Any:
     from jobs import finetune
 
-    return finetune.main(_config(args))
+    return finetune.main(_config(args), resume=args.resume)
 
 
 def _tune(args: argparse.Namespace) -> Any:
@@ -83,6 +83,15 @@ def _resume_argument(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="Continue this config's search whose driver died; finished trials are kept.",
+    )
+
+
+def _finetune_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue this config's training run whose driver died, from its last checkpoint "
+        "(same checkpoint folder, same MLflow run).",
     )
 
 
@@ -195,7 +204,11 @@ COMMANDS: dict[str, Command] = {
         _warehouse,
         add_arguments=_warehouse_action,
     ),
-    "finetune": Command("Fine-tune with Ray Train + DeepSpeed; register the model.", _finetune),
+    "finetune": Command(
+        "Fine-tune with Ray Train + DeepSpeed; register the model.",
+        _finetune,
+        add_arguments=_finetune_resume_argument,
+    ),
     "tune": Command(
         "Search hyperparameters with Ray Tune (ASHA); register the winner.",
         _tune,

@@ -1,21 +1,38 @@
 """Fine-tune a pretrained model on a warehouse table with Ray Train + DeepSpeed; register it.
 
 python -m jobs.finetune --config configs/banking77/minilm_lora.yaml [key=value ...]
+
+Give --resume as well to continue the training run of this config whose driver died.
+
+A run is named by the config (name and hash), so a new driver finds it: its Ray Train folder
+(train.checkpoint_dir/<name>-<hash>) holds the checkpoints and `raylift_finetune.json` (the
+MLflow run, the pinned snapshot, whether it finished). Dead workers are restarted by Ray Train
+(train.max_failures) from the latest checkpoint; a dead driver's run is continued by --resume,
+in the same folder and the same MLflow run. The MLflow run ends FAILED when the driver fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
+import math
+import shutil
+import signal
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cluster import init_ray
 from cluster.storage import worker_visible_uri
 from jobs import tracking
-from jobs.config import LifecycleConfig, config_hash
+from jobs.config import LifecycleConfig, config_hash, with_overrides
 from jobs.modeling import resolve_base_model
-from jobs.train_loop import LoopInputs, train_func
+from jobs.train_loop import STATE_DIR, LoopInputs, train_func
 from jobs.training_data import (
     EveryEvalRowConfig,
     PreparedData,
@@ -24,9 +41,18 @@ from jobs.training_data import (
 )
 from serving import registry
 
-__all__ = ["FinetuneResult", "build_trainer", "loop_inputs", "main"]
+__all__ = [
+    "FinetuneResult",
+    "build_trainer",
+    "loop_inputs",
+    "main",
+    "registrable_directory",
+    "run_name",
+]
 
 log = logging.getLogger(__name__)
+
+_STATE_FILE = "raylift_finetune.json"
 
 
 @dataclass
@@ -39,18 +65,24 @@ class FinetuneResult:
     wall_s: float
 
 
-def main(config: LifecycleConfig) -> FinetuneResult:
+def main(config: LifecycleConfig, resume: bool = False) -> FinetuneResult:
     started = time.perf_counter()
     resolve_base_model(config.model.base)  # fail before touching the cluster
-    rows = scan_training_rows(config)  # pyiceberg only: unusable data is refused before Ray
+    run_path = _run_path(config)
+    state = _run_state(run_path, resume)
+    # pyiceberg only: unusable data is refused before Ray. Resuming, training goes on over the
+    # snapshot the first driver pinned (the config itself, and so its hash, stay as given).
+    pinned = {"data.snapshot_id": state["snapshot_id"]} if resume else {}
+    rows = scan_training_rows(with_overrides(config, pinned))
     init_ray()
     data = prepare_training_data(config, rows)
     tags = tracking.lineage_tags(config, data.lineage())
-    with tracking.tracked_run(config, tags) as run_id:
-        result = _train(config, data, tags, run_id)
+    with _sigterm_raises(), _mlflow_run(config, tags, state.get("run_id")) as run_id:
+        _write_state(run_path, run_id, data.snapshot_id, finished=False)
+        result = _train(config, data, tags, run_id, run_path)
         checkpoint, metrics = _best_checkpoint(result, config.promote.metric)
-        with checkpoint.as_directory() as directory:
-            version = tracking.register(config, run_id, directory, tags, metrics)
+        version = _register_once(config, run_id, checkpoint, tags, metrics)
+        _write_state(run_path, run_id, data.snapshot_id, finished=True)
     finished = FinetuneResult(
         run_id=run_id,
         model_name=config.registry.model_name,
@@ -63,15 +95,120 @@ def main(config: LifecycleConfig) -> FinetuneResult:
     return finished
 
 
-def _train(config: LifecycleConfig, data: PreparedData, tags: dict[str, str], run_id: str):
-    inputs = loop_inputs(config, data, tags, run_id)
-    trainer = build_trainer(
-        config,
-        data,
-        inputs,
-        name=f"{config.name}-{config_hash(config)}-{int(time.time())}",
-        storage_path=_storage_path(config.train.checkpoint_dir),
+def run_name(config: LifecycleConfig) -> str:
+    """Deterministic: the same config names the same run, which is how --resume finds it. The
+    snapshot is not in the name: it is pinned in the run's state file, so data loaded after a
+    crash does not hide the run from its resume."""
+    return f"{config.name}-{config_hash(config)}"
+
+
+def _run_path(config: LifecycleConfig) -> str:
+    storage = worker_visible_uri(
+        config.train.checkpoint_dir, key="train.checkpoint_dir", create=True
     )
+    return f"{storage.rstrip('/')}/{run_name(config)}"
+
+
+# --- run state: what --resume needs besides Ray Train's own files ----------------------------
+
+
+def _filesystem(path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path)
+
+
+def _read_state(run_path: str) -> dict[str, Any] | None:
+    import pyarrow.fs
+
+    fs, path = _filesystem(run_path)
+    state = f"{path}/{_STATE_FILE}"
+    if fs.get_file_info(state).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(state) as stream:
+        return json.loads(stream.read())
+
+
+def _write_state(run_path: str, run_id: str, snapshot_id: int, finished: bool) -> None:
+    fs, path = _filesystem(run_path)
+    fs.create_dir(path, recursive=True)
+    body = {"run_id": run_id, "snapshot_id": snapshot_id, "finished": finished}
+    with fs.open_output_stream(f"{path}/{_STATE_FILE}") as stream:
+        stream.write(json.dumps(body).encode())
+
+
+def _run_state(run_path: str, resume: bool) -> dict[str, Any]:
+    """The saved state to resume from; {} for a fresh start (a finished run's folder is
+    cleared: its model is in the registry)."""
+    state = _read_state(run_path)
+    unfinished = state is not None and not state.get("finished")
+    if resume:
+        if not unfinished:
+            raise ValueError(
+                f"nothing to resume at {run_path}: no unfinished finetune of this config (same "
+                "name and model settings); start one with raylift finetune --config FILE "
+                "(without --resume)"
+            )
+        log.info("resuming the training run at %s (MLflow run %s)", run_path, state["run_id"])
+        return state
+    if unfinished:
+        raise ValueError(
+            f"an unfinished finetune of this config is at {run_path} (MLflow run "
+            f"{state['run_id']}): continue it with raylift finetune --config FILE --resume, or "
+            "delete that folder to start over"
+        )
+    fs, path = _filesystem(run_path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)
+    return {}
+
+
+@contextlib.contextmanager
+def _mlflow_run(
+    config: LifecycleConfig, run_tags: dict[str, str], run_id: str | None
+) -> Iterator[str]:
+    """The run's MLflow run: a new one, or (resuming) the one the dead driver started. Either
+    ends FAILED if the body raises, FINISHED otherwise."""
+    import mlflow
+
+    if run_id is None:
+        with tracking.tracked_run(config, run_tags) as new_run_id:
+            yield new_run_id
+        return
+    registry.configure_tracking(config.registry.tracking_uri, config.registry.experiment)
+    with mlflow.start_run(run_id=run_id):
+        yield run_id
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM (`ray job stop`, a pod deleted) unwinds like an error, so the MLflow run is ended
+    FAILED rather than left RUNNING. Only SIGKILL skips that; --resume then reopens the run."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def _train(
+    config: LifecycleConfig, data: PreparedData, tags: dict[str, str], run_id: str, run_path: str
+):
+    inputs = loop_inputs(config, data, tags, run_id)
+    storage, _, name = run_path.rpartition("/")
+    trainer = build_trainer(config, data, inputs, name=name, storage_path=storage)
     return trainer.fit()
 
 
@@ -102,13 +239,17 @@ def build_trainer(
 ):
     """The TorchTrainer running `train_func` over the pinned data: one per finetune or trial.
 
-    Checkpoints are kept by `metric` (promote.metric by default) in `mode` order, so the best
-    epoch of the run is always among the two kept.
+    Checkpoints are kept by `metric` (promote.metric by default) in `mode` order: the best two
+    epochs, plus the latest checkpoint (Ray Train never deletes it), which is what a restart
+    resumes from. Ray Train restarts dead workers train.max_failures times; the run's folder
+    is storage_path/name, and a trainer with the same name continues from its checkpoints.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = config.train
+    metric = metric or config.promote.metric
+    inputs = dataclasses.replace(inputs, checkpoint_metric=metric)
     return TorchTrainer(
         train_func,
         train_loop_config=inputs.as_dict(),
@@ -126,25 +267,80 @@ def build_trainer(
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2,
-                checkpoint_score_attribute=metric or config.promote.metric,
+                checkpoint_score_attribute=metric,
                 checkpoint_score_order=mode,
             ),
+            failure_config=FailureConfig(max_failures=train.max_failures),
             callbacks=callbacks,
         ),
         datasets=data.datasets,
-        dataset_config=EveryEvalRowConfig(),
+        dataset_config=_data_config(config),
     )
 
 
-def _storage_path(checkpoint_dir: str) -> str:
-    return worker_visible_uri(checkpoint_dir, key="train.checkpoint_dir", create=True)
+def _data_config(config: LifecycleConfig) -> EveryEvalRowConfig:
+    """Mid-epoch checkpoints resume at a data position, which means something only if every
+    pass over the training stream yields the same batches in the same order: Ray Data then
+    keeps the stream's order (preserve_order: blocks in read order, and the split among
+    workers made in that order, not by which worker asks first). Without them, a restart goes
+    back to an epoch's start and the order need not repeat."""
+    if config.train.checkpoint_every_steps is None:
+        return EveryEvalRowConfig()
+    import copy
+
+    from ray.data import DataContext
+
+    ordered = copy.deepcopy(DataContext.get_current().execution_options)
+    ordered.preserve_order = True
+    return EveryEvalRowConfig(execution_options={"train": ordered})
 
 
 def _best_checkpoint(result, metric: str):
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    ranked = [
+        (c, m)
+        for c, m in (result.best_checkpoints or [])
+        if isinstance(m.get(metric), int | float) and not math.isnan(m[metric])
+    ]
     if not ranked:
         raise RuntimeError(f"training reported no checkpoint with metric {metric!r}")
     return max(ranked, key=lambda item: item[1][metric])
+
+
+# --- registration -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def registrable_directory(checkpoint) -> Iterator[str]:
+    """A Ray Train checkpoint's files as the registry takes them: weights, tokenizer and
+    raylift.json, never the state/ folder that resuming needs (optimizer state, RNG)."""
+    with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as staging:
+        target = Path(staging) / "checkpoint"
+        shutil.copytree(directory, target, ignore=_top_level(Path(directory), STATE_DIR))
+        yield str(target)
+
+
+def _top_level(root: Path, name: str):
+    def ignore(folder: str, entries: list[str]) -> list[str]:
+        return [name] if Path(folder) == root and name in entries else []
+
+    return ignore
+
+
+def _register_once(
+    config: LifecycleConfig, run_id: str, checkpoint, tags: dict[str, str], metrics: dict
+) -> str:
+    """Register the checkpoint, unless this run already did (a driver that died after
+    registering, resumed)."""
+    from mlflow import MlflowClient
+
+    name = config.registry.model_name
+    existing = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if existing:
+        version = str(max(int(v.version) for v in existing))
+        log.info("run %s already registered %s version %s", run_id, name, version)
+        return version
+    with registrable_directory(checkpoint) as directory:
+        return tracking.register(config, run_id, directory, tags, metrics)
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
@@ -153,6 +349,12 @@ def _fmt(metrics: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
+    import functools
+    import sys
+
     from jobs.cli import run_job
 
+    if "--resume" in sys.argv:  # run_job parses --config and overrides only
+        sys.argv.remove("--resume")
+        main = functools.partial(main, resume=True)
     run_job(main, __doc__)

@@ -3,17 +3,29 @@
 Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage from the config), reads
 its shard of the tokenized Ray Data stream, trains with per-batch padding over length-sorted
 windows, evaluates on its validation shard, and reports metrics plus a safetensors checkpoint.
+
+Every checkpoint also holds `state/`: what resuming needs (the DeepSpeed engine's trainable
+weights, optimizer and LR schedule as `engine.save_checkpoint` writes them, one shard per rank;
+each rank's torch RNG; and `progress.json`: epoch, batches of it already trained, the epoch's
+running loss). Checkpoints come at each epoch end (weights + tokenizer + raylift.json + state/)
+and, with train.checkpoint_every_steps, within epochs (state/ only). A restarted worker group
+(Ray Train FailureConfig) or a resumed run (`raylift finetune --resume`) gets the latest one from
+`ray.train.get_checkpoint()`, loads it on every rank, skips the batches of the epoch already
+trained and carries on. Registration never takes state/ (jobs.finetune.registrable_directory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +39,13 @@ from jobs.tasks import Task, get_task
 
 __all__ = [
     "REPORTED_METRICS",
+    "RESUME_METRIC",
+    "STATE_DIR",
     "LoopInputs",
+    "TrainProgress",
     "deepspeed_config",
     "pad_batch",
+    "read_progress",
     "train_func",
     "windowed_batches",
 ]
@@ -37,6 +53,12 @@ __all__ = [
 INPUT_IDS = "input_ids"
 TARGETS = "targets"
 _LOG_EVERY_STEPS = 50
+
+STATE_DIR = "state"  # inside a checkpoint: what resuming needs; never registered
+_PROGRESS_FILE = "progress.json"
+_ENGINE_TAG = "engine"  # DeepSpeed's checkpoint tag: state/engine/
+# Logged (step = optimizer step) each time training resumes from a checkpoint.
+RESUME_METRIC = "train_resumed_at_step"
 
 # What train_func reports each epoch: the metrics tracking, registry tags and Tune read.
 REPORTED_METRICS = (
@@ -63,9 +85,34 @@ class LoopInputs:
     meta: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str | None = None  # MLflow run rank 0 logs each epoch to
     run_id: str | None = None
+    # The metric Ray Train keeps checkpoints by; mid-epoch checkpoints report it as NaN (ranked
+    # last in either mode). None: promote.metric.
+    checkpoint_metric: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class TrainProgress:
+    """Where a checkpoint stands (state/progress.json, written by rank 0)."""
+
+    epoch: int = 1  # the epoch being trained, from 1
+    batches: int = 0  # batches of that epoch already trained on every rank: the data position
+    epoch_done: bool = False  # the epoch was trained, evaluated and reported: resume at the next
+    loss_sum: float = 0.0  # summed over every rank's rows of those batches (the epoch's loss)
+    rows: int = 0
+    global_step: int = 0  # optimizer steps since the start of the run
+    world_size: int = 1
+    metrics: dict[str, Any] = field(default_factory=dict)  # what the epoch reported (epoch ends)
+
+    def resume_point(self) -> TrainProgress:
+        """Where training goes on from: the next epoch when this one was done."""
+        if not self.epoch_done:
+            return self
+        return TrainProgress(
+            epoch=self.epoch + 1, global_step=self.global_step, world_size=self.world_size
+        )
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
@@ -75,22 +122,96 @@ def train_func(loop_config: dict[str, Any]) -> None:
     config = LifecycleConfig.model_validate(inputs.config)
     _configure_worker(config.train)
     context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     task = get_task(config.task.type)
-    engine, precision = _setup_engine(config, task, inputs, context.get_world_size())
+    engine, precision = _setup_engine(config, task, inputs, world_size)
     tokenizer = load_tokenizer(
         resolve_base_model(config.model.base), config.model.trust_remote_code
     )
+    start = _restore(engine, inputs, rank, world_size)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     pad_id = tokenizer.pad_token_id
-    for epoch in range(1, config.train.epochs + 1):
-        stats = _train_epoch(engine, train_shard, config.train, pad_id, epoch)
+    metric = inputs.checkpoint_metric or config.promote.metric
+
+    def save_mid_epoch(progress: TrainProgress) -> None:
+        _report_state(engine, progress, metric, rank)
+
+    for epoch in range(start.epoch, config.train.epochs + 1):
+        begin = start if epoch == start.epoch else TrainProgress(epoch=epoch)
+        stats = _train_epoch(engine, train_shard, config.train, pad_id, begin, save_mid_epoch)
         evaluation = _evaluate(engine, val_shard, task, config.train, len(inputs.labels), pad_id)
         metrics = {"epoch": epoch, **stats, **evaluation}
-        if context.get_world_rank() == 0:
-            _log_epoch(inputs, metrics, epoch)
         meta = _checkpoint_meta(inputs, config, metrics, precision)
-        _report(engine, metrics, tokenizer, meta, config, context.get_world_rank())
+        done = _progress(engine, epoch, stats["train_steps"], 0.0, 0, epoch_done=True)
+        done.metrics = metrics
+        _report(engine, metrics, tokenizer, meta, config, rank, done)
+        if rank == 0:
+            _log_epoch(inputs, metrics, epoch)
+
+
+def _restore(engine, inputs: LoopInputs, rank: int, world_size: int) -> TrainProgress:
+    """Load the latest checkpoint's state on this rank, if the run has one; where to start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainProgress(world_size=world_size)
+    with checkpoint.as_directory() as directory:
+        state = Path(directory) / STATE_DIR
+        progress = read_progress(state)
+        _require_same_world(progress, world_size, checkpoint.path)
+        started = time.perf_counter()
+        load_engine_state(engine, state)
+        _load_rng(state, rank)
+    if rank == 0:
+        print(
+            f"raylift.train: resumed from {Path(checkpoint.path).name}: epoch {progress.epoch} "
+            f"{'done' if progress.epoch_done else f'after batch {progress.batches}'}, "
+            f"step {progress.global_step} (loaded in {time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
+        _log_resume(inputs, progress)
+    return progress.resume_point()
+
+
+def read_progress(state: str | Path) -> TrainProgress:
+    """The progress.json of a checkpoint's state/ folder."""
+    path = Path(state) / _PROGRESS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent.parent} has no {STATE_DIR}/{_PROGRESS_FILE}: it was not written by "
+            "this raylift's train loop and cannot be resumed from; delete the run folder "
+            "(train.checkpoint_dir) to start over"
+        )
+    return TrainProgress(**json.loads(path.read_text()))
+
+
+def _require_same_world(progress: TrainProgress, world_size: int, where: str) -> None:
+    # ZeRO shards the optimizer state per rank, and each rank's data position is in its shard.
+    if progress.world_size != world_size:
+        raise ValueError(
+            f"the checkpoint at {where} was saved by {progress.world_size} worker(s), and this "
+            f"run has {world_size}; resume with train.num_workers={progress.world_size}"
+        )
+
+
+def _log_resume(inputs: LoopInputs, progress: TrainProgress) -> None:
+    """Record the resume in MLflow, and log the checkpointed epoch if its log was lost."""
+    if not (inputs.tracking_uri and inputs.run_id):
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(inputs.tracking_uri)
+    client.log_metric(inputs.run_id, RESUME_METRIC, progress.global_step, step=progress.global_step)
+    # An epoch is logged once its checkpoint is registered; a worker that died in between
+    # left the epoch checkpointed but not logged.
+    if progress.epoch_done and not _epoch_logged(client, inputs.run_id, progress.epoch):
+        _log_epoch(inputs, progress.metrics, progress.epoch)
+
+
+def _epoch_logged(client, run_id: str, epoch: int) -> bool:
+    return any(m.step == epoch for m in client.get_metric_history(run_id, "train_loss"))
 
 
 def _log_epoch(inputs: LoopInputs, metrics: dict[str, Any], epoch: int) -> None:
@@ -222,17 +343,23 @@ def windowed_batches(
         yield [sequences[i] for i in picked], window[TARGETS][picked]
 
 
-def _stream(shard, config: TrainConfig, rng: random.Random | None):
+def _stream(shard, config: TrainConfig, rng: random.Random | None, seed: int | None = None):
     """Batches of one shard; shuffled (rng given) through a local buffer, then length-bucketed.
 
     Warehouse tables are often sorted (by time, by class). A local shuffle buffer as large as a
     worker's shard is a full shuffle for small tables and a sliding one for large tables, at
-    the cost of buffer memory, not of a cluster-wide shuffle on every epoch.
+    the cost of buffer memory, not of a cluster-wide shuffle on every epoch. The buffer is
+    seeded (`seed`), so with the stream's order preserved (train.checkpoint_every_steps) an
+    epoch's batches come in the same order every time, which is what lets a resumed epoch skip
+    the ones already trained.
     """
     window_rows = config.batch_size * config.length_window
     buffer = config.shuffle_buffer_rows if rng is not None else None
     for window in shard.iter_batches(
-        batch_size=window_rows, batch_format="numpy", local_shuffle_buffer_size=buffer or None
+        batch_size=window_rows,
+        batch_format="numpy",
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=seed if buffer else None,
     ):
         yield from windowed_batches(window, config.batch_size, rng)
 
@@ -246,43 +373,97 @@ def _all_ranks_have(has_batch: bool) -> tuple[bool, bool]:
     return bool(flags[0] > 0), bool(flags[1] == 0)
 
 
-def _train_epoch(engine, shard, train: TrainConfig, pad_id: int, epoch: int) -> dict[str, float]:
+@dataclass
+class _EpochTally:
+    loss_sum: float = 0.0  # this rank's rows (rank 0 also carries the resumed part's total)
+    rows: int = 0
+    steps: int = 0
+    fresh_rows: int = 0  # trained by this attempt: the throughput
+    waited: float = 0.0
+    checkpointing: float = 0.0
+    last_loss: float = 0.0
+
+
+def _train_epoch(
+    engine,
+    shard,
+    train: TrainConfig,
+    pad_id: int,
+    begin: TrainProgress,
+    save_state: Callable[[TrainProgress], None],
+) -> dict[str, float]:
+    """Train one epoch from `begin` (batch 0, or the data position a checkpoint saved)."""
     engine.train()
-    rng = random.Random(train.seed * 1000 + epoch)
-    batches = _stream(shard, train, rng)
-    loss_sum, rows, steps, waited = 0.0, 0, 0, 0.0
+    epoch = begin.epoch
+    seed = train.seed * 1000 + epoch
+    batches = _stream(shard, train, random.Random(seed), seed)
+    tally = _EpochTally(steps=begin.batches)
+    if engine.global_rank == 0:  # the resumed part's loss, summed over ranks when saved
+        tally.loss_sum, tally.rows = begin.loss_sum, begin.rows
+    for _ in range(begin.batches):  # trained before the checkpoint: same order, skipped
+        next(batches)
     start = time.perf_counter()
-    while train.max_steps_per_epoch is None or steps < train.max_steps_per_epoch:
+    while train.max_steps_per_epoch is None or tally.steps < train.max_steps_per_epoch:
         fetch = time.perf_counter()
         item = next(batches, None)
-        waited += time.perf_counter() - fetch
+        tally.waited += time.perf_counter() - fetch
         _, all_have = _all_ranks_have(item is not None)
         if not all_have:  # a rank ran dry: stop together so ZeRO collectives never hang
             break
-        sequences, targets = item
-        inputs = pad_batch(sequences, pad_id)
-        loss = engine(**inputs, labels=torch.from_numpy(targets)).loss
-        engine.backward(loss)
-        engine.step()
-        loss_sum += float(loss.detach()) * len(sequences)
-        rows += len(sequences)
-        steps += 1
-        if steps % _LOG_EVERY_STEPS == 0 and engine.global_rank == 0:
-            rate = rows / (time.perf_counter() - start)
+        _train_step(engine, item, pad_id, tally)
+        if tally.steps % _LOG_EVERY_STEPS == 0 and engine.global_rank == 0:
+            rate = tally.fresh_rows / (time.perf_counter() - start - tally.checkpointing)
             # print, not logging: Ray forwards worker stdout to the driver and the job logs.
             print(
-                f"raylift.train: epoch {epoch} step {steps} loss {float(loss):.4f} "
+                f"raylift.train: epoch {epoch} step {tally.steps} loss {tally.last_loss:.4f} "
                 f"{rate:.0f} rows/s/worker",
                 flush=True,
             )
-    elapsed = time.perf_counter() - start
+        if _mid_epoch_checkpoint_due(train, tally.steps):
+            saving = time.perf_counter()
+            save_state(_progress(engine, epoch, tally.steps, tally.loss_sum, tally.rows))
+            tally.checkpointing += time.perf_counter() - saving
+    elapsed = max(time.perf_counter() - start - tally.checkpointing, 1e-9)
     return {
-        "train_loss": _global_mean(loss_sum, rows),
-        "train_steps": steps,
-        "train_rows_per_s": _global_sum(rows) / max(elapsed, 1e-9),
-        "data_wait_fraction": waited / max(elapsed, 1e-9),
+        "train_loss": _global_mean(tally.loss_sum, tally.rows),
+        "train_steps": tally.steps,
+        "train_rows_per_s": _global_sum(tally.fresh_rows) / elapsed,
+        "data_wait_fraction": tally.waited / elapsed,
         "learning_rate": float(engine.get_lr()[0]),
     }
+
+
+def _train_step(engine, item, pad_id: int, tally: _EpochTally) -> None:
+    sequences, targets = item
+    loss = engine(**pad_batch(sequences, pad_id), labels=torch.from_numpy(targets)).loss
+    engine.backward(loss)
+    engine.step()
+    tally.last_loss = float(loss.detach())
+    tally.loss_sum += tally.last_loss * len(sequences)
+    tally.rows += len(sequences)
+    tally.fresh_rows += len(sequences)
+    tally.steps += 1
+
+
+def _mid_epoch_checkpoint_due(train: TrainConfig, steps: int) -> bool:
+    every = train.checkpoint_every_steps
+    # The epoch-end checkpoint follows the last step of a capped epoch anyway.
+    return bool(every) and steps % every == 0 and steps != train.max_steps_per_epoch
+
+
+def _progress(
+    engine, epoch: int, batches: int, loss_sum: float, rows: int, epoch_done: bool = False
+) -> TrainProgress:
+    """Where this step stands, over all ranks (a collective: every rank calls it)."""
+    return TrainProgress(
+        epoch=epoch,
+        batches=batches,
+        epoch_done=epoch_done,
+        loss_sum=_global_sum(loss_sum),
+        rows=int(_global_sum(rows)),
+        global_step=int(engine.global_steps),
+        world_size=engine.dp_world_size,
+    )
 
 
 @torch.no_grad()
@@ -333,7 +514,16 @@ def _global_mean(total: float, count: int) -> float:
     return _global_sum(total) / denominator if denominator else float("nan")
 
 
-def _report(engine, metrics, tokenizer, meta: CheckpointMeta, config: LifecycleConfig, rank: int):
+def _report(
+    engine,
+    metrics: dict[str, Any],
+    tokenizer,
+    meta: CheckpointMeta,
+    config: LifecycleConfig,
+    rank: int,
+    progress: TrainProgress,
+) -> None:
+    """The epoch-end checkpoint: weights, tokenizer and raylift.json (rank 0), state/ (all)."""
     import ray.train
 
     # Under ZeRO-3 the weights are partitioned: every rank joins the gather, rank 0 saves. The
@@ -342,12 +532,144 @@ def _report(engine, metrics, tokenizer, meta: CheckpointMeta, config: LifecycleC
     state_dict = None
     if config.train.zero_stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
-    if rank != 0:
-        ray.train.report(metrics)
-        return
     with tempfile.TemporaryDirectory(prefix="raylift-ckpt-") as directory:
-        save_checkpoint(engine.module, tokenizer, directory, meta, state_dict=state_dict)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        started = time.perf_counter()
+        if rank == 0:
+            save_checkpoint(engine.module, tokenizer, directory, meta, state_dict=state_dict)
+        save_engine_state(engine, Path(directory) / STATE_DIR, progress, rank)
+        _log_saved(directory, rank, started, f"epoch {progress.epoch} end")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"epoch{progress.epoch:03d}-end",
+        )
+    if rank == 0:
+        # MLflow gets the epoch only once Ray Train holds its checkpoint: a resume never trains
+        # an epoch that MLflow already shows (_log_resume fills the other gap).
+        ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+        )
+
+
+def _report_state(engine, progress: TrainProgress, metric: str, rank: int) -> None:
+    """A mid-epoch checkpoint: state/ only. Its `metric` is NaN, so Ray Train ranks it last and
+    keeps it only while it is the latest; Tune's schedulers skip it (no "epoch")."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raylift-state-") as directory:
+        started = time.perf_counter()
+        save_engine_state(engine, Path(directory) / STATE_DIR, progress, rank)
+        _log_saved(directory, rank, started, f"epoch {progress.epoch} batch {progress.batches}")
+        ray.train.report(
+            {
+                metric: float("nan"),
+                "checkpoint_epoch": progress.epoch,
+                "checkpoint_batches": progress.batches,
+            },
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"epoch{progress.epoch:03d}-batch{progress.batches:06d}",
+        )
+
+
+def _log_saved(directory: str, rank: int, started: float, what: str) -> None:
+    if rank != 0:
+        return
+    size = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+    print(
+        f"raylift.train: checkpoint at {what}: {size / 2**20:.1f} MiB on rank 0, "
+        f"saved in {time.perf_counter() - started:.2f} s",
+        flush=True,
+    )
+
+
+def save_engine_state(engine, state: Path, progress: TrainProgress, rank: int) -> None:
+    """What resuming needs, into `state` (a collective: every rank calls it).
+
+    DeepSpeed writes the trainable weights, the optimizer (each rank its ZeRO partition) and the
+    LR schedule; frozen weights are left out (they come back from model.base). Each rank adds
+    its torch RNG (dropout) and rank 0 the progress.
+    """
+    from safetensors.torch import save_file
+
+    state.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it on rank 0 only
+    engine.save_checkpoint(
+        str(state), tag=_ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True
+    )
+    save_file(_rng_state(), str(state / f"rng-rank{rank}.safetensors"))
+    if rank == 0:
+        (state / _PROGRESS_FILE).write_text(json.dumps(asdict(progress), allow_nan=True))
+
+
+def load_engine_state(engine, state: Path) -> None:
+    """Load what save_engine_state wrote into a freshly built engine (every rank)."""
+    with _deepspeed_weights_only_load():
+        path, _ = engine.load_checkpoint(
+            str(state), tag=_ENGINE_TAG, custom_load_fn=_load_trainable_weights
+        )
+    if path is None:
+        raise FileNotFoundError(f"{state} holds no DeepSpeed state under {_ENGINE_TAG}/")
+
+
+def _load_trainable_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load the saved trainable weights; anything else missing must be a frozen weight."""
+    frozen = {name for name, param in dst.named_parameters() if not param.requires_grad}
+    # A frozen 4-bit weight leaves its quantization state (weight.absmax, ...) in the saved
+    # state dict: it is rebuilt from model.base with the weight, so it is not loaded.
+    kept = {key: value for key, value in src.items() if not _belongs_to(key, frozen)}
+    result = dst.load_state_dict(kept, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            "the checkpoint's engine state does not match the model: missing "
+            f"{missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}; was it saved "
+            "with another model.* setting?"
+        )
+
+
+def _belongs_to(key: str, frozen: set[str]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in frozen for i in range(len(parts) - 1, 0, -1))
+
+
+@contextlib.contextmanager
+def _deepspeed_weights_only_load() -> Iterator[None]:
+    """DeepSpeed 0.19 loads its files with torch.load(weights_only=False): a pickle could run
+    any code. Force torch's weights-only unpickler, allowing the few plain DeepSpeed classes
+    its optimizer state holds (checked on ZeRO 0/2/3 by tests/unit/test_train_loop.py)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _load_rng(state: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    path = state / f"rng-rank{rank}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+    saved = load_file(str(path))
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
 
 
 def _checkpoint_meta(

@@ -267,8 +267,8 @@ class EveryEvalRowConfig(DataConfig):
     in step on uneven shards, so the validation split is cut with equal=False.
     """
 
-    def __init__(self, whole: tuple[str, ...] = ("validation",)):
-        super().__init__(datasets_to_split="all")
+    def __init__(self, whole: tuple[str, ...] = ("validation",), execution_options=None):
+        super().__init__(datasets_to_split="all", execution_options=execution_options)
         self._whole = set(whole)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):

@@ -1,9 +1,33 @@
+import os
+import pickle
 import random
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+from transformers import get_linear_schedule_with_warmup
 
-from jobs.config import TrainConfig
-from jobs.train_loop import INPUT_IDS, TARGETS, deepspeed_config, pad_batch, windowed_batches
+from jobs.config import ModelConfig, TrainConfig
+from jobs.modeling import build_model
+from jobs.tasks import get_task
+from jobs.train_loop import (
+    INPUT_IDS,
+    STATE_DIR,
+    TARGETS,
+    TrainProgress,
+    _belongs_to,
+    _load_rng,
+    _load_trainable_weights,
+    _mid_epoch_checkpoint_due,
+    _train_epoch,
+    deepspeed_config,
+    load_engine_state,
+    pad_batch,
+    read_progress,
+    save_engine_state,
+    windowed_batches,
+)
 
 
 def test_pad_batch_pads_to_longest_in_batch_only():
@@ -59,3 +83,220 @@ def test_native_bf16_can_be_forced_off_to_check_the_avx2_choices(monkeypatch):
         assert hardware.cpu_has_native_bf16() is native
         assert hardware.resolve_precision("auto", use_gpu=False) == ("bf16" if native else "fp32")
     hardware.cpu_has_native_bf16.cache_clear()
+
+
+# --- resuming: the state a checkpoint holds, and where an epoch picks up -----------------------
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo process group, as DeepSpeed and the train loop's collectives need."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+
+
+def _engine(base: str, method: str, stage: int, seed: int):
+    import deepspeed
+
+    torch.manual_seed(seed)
+    config = ModelConfig(base=base, method=method, lora={"target_modules": ["query", "value"]})
+    model = build_model(config, get_task("sequence-classification"), ["a", "b", "c"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: get_linear_schedule_with_warmup(opt, 2, 20),
+        config=deepspeed_config(TrainConfig(zero_stage=stage, batch_size=4), "fp32"),
+    )
+    return engine
+
+
+def _step(engine, seed: int) -> float:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 30, (4, 7), generator=generator)
+    loss = engine(input_ids=ids, labels=torch.tensor([0, 1, 2, 0])).loss
+    engine.backward(loss)
+    engine.step()
+    return float(loss)
+
+
+def _trainable(engine) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {
+        name: safe_get_full_fp32_param(param).clone()
+        if hasattr(param, "ds_id")
+        else param.detach().clone()
+        for name, param in engine.module.named_parameters()
+        if param.requires_grad
+    }
+
+
+@pytest.mark.parametrize(("method", "stage"), [("lora", 0), ("lora", 2), ("lora", 3), ("full", 2)])
+def test_engine_state_resumes_training_exactly(process_group, tiny_bert, tmp_path, method, stage):
+    """Saved after 3 steps and loaded into an engine built from another seed, the next step is
+    the same step: weights, Adam moments, LR schedule, step count and dropout RNG all came back."""
+    trained = _engine(tiny_bert, method, stage, seed=0)
+    for i in range(3):
+        _step(trained, seed=i)
+    progress = TrainProgress(epoch=2, batches=3, loss_sum=4.5, rows=12, global_step=3)
+    save_engine_state(trained, tmp_path / STATE_DIR, progress, rank=0)
+    saved = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"state/progress.json", "state/rng-rank0.safetensors"} <= saved
+    assert read_progress(tmp_path / STATE_DIR) == progress
+
+    resumed = _engine(tiny_bert, method, stage, seed=99)
+    assert not _same(_trainable(resumed), _trainable(trained))
+    load_engine_state(resumed, tmp_path / STATE_DIR)
+    _load_rng(tmp_path / STATE_DIR, rank=0)
+    rng = torch.get_rng_state()
+    assert _same(_trainable(resumed), _trainable(trained))
+    assert resumed.global_steps == trained.global_steps == 3
+    assert resumed.get_lr() == trained.get_lr()
+
+    torch.set_rng_state(rng)
+    expected = _step(trained, seed=7)
+    torch.set_rng_state(rng)
+    assert _step(resumed, seed=7) == pytest.approx(expected, abs=1e-6)
+    assert _same(_trainable(resumed), _trainable(trained))  # the optimizer moments matched
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/raylift-pickle-ran",))
+
+
+def test_engine_state_is_loaded_without_running_pickled_code(process_group, tiny_bert, tmp_path):
+    engine = _engine(tiny_bert, "lora", 0, seed=0)
+    save_engine_state(engine, tmp_path / STATE_DIR, TrainProgress(), rank=0)
+    states = tmp_path / STATE_DIR / "engine" / "mp_rank_00_model_states.pt"
+    tampered = torch.load(states, weights_only=False)
+    tampered["payload"] = _Payload()
+    torch.save(tampered, states)
+    marker = Path("/tmp/raylift-pickle-ran")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only|Unsupported global"):
+        load_engine_state(_engine(tiny_bert, "lora", 0, seed=1), tmp_path / STATE_DIR)
+    assert not marker.exists()
+    assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # restored after loading
+
+
+def test_engine_state_of_another_model_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    saved = {"1.weight": torch.zeros(2, 2), "1.bias": torch.zeros(2)}
+    _load_trainable_weights(saved, model)  # the frozen layer may be missing: it comes from base
+    assert model[1].weight.abs().sum() == 0
+    with pytest.raises(RuntimeError, match=r"missing \['1.bias'\]"):
+        _load_trainable_weights({"1.weight": torch.zeros(2, 2)}, model)
+    with pytest.raises(RuntimeError, match=r"unexpected \['2.weight'\]"):
+        _load_trainable_weights({**saved, "2.weight": torch.zeros(2, 2)}, model)
+
+
+def test_a_frozen_4bit_weights_quantization_state_is_not_loaded():
+    frozen = {"base.layer.weight"}
+    assert _belongs_to("base.layer.weight.absmax", frozen)
+    assert _belongs_to("base.layer.weight.quant_state.bitsandbytes__nf4", frozen)
+    assert not _belongs_to("base.layer.bias", frozen)
+    assert not _belongs_to("base.layer.weight", frozen)  # itself: missing, never extra
+
+
+def test_a_checkpoint_without_progress_says_it_cannot_be_resumed(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot be resumed from"):
+        read_progress(tmp_path / STATE_DIR)
+
+
+def test_a_finished_epoch_resumes_at_the_next_one():
+    mid = TrainProgress(epoch=2, batches=5, loss_sum=3.0, rows=40, global_step=17, world_size=2)
+    assert mid.resume_point() is mid
+    done = TrainProgress(epoch=2, batches=9, epoch_done=True, global_step=21, world_size=2)
+    assert done.resume_point() == TrainProgress(epoch=3, global_step=21, world_size=2)
+
+
+def test_mid_epoch_checkpoints_follow_the_setting():
+    every = TrainConfig(checkpoint_every_steps=3, max_steps_per_epoch=9)
+    assert [s for s in range(1, 10) if _mid_epoch_checkpoint_due(every, s)] == [3, 6]
+    assert not any(_mid_epoch_checkpoint_due(TrainConfig(), s) for s in range(1, 10))
+
+
+class _Shard:
+    """A training shard whose pass yields the same rows in the same order (preserve_order)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def iter_batches(self, *, batch_size, batch_format, local_shuffle_buffer_size, **kwargs):
+        assert kwargs["local_shuffle_seed"] is not None  # seeded: the same order every pass
+        rng = np.random.default_rng(kwargs["local_shuffle_seed"])
+        order = rng.permutation(self.rows)
+        for start in range(0, self.rows, batch_size):
+            picked = order[start : start + batch_size]
+            yield {
+                INPUT_IDS: np.array([np.arange(1 + i % 5) + 5 for i in picked], dtype=object),
+                TARGETS: picked,
+            }
+
+
+class _Engine:
+    """Records the target rows of each step; the loss is a function of the batch."""
+
+    global_rank, dp_world_size = 0, 1
+
+    def __init__(self):
+        self.steps: list[list[int]] = []
+        self.global_steps = 0
+
+    def train(self):
+        pass
+
+    def __call__(self, input_ids, attention_mask, labels):
+        self._batch = labels.tolist()
+        loss = torch.tensor(float(sum(self._batch)) / 100)
+        return type("Out", (), {"loss": loss})()
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.steps.append(self._batch)
+        self.global_steps += 1
+
+    def get_lr(self):
+        return [0.1]
+
+
+def test_a_resumed_epoch_skips_exactly_the_batches_already_trained(process_group):
+    train = TrainConfig(batch_size=4, length_window=2, checkpoint_every_steps=2)
+    saved: list[TrainProgress] = []
+    whole = _Engine()
+    full = _train_epoch(whole, _Shard(30), train, 0, TrainProgress(epoch=3), saved.append)
+    assert full["train_steps"] == len(whole.steps) == 8
+    assert [p.batches for p in saved] == [2, 4, 6, 8]
+
+    at = saved[1]  # a checkpoint after batch 4 of epoch 3
+    assert (at.epoch, at.rows, at.global_step) == (3, sum(len(b) for b in whole.steps[:4]), 4)
+    rest = _Engine()
+    resumed = _train_epoch(rest, _Shard(30), train, 0, at, lambda progress: None)
+    assert rest.steps == whole.steps[4:]  # the same batches, in the same order
+    assert resumed["train_steps"] == 8  # the epoch's planned steps, counted across the restart
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"])  # over the whole epoch
