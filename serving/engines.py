@@ -239,6 +239,8 @@ def select_engine(
     offered, refused = _offered(directory, engines_meta)
     fallback = _torch_variant(precision, engines_meta)
     if engine == "torch":
+        if precision == "int8":
+            log.warning("engine=torch has no int8 path: running torch %s", fallback[1])
         return TorchEngine(model, fallback[1], threads)
     wanted = [v for v in _wanted(engine, precision) if v[0] != "torch"]
     candidates = [v for v in wanted if v in offered and _runs_natively(v[1])]
@@ -280,8 +282,6 @@ def _offered(directory: str | Path, engines_meta: Any) -> tuple[set[tuple[str, s
 def _torch_variant(precision: str, engines_meta: Any) -> tuple[str, str]:
     """The torch variant that runs when nothing else does: bf16 autocast where asked (or auto)
     and native, unless registration measured torch-bf16 on this version and refused it."""
-    if precision == "int8":
-        log.warning("torch has no int8 path: torch runs at precision auto")
     asked = "auto" if precision == "int8" else precision
     resolved = hardware.resolve_precision(asked, use_gpu=False)
     failed = [
