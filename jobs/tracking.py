@@ -91,13 +91,16 @@ def register(
     Inference engines are built with it, checked on the validation rows its lineage tags name
     (`engine_rows`); when those cannot be read, the version is registered without engines.
     """
+    from jobs.modeling import CHECKPOINT_META
+
     metric_tags = tags.metric_tags(metrics, REPORTED_METRICS)
+    is_checkpoint = (Path(checkpoint_dir) / CHECKPOINT_META).is_file()
     return registry.register_checkpoint(
         config.registry.model_name,
         run_id,
         checkpoint_dir,
         {**version_tags, **metric_tags},
-        engine_rows=engine_rows(config, version_tags),
+        engine_rows=engine_rows(config, version_tags) if is_checkpoint else None,
         trust_remote_code=config.model.trust_remote_code,
     )
 
