@@ -9,7 +9,13 @@ from typing import TextIO
 
 from cluster.hardware import NATIVE_BF16_ENV
 
-__all__ = ["configure_progress", "embedded_logical_cpus", "init_ray", "progress_bars_wanted"]
+__all__ = [
+    "configure_progress",
+    "declare_local_state",
+    "embedded_logical_cpus",
+    "init_ray",
+    "progress_bars_wanted",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,18 @@ _MIN_EMBEDDED_CPUS = 4
 # frames. These switch off the bars that tqdm draws in workers (transformers' "Loading weights",
 # hub downloads); Ray Data's own bars are handled in `configure_progress`.
 _NO_TQDM_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+# What the command's config keeps on this machine's disk (key → value) and whether the config
+# allows it on several nodes; set by the CLI once the config is loaded, checked by `init_ray`
+# once it has joined a cluster and can count its nodes.
+_local_state: dict[str, str] = {}
+_local_state_allowed = False
+
+
+def declare_local_state(local: dict[str, str], allowed: bool) -> None:
+    """Name this process's state on local disk (`cluster.shared_state.local_state`)."""
+    global _local_state, _local_state_allowed
+    _local_state, _local_state_allowed = dict(local), allowed
 
 
 def progress_bars_wanted(stream: TextIO | None = None) -> bool:
@@ -79,6 +97,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        _refuse_local_state_on_many_nodes()
         return
     num_cpus = embedded_logical_cpus()
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
@@ -93,3 +112,22 @@ def init_ray(address: str | None = None) -> None:
         runtime_env={"env_vars": env_vars},
         log_to_driver=True,
     )
+
+
+def _refuse_local_state_on_many_nodes() -> None:
+    """Fail fast, before any work, when state on this disk meets a cluster of several nodes.
+
+    `raylift submit` checks the same before submitting; this catches jobs submitted otherwise
+    (`ray job submit`, a RayJob) and clusters that grew in between.
+    """
+    import ray
+
+    from cluster.shared_state import check_local_state
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    log.info("the Ray cluster has %d alive node(s)", nodes)
+    try:
+        check_local_state(_local_state, nodes, _local_state_allowed)
+    except ValueError:
+        ray.shutdown()
+        raise

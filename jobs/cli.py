@@ -23,7 +23,7 @@ from jobs.config import (
     validate_mapping,
 )
 
-__all__ = ["COMMANDS", "build_parser", "main", "parse_args", "run_job"]
+__all__ = ["COMMANDS", "CommandFailedError", "build_parser", "main", "parse_args", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,22 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+class CommandFailedError(Exception):
+    """The command ran and its work failed (e.g. a submitted job ended FAILED): exit 1."""
+
+
 def _config(args: argparse.Namespace) -> LifecycleConfig:
-    return load_config(args.config, parse_overrides(args.overrides))
+    return _declared(load_config(args.config, parse_overrides(args.overrides)))
+
+
+def _declared(config: LifecycleConfig) -> LifecycleConfig:
+    """Tell `init_ray` which state this job keeps on local disk: on a cluster of several nodes
+    it refuses to start unless cluster.allow_local_state (cluster.shared_state)."""
+    from cluster.runtime import declare_local_state
+    from cluster.shared_state import local_state
+
+    declare_local_state(local_state(config), config.cluster.allow_local_state)
+    return config
 
 
 def _validate(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,6 +206,66 @@ def _warehouse_action(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["load"], help="load: file → Iceberg tables.")
 
 
+def _submit(args: argparse.Namespace) -> Any:
+    from jobs import submit
+
+    wait = "none" if args.no_wait else "logs" if args.follow else "status"
+    return submit.submit(args.job, args.job_argv, address=args.address, wait=wait, pip=args.pip)
+
+
+def _address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", help="The head's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)."
+    )
+
+
+def _submit_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.submit import SUBMITTABLE
+
+    parser.add_argument("job", choices=SUBMITTABLE, help="The raylift job to run on the cluster.")
+    _address_argument(parser)
+    wait = parser.add_mutually_exclusive_group()
+    wait.add_argument("--no-wait", action="store_true", help="Print the job id and return.")
+    wait.add_argument("--follow", action="store_true", help="Print the job's output as it runs.")
+    parser.add_argument(
+        "--pip",
+        action="store_true",
+        help="Have Ray install the pinned requirements for the job (default: the cluster's "
+        "image already has them).",
+    )
+    # --config FILE, key=value overrides and the job's own flags (--resume, --version N, ...),
+    # checked against the job's parser before anything is submitted.
+    parser.set_defaults(job_argv=[])
+
+
+def _jobs(args: argparse.Namespace) -> Any:
+    from jobs import submit
+
+    if args.action == "list":
+        return submit.jobs_list(args.address)
+    if args.action == "status":
+        return submit.jobs_status(args.address, args.job_id)
+    if args.action == "logs":
+        return submit.jobs_logs(args.address, args.job_id, follow=args.follow)
+    return submit.jobs_stop(args.address, args.job_id)
+
+
+def _jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help_text in (
+        ("list", "Every job the cluster knows, oldest first."),
+        ("status", "A job's status and message."),
+        ("logs", "A job's output."),
+        ("stop", "Stop a job and wait until it has stopped."),
+    ):
+        child = actions.add_parser(action, help=help_text, description=help_text)
+        if action != "list":
+            child.add_argument("job_id", metavar="ID", help="The submission id submit printed.")
+        if action == "logs":
+            child.add_argument("--follow", action="store_true", help="Until the job ends.")
+        _address_argument(child)
+
+
 COMMANDS: dict[str, Command] = {
     "validate": Command(
         "Check configs; list every error with its key and a fix.",
@@ -238,6 +312,18 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_model_uri_argument,
     ),
     "score": Command("Batch-score a table with Ray Data into the predictions table.", _score),
+    "submit": Command(
+        "Run a job on a Ray cluster through its Jobs API (this repository as working_dir).",
+        _submit,
+        needs_config=False,
+        add_arguments=_submit_arguments,
+    ),
+    "jobs": Command(
+        "Submitted jobs on a Ray cluster: list, status ID, logs ID [--follow], stop ID.",
+        _jobs,
+        needs_config=False,
+        add_arguments=_jobs_arguments,
+    ),
     "demo": Command("The whole lifecycle on the embedded default.", _demo),
 }
 
@@ -271,7 +357,7 @@ def run_job(job_main: Callable[[LifecycleConfig], Any], doc: str | None) -> None
     _add_config_arguments(parser)
     args = parse_args(parser, sys.argv[1:])
     _setup_logging()
-    sys.exit(_dispatch(lambda: job_main(load_config(args.config, parse_overrides(args.overrides)))))
+    sys.exit(_dispatch(lambda: job_main(_config(args))))
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -284,6 +370,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     files and overrides alike); anything else is still an error.
     """
     args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "job_argv"):  # `submit JOB ...`: the job's own parser checks them
+        args.job_argv = [*args.job_argv, *extra]
+        return args
     target = "items" if hasattr(args, "items") else "overrides"
     stray = [a for a in extra if a.startswith("-") or (target == "overrides" and "=" not in a)]
     if stray or (extra and not hasattr(args, target)):
@@ -299,7 +388,7 @@ def _dispatch(call: Callable[[], Any]) -> int:
     except ConfigError as exc:
         print(f"error: invalid config {exc}", file=sys.stderr)
         return 2
-    except (LookupError, FileNotFoundError, ValueError) as exc:
+    except (LookupError, FileNotFoundError, ValueError, CommandFailedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if result is not None:

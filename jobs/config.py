@@ -572,6 +572,16 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+class ClusterConfig(_Strict):
+    allow_local_state: bool = Field(
+        False,
+        description="Let a job run on a Ray cluster of several nodes while its state is local: "
+        "a SQLite catalog.uri or registry.tracking_uri, or a local catalog.warehouse or "
+        "train.checkpoint_dir. Only true when every node sees those paths (one machine, or a "
+        "shared file system mounted at the same path); otherwise use servers and object storage.",
+    )
+
+
 class LifecycleConfig(_Strict):
     name: str = Field(..., description="Short name of this model's lifecycle.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="What the model predicts.")
@@ -585,6 +595,9 @@ class LifecycleConfig(_Strict):
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Batch scoring.")
     tune: TuneConfig = Field(
         default_factory=TuneConfig, description="Ray Tune search (raylift tune)."
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="Running on a Ray cluster of several nodes."
     )
 
     @property

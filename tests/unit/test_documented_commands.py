@@ -5,6 +5,8 @@ lines, each job module's docstring command, each config's first-line command and
 `raylift` recipes are parsed by `jobs.cli`, with each job's entry point replaced by a recorder:
 the test asserts the line parsed, reached the job its subcommand names, and that its
 `key=value` overrides took effect.
+`raylift submit` and `raylift jobs` lines reach a recorded Ray cluster (job_recorder.FakeCluster):
+a submitted job's entrypoint is run through `jobs.cli` there, so it too must reach its job.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def _run_raylift(argv: list[str], calls) -> None:
     if command in CONFIG_FREE_COMMANDS:
         assert calls == []
         return
-    module_name, attr = JOB_ENTRY_POINTS[command]
+    # `submit JOB ...` runs JOB's entrypoint on the (recorded) cluster: JOB's main is reached
+    module_name, attr = JOB_ENTRY_POINTS[argv[1] if command == "submit" else command]
     assert [c.job for c in calls] == [f"{module_name}.{attr}"]
     _assert_overrides_applied(argv, calls[0].config)
     if "--version" in argv:
