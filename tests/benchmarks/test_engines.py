@@ -115,7 +115,18 @@ def version(tmp_path_factory) -> tuple[Path, str]:
     staged, _ = engines.stage_with_engines(model_dir, tmp / "stage", rows)
     print(f"\nmodel: {what}; gate rows: {rows.source}, {len(rows.texts)} rows")
     print(f"export + gate of every variant at registration: {time.perf_counter() - started:.1f} s")
+    _restore_refused_artifacts(staged)
     return staged
+
+
+def _restore_refused_artifacts(staged: Path) -> None:
+    """Registration deletes the artifacts of refused variants; the table measures them too."""
+    from jobs.modeling import load_checkpoint
+
+    if not (staged / engines.ONNX_FILE).is_file():
+        engines.export_onnx(load_checkpoint(staged).model, staged / engines.ONNX_FILE)
+    if not (staged / engines.INT8_FILE).is_file():
+        engines.quantize_int8(staged / engines.ONNX_FILE, staged / engines.INT8_FILE)
 
 
 def _rate(directory: Path, engine: str, precision: str, threads: int, texts: list[str]):

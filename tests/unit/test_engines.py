@@ -185,6 +185,9 @@ def test_a_variant_failing_the_gate_is_not_offered_and_says_why(checkpoint, tmp_
         if variant["agreement"] is not None:
             assert "below 1.01" in variant["reason"]
     assert version_tags[tags.ENGINES_OFFERED] == "torch-fp32"
+    # No offered variant reads them: not uploaded with the version.
+    assert not (directory / "engines" / "model.onnx").exists()
+    assert not (directory / "engines" / "model.int8.onnx").exists()
     with caplog.at_level(logging.WARNING):
         predictor = _predictor(directory, engine="onnxruntime", precision="fp32")
     assert predictor.runtime["engine"] == "torch"
