@@ -349,6 +349,14 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Serve autoscaling."
     )
+    model_poll_interval_s: float | None = Field(
+        10.0,
+        gt=0,
+        description="Seconds between two reads of the promoted alias in the registry; when it "
+        "moved, replicas load the new version in the background and switch once it is warm. "
+        "raylift promote and rollback also tell a running app at once. null: no polling (only "
+        "promote/rollback move a running app). Ignored when serve.model_uri names a version.",
+    )
     auth_token_env: str | None = Field(
         None,
         description="Name of an environment variable holding a bearer token; when set, "

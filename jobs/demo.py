@@ -30,6 +30,7 @@ class DemoSummary:
     model_version: str
     alias: str
     endpoint_url: str
+    metrics_url: str | None
     sample_answer: dict[str, Any]
     rows_scored: int
     rows_per_s: float
@@ -42,6 +43,7 @@ def main(config: LifecycleConfig) -> DemoSummary:
     trained = finetune.main(config)
     promote.main(config, version=trained.version)
     url, answer = _serve_and_ask(config)
+    metrics = _metrics_url()
     scored = score.main(config)
     summary = DemoSummary(
         validation_accuracy=trained.metrics["val_accuracy"],
@@ -50,6 +52,7 @@ def main(config: LifecycleConfig) -> DemoSummary:
         model_version=trained.version,
         alias=config.promote.alias,
         endpoint_url=url,
+        metrics_url=metrics,
         sample_answer=answer,
         rows_scored=scored.rows_scored,
         rows_per_s=scored.rows_per_s,
@@ -74,6 +77,12 @@ def _serve_and_ask(config: LifecycleConfig) -> tuple[str, dict[str, Any]]:
         return url, json.loads(response.read())
 
 
+def _metrics_url() -> str | None:
+    from serving import app
+
+    return app.metrics_url()
+
+
 def _print_summary(summary: DemoSummary) -> None:
     prediction = summary.sample_answer["predictions"][0]
     lines = [
@@ -83,6 +92,8 @@ def _print_summary(summary: DemoSummary) -> None:
         f"  (macro-F1 {summary.validation_macro_f1:.4f})",
         f"  registered version    {summary.model_name} v{summary.model_version} → @{summary.alias}",
         f"  endpoint              POST {summary.endpoint_url}",
+        f"  metrics               GET {summary.metrics_url or '(not exported by this Ray)'}"
+        "  (Prometheus text, raylift_* and Ray's own)",
         f"  sample                {SAMPLE_TEXTS[0]!r}",
         f"                        → {prediction['label']} ({prediction['score']:.3f})",
         f"  batch scoring         {summary.rows_scored} rows, {summary.rows_per_s:.0f} rows/s",

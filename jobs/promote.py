@@ -100,8 +100,16 @@ def main(
             before_alias_move()
         previous, moved = _move_alias(config, str(candidate.version), incumbent)
         checks.append(moved)
-    _record_verdicts(config, str(candidate.version), checks)
+    _record_verdicts(config, str(candidate.version), checks)  # raises unless all passed
+    _tell_serving(config)
     return _result(config, candidate, previous, checks)
+
+
+def _tell_serving(config: LifecycleConfig) -> None:
+    """A running Serve app for this model follows the alias now (best effort, never fails)."""
+    from serving.app import tell_running_app
+
+    tell_running_app(config)
 
 
 def _client(config: LifecycleConfig) -> Any:

@@ -37,7 +37,15 @@ def main(config: LifecycleConfig, reason: str | None = None) -> RollbackResult:
     result = RollbackResult(name, alias, previous, current, reason or _NO_REASON, _now())
     _move_back(result)
     _record(result)
+    _tell_serving(config)
     return result
+
+
+def _tell_serving(config: LifecycleConfig) -> None:
+    """A running Serve app for this model goes back now (best effort, never fails)."""
+    from serving.app import tell_running_app
+
+    tell_running_app(config)
 
 
 def _targets(name: str, alias: str) -> tuple[str | None, str]:

@@ -1,8 +1,33 @@
 """The online endpoint: a Ray Serve application with a FastAPI ingress around one Predictor.
 
     POST /v1/models/{model_name}/predict   {"texts": [...]} -> {"predictions": [...], ...}
-    GET  /v1/models/{model_name}           name, version, labels
+    GET  /v1/models/{model_name}           name, version, labels, runtime (engine, precision)
     GET  /healthz                          liveness (never needs a token)
+    GET  /readyz                           200 once the model is loaded and warm, else 503
+
+One version at a time, following the alias. The app is two deployments: `ModelVersion`
+resolves serve.model_uri (by default models:/<name>@production) to a registry version once,
+then again every serve.model_poll_interval_s and whenever `raylift promote` / `rollback` call
+its `refresh`; `ModelServer` replicas never see the alias, only `models:/name/N` from it. Each
+replica long-polls ModelVersion (a handle call that returns as soon as the version changes),
+loads a new version in a background thread while the old Predictor keeps answering, and swaps
+the reference once the new one is warm. A request is answered whole by the Predictor it found
+when it arrived, so every response's `model_version` is the version that produced all of it,
+and no request fails during a swap. A replica started later (scale-up, crash restart) asks
+ModelVersion, so it loads the current version, never a stale one. Replicas switch within about
+one model load of one another (each loads on its own), not at the same instant.
+
+A replica starts answering at once and loads its first model in the background: /readyz is 503
+until that model is warm (/healthz is 200 throughout), and model requests that reach the
+replica meanwhile wait for it, bounded by serve.request_timeout_s; `deploy` returns once a
+replica is ready. A replica whose first model cannot load fails Serve's health check and is
+replaced.
+
+Metrics go through Ray's metrics API (`ray.serve.metrics`) and are exported with Ray's own,
+at each Ray node's metrics export port (`metrics_url()`): raylift_requests_total (route,
+status, model_version), raylift_request_latency_s, raylift_batch_texts, raylift_queued_texts,
+raylift_model_info (model_version, engine, precision, threads), and
+raylift_adapter_cache_{hits,misses}_total.
 
 Texts from concurrent requests are batched together with `@serve.batch`; the batch unit is
 one text, so `serve.max_batch_size` counts texts however the clients group them. Batch size
@@ -41,11 +66,14 @@ of a guessable word can be guessed back.
 # turns them into required query parameters.
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import math
 import os
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
@@ -62,12 +90,15 @@ from serving.text import is_usable_text
 __all__ = [
     "ModelInfo",
     "ModelServer",
+    "ModelVersion",
     "PredictRequest",
     "PredictResponse",
     "Prediction",
     "app_builder",
     "build_app",
     "deploy",
+    "metrics_url",
+    "tell_running_app",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,12 +140,20 @@ class ModelInfo(BaseModel):
     name: str = Field(..., description="Name this endpoint serves the model under.")
     version: str = Field(..., description="Registry version loaded.")
     labels: list[str] = Field(..., description="Labels the model can answer, in head order.")
-    model_uri: str = Field(..., description="URI the model was loaded from.")
+    model_uri: str = Field(..., description="URI the model was loaded from (never an alias).")
+    engine: str = Field(..., description="Inference runtime in use (Predictor.runtime).")
     precision: str = Field(..., description="Inference precision in use.")
+    threads: int = Field(..., description="Intra-op threads the runtime uses.")
+    replica: str = Field(..., description="Serve replica that answered.")
 
 
 class Health(BaseModel):
     status: str = "ok"
+
+
+class Readiness(BaseModel):
+    status: str = Field("ready", description="`ready` once the model is loaded and warm.")
+    model_version: str = Field(..., description="Registry version this replica answers with.")
 
 
 app = FastAPI(title="raylift model endpoint", docs_url="/docs")
@@ -210,17 +249,238 @@ def _batching(serve_config: ServeConfig) -> dict[str, Any]:
     }
 
 
+# -- metrics ---------------------------------------------------------------------------------
+# Created inside the replica (Ray metrics belong to the process that records them); Serve adds
+# the deployment, replica and application tags itself.
+
+_LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class _RequestMetrics:
+    """ASGI middleware: every HTTP request counted by route template, status and the model
+    version that answered it (set by the route in `request.state.model_version`), and timed."""
+
+    def __init__(self, app: Any):
+        from ray.serve import metrics
+
+        self.app = app
+        self._requests = metrics.Counter(
+            "raylift_requests_total",
+            description="HTTP requests answered, by route, status and model version.",
+            tag_keys=("route", "status", "model_version"),
+        )
+        self._latency = metrics.Histogram(
+            "raylift_request_latency_s",
+            description="Seconds from request to the end of the response, by route and status.",
+            boundaries=_LATENCY_BUCKETS_S,
+            tag_keys=("route", "status"),
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status_seen = [500]  # an exception that escapes the app is Serve's 500
+        state = scope.setdefault("state", {})
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_seen[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            tags = {"route": route, "status": str(status_seen[0])}
+            self._latency.observe(time.perf_counter() - started, tags=tags)
+            version = str(state.get("model_version", ""))
+            self._requests.inc(tags={**tags, "model_version": version})
+
+
+class _ReplicaMetrics:
+    """What a replica records besides requests: batches, its queue, the model it runs."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.batch_texts = metrics.Histogram(
+            "raylift_batch_texts",
+            description="Texts per model batch (requests batched together by @serve.batch).",
+            boundaries=_BATCH_BUCKETS,
+        )
+        self.queued_texts = metrics.Gauge(
+            "raylift_queued_texts", description="Texts waiting in this replica for a batch."
+        )
+        self.model_info = metrics.Gauge(
+            "raylift_model_info",
+            description="1 for the model version this replica answers with, 0 once replaced.",
+            tag_keys=("model_version", "engine", "precision", "threads"),
+        )
+        # Defined now so dashboards can be built; they stay at zero until adapters are served.
+        self.adapter_hits = metrics.Counter(
+            "raylift_adapter_cache_hits_total",
+            description="Adapter requests found in the LRU cache.",
+        )
+        self.adapter_misses = metrics.Counter(
+            "raylift_adapter_cache_misses_total", description="Adapter requests that had to load."
+        )
+        self._queued = 0
+
+    def queued(self, change: int) -> None:
+        self._queued += change
+        self.queued_texts.set(self._queued)
+
+    def serving(self, predictor: Any, replaced: Any | None) -> None:
+        if replaced is not None:
+            self.model_info.set(0, tags=_runtime_tags(replaced))
+        self.model_info.set(1, tags=_runtime_tags(predictor))
+
+
+def _runtime_tags(predictor: Any) -> dict[str, str]:
+    runtime = predictor.runtime
+    return {
+        "model_version": str(predictor.model_version),
+        "engine": str(runtime["engine"]),
+        "precision": str(runtime["precision"]),
+        "threads": str(runtime["threads"]),
+    }
+
+
+app.add_middleware(_RequestMetrics)
+
+
+# -- which version the app serves --------------------------------------------------------------
+
+_ALIAS_URI = re.compile(r"^models:/[^/@]+@[^/]+$")
+# A replica's long poll: ModelVersion answers at once when the version changes, else after this.
+_LONG_POLL_S = 30.0
+_RETRY_S = 2.0  # after a failed poll or load, before trying again
+# The model is loaded in the background; requests arriving meanwhile wait at most this long.
+_LOAD_WAIT_S = 600.0
+
+
+def _follows_alias(source: str) -> bool:
+    return bool(_ALIAS_URI.match(source))
+
+
+def _pin(source: str, tracking_uri: str | None) -> dict[str, str]:
+    """What `source` names now: {"uri": models:/name/N (never an alias) or a checkpoint
+    directory, "version": N or "local"}; asks the registry only, downloads nothing."""
+    from serving.registry import resolve_version
+
+    resolved = resolve_version(source, tracking_uri)
+    return {"uri": resolved.uri, "version": resolved.version or "local"}
+
+
+def _group_by_predictor(predictors: list[Any]) -> list[tuple[Any, list[int]]]:
+    """Positions of a batch's texts per Predictor (two only while a swap is under way)."""
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for i, predictor in enumerate(predictors):
+        groups.setdefault(id(predictor), (predictor, []))[1].append(i)
+    return list(groups.values())
+
+
+def _not_ready(reason: str) -> HTTPException:
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=reason)
+
+
+# Its requests are long polls with nothing to finish: no reason to wait 20 s for them on delete.
+@serve.deployment(
+    name="ModelVersion",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    graceful_shutdown_timeout_s=1,
+    graceful_shutdown_wait_loop_s=0.5,
+)
+class ModelVersion:
+    """The registry version the app serves, one for all replicas.
+
+    Re-reads `source` every `poll_interval_s` (None: only when `refresh` is called) when it is
+    an alias; a pinned version or a directory never changes."""
+
+    async def __init__(
+        self,
+        source: str,
+        pinned: dict[str, str],
+        *,
+        tracking_uri: str | None,
+        poll_interval_s: float | None,
+    ):
+        self._source = source
+        self._tracking_uri = tracking_uri
+        self._target = dict(pinned)
+        self._changed = asyncio.Event()
+        self._follows = _follows_alias(source)
+        if self._follows:
+            # A restarted ModelVersion must not send replicas back to the build-time version.
+            try:
+                await self.refresh("start")
+            except Exception as exc:  # registry unreachable: the pinned version, until a poll
+                log.warning("could not read %s: %s; starting on %s", source, exc, pinned)
+        if self._follows and poll_interval_s:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(poll_interval_s))
+
+    async def current(self) -> dict[str, str]:
+        return dict(self._target)
+
+    async def wait_for_change(self, known_uri: str | None, timeout_s: float) -> dict[str, str]:
+        """The target as soon as it differs from `known_uri`, or after `timeout_s`."""
+        changed = self._changed
+        if self._target["uri"] == known_uri:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout_s)
+        return dict(self._target)
+
+    async def refresh(self, reason: str = "asked") -> dict[str, Any]:
+        """Read the alias now; {"version", "previous", "changed"}."""
+        before = self._target
+        if self._follows:
+            pinned = await asyncio.to_thread(_pin, self._source, self._tracking_uri)
+            if pinned["uri"] != before["uri"]:
+                log.info(
+                    "%s now names version %s (was %s; %s)",
+                    self._source,
+                    pinned["version"],
+                    before["version"],
+                    reason,
+                )
+                self._target = pinned
+                changed, self._changed = self._changed, asyncio.Event()
+                changed.set()
+        return {
+            "version": self._target["version"],
+            "previous": before["version"],
+            "changed": self._target["uri"] != before["uri"],
+        }
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh("poll")
+            except Exception as exc:  # the registry may be down for a while: keep serving
+                log.warning(
+                    "could not read %s: %s; keeping version %s",
+                    self._source,
+                    exc,
+                    self._target["version"],
+                )
+
+
 # -- the deployment --------------------------------------------------------------------------
 
 
 @serve.deployment(name="ModelServer")
 @serve.ingress(app)
 class ModelServer:
-    """One replica: a Predictor behind batched HTTP routes."""
+    """One replica: the Predictor of the version ModelVersion names, behind batched routes."""
 
     def __init__(
         self,
-        model_uri: str,
+        versions: Any,
         *,
         served_name: str,
         serve_config: ServeConfig,
@@ -228,32 +488,27 @@ class ModelServer:
         token_sha256: str | None = None,
         trust_remote_code: bool = False,
     ):
-        from serving.predictor import Predictor
-
+        self._versions = versions  # handle to ModelVersion
         self._served_name = served_name
         self._config = serve_config
+        self._tracking_uri = tracking_uri
+        self._trust_remote_code = trust_remote_code  # the config's model.trust_remote_code only
         # Only a digest reaches the replica: the token cannot be read back from it.
         self._token_sha256 = token_sha256
-        self._predictor = Predictor(
-            model_uri,
-            tracking_uri=tracking_uri,
-            precision=serve_config.precision,
-            torch_threads=serve_config.torch_threads,
-            trust_remote_code=trust_remote_code,  # the config's model.trust_remote_code only
-        )
+        self._predictor: Any = None
+        self._loaded = asyncio.Event()
+        self._load_error: str | None = None
+        self._replica = serve.get_replica_context().replica_id.unique_id
         # One thread runs the model so the event loop keeps accepting (and batching)
-        # requests while a batch computes; torch releases the GIL inside kernels.
+        # requests while a batch computes; torch releases the GIL inside kernels. Another
+        # loads new versions, so a swap never stops the current one from answering.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+        self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._stats = {"batches": 0, "texts": 0, "largest_batch": 0}
+        self._metrics = _ReplicaMetrics()
         self._batching = _batching(serve_config)
         self.reconfigure(self._batching)
-        log.info(
-            "serving %s version %s (%s) as %r",
-            self._predictor.model_name,
-            self._predictor.model_version,
-            self._predictor.precision,
-            served_name,
-        )
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config: batch size and wait."""
@@ -268,20 +523,128 @@ class ModelServer:
         """Batching settings, batches run, texts scored, largest batch (through a handle)."""
         return {**self._batching, **self._stats}
 
+    async def wait_ready(self, timeout_s: float) -> str:
+        """The version once this replica's model is warm; RuntimeError if it cannot load."""
+        deadline = time.monotonic() + timeout_s
+        while not self._loaded.is_set():
+            if self._load_error:
+                raise RuntimeError(self._load_error)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the model is still loading after {timeout_s:.0f} s")
+            await asyncio.sleep(0.1)
+        return self._predictor.model_version
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose first model never loaded is replaced."""
+        if self._load_error and not self._loaded.is_set():
+            raise RuntimeError(self._load_error)
+
+    # -- following ModelVersion -----------------------------------------------------------
+
+    async def _follow(self) -> None:
+        """Load whatever ModelVersion names, now and each time it changes."""
+        known = None
+        while True:
+            try:
+                target = await self._versions.wait_for_change.remote(known, _LONG_POLL_S)
+            except Exception as exc:  # ModelVersion restarting: keep serving, ask again
+                log.warning("could not ask ModelVersion for the version: %s", exc)
+                await asyncio.sleep(_RETRY_S)
+                continue
+            current = self._predictor.model_uri if self._predictor is not None else None
+            if target["uri"] != current:
+                try:
+                    await self._load(target)
+                except Exception as exc:  # keep the current version; try again shortly
+                    self._load_error = f"could not load {target['uri']}: {exc}"
+                    log.warning("%s; still serving %s", self._load_error, self._version())
+                    await asyncio.sleep(_RETRY_S)
+                    continue
+            known = target["uri"]
+
+    async def _load(self, target: dict[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        predictor = await loop.run_in_executor(self._load_thread, self._build, target["uri"])
+        replaced, self._predictor = self._predictor, predictor  # the swap: one reference
+        self._loaded.set()
+        self._load_error = None
+        self._metrics.serving(predictor, replaced)
+        log.info(
+            "serving %s version %s (%s, loaded in %.1f s) as %r%s",
+            predictor.model_name,
+            predictor.model_version,
+            ", ".join(f"{k} {v}" for k, v in predictor.runtime.items()),
+            time.perf_counter() - started,
+            self._served_name,
+            f"; replaced version {replaced.model_version}" if replaced is not None else "",
+        )
+
+    def _build(self, uri: str) -> Any:
+        from serving.predictor import Predictor
+
+        return Predictor(
+            uri,
+            tracking_uri=self._tracking_uri,
+            precision=self._config.precision,
+            torch_threads=self._config.torch_threads,
+            trust_remote_code=self._trust_remote_code,
+        )
+
+    def _version(self) -> str | None:
+        return self._predictor.model_version if self._predictor is not None else None
+
+    def _label(self, request: Request) -> None:
+        """Count the request under the version this replica serves, a refusal included;
+        `_serving` relabels it with the version that answers."""
+        request.state.model_version = self._version() or ""
+
+    async def _serving(self, request: Request) -> Any:
+        """The Predictor that answers this request (waiting for the first load if needed)."""
+        if not self._loaded.is_set():
+            try:
+                await asyncio.wait_for(self._loaded.wait(), _LOAD_WAIT_S)
+            except TimeoutError:
+                raise _not_ready(self._load_error or "the model is still loading") from None
+        predictor = self._predictor
+        request.state.model_version = predictor.model_version
+        return predictor
+
+    # -- routes ---------------------------------------------------------------------------
+
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         return Health()
 
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"description": "The model is not loaded and warm yet."}},
+    )
+    async def readyz(self, request: Request) -> Readiness:
+        if not self._loaded.is_set():
+            raise _not_ready(self._load_error or "the model is still loading")
+        request.state.model_version = self._predictor.model_version
+        return Readiness(model_version=self._predictor.model_version)
+
     @app.get("/v1/models/{model_name}", response_model=ModelInfo)
-    async def model_info(self, model_name: str, credentials: Credentials) -> ModelInfo:
+    async def model_info(
+        self, model_name: str, request: Request, credentials: Credentials
+    ) -> ModelInfo:
+        self._label(request)
         self._authorize(credentials)
         self._check_model_name(model_name)
+        predictor = await self._serving(request)
+        runtime = predictor.runtime
         return ModelInfo(
             name=self._served_name,
-            version=self._predictor.model_version,
-            labels=self._predictor.labels,
-            model_uri=self._predictor.model_uri,
-            precision=self._predictor.precision,
+            version=predictor.model_version,
+            labels=predictor.labels,
+            model_uri=predictor.model_uri,
+            engine=str(runtime["engine"]),
+            precision=str(runtime["precision"]),
+            threads=int(runtime["threads"]),
+            replica=self._replica,
         )
 
     @app.post(
@@ -292,25 +655,36 @@ class ModelServer:
     async def predict(
         self, model_name: str, request: Request, credentials: Credentials
     ) -> PredictResponse:
+        self._label(request)
         self._authorize(credentials)
         self._check_model_name(model_name)
         _check_json_content_type(request)
         body = _parse_predict_request(await _read_body(request, self._config.max_body_bytes))
         self._check_limits(body.texts)
-        answers = await asyncio.gather(*(self._predict_batch(text) for text in body.texts))
+        predictor = await self._serving(request)
+        self._metrics.queued(len(body.texts))
+        answers = await asyncio.gather(
+            *(self._predict_batch(text, predictor) for text in body.texts)
+        )
         return PredictResponse(
             predictions=[Prediction(**answer) for answer in answers],
-            model_name=self._predictor.model_name,
-            model_version=self._predictor.model_version,
+            model_name=predictor.model_name,
+            model_version=predictor.model_version,
         )
 
     # Sizes here are placeholders: reconfigure() sets them from the config's user_config.
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
+    async def _predict_batch(self, texts: list[str], predictors: list[Any]) -> list[dict]:
+        self._metrics.queued(-len(texts))
+        self._metrics.batch_texts.observe(len(texts))
         loop = asyncio.get_running_loop()
-        answers = await loop.run_in_executor(
-            self._model_thread, self._predictor.predict_texts, texts
-        )
+        answers: list[dict[str, Any]] = [{}] * len(texts)
+        for predictor, rows in _group_by_predictor(predictors):
+            found = await loop.run_in_executor(
+                self._model_thread, predictor.predict_texts, [texts[i] for i in rows]
+            )
+            for i, answer in zip(rows, found, strict=True):
+                answers[i] = answer
         self._stats["batches"] += 1
         self._stats["texts"] += len(texts)
         self._stats["largest_batch"] = max(self._stats["largest_batch"], len(texts))
@@ -377,11 +751,38 @@ def _expected_token_sha256(serve_config: ServeConfig) -> str | None:
 
 def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Application:
     """The Serve application for `config`; the model is `model_uri`, else serve.model_uri,
-    else the production alias (models:/<registry.model_name>@<promote.alias>)."""
+    else the production alias (models:/<registry.model_name>@<promote.alias>).
+
+    An alias is resolved to its version here (LookupError if it names none), so a bad URI
+    fails the build, not a replica."""
     serve_cfg = config.serve
-    uri = model_uri or serve_cfg.model_uri or config.production_uri
+    token_sha256 = _expected_token_sha256(serve_cfg)
+    source = worker_visible_uri(
+        model_uri or serve_cfg.model_uri or config.production_uri, key="serve.model_uri"
+    )
+    tracking_uri = worker_visible_uri(config.registry.tracking_uri, key="registry.tracking_uri")
+    versions = ModelVersion.options(
+        # Every replica holds one long poll here, plus promote/rollback's refresh calls.
+        max_ongoing_requests=2 * serve_cfg.autoscaling.max_replicas + 16,
+    ).bind(
+        source,
+        _pin(source, tracking_uri),
+        tracking_uri=tracking_uri,
+        poll_interval_s=serve_cfg.model_poll_interval_s,
+    )
+    return _model_server(serve_cfg).bind(
+        versions,
+        served_name=config.registry.model_name,
+        serve_config=serve_cfg,
+        tracking_uri=tracking_uri,
+        token_sha256=token_sha256,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+
+
+def _model_server(serve_cfg: ServeConfig) -> Any:
     scaling = serve_cfg.autoscaling
-    deployment = ModelServer.options(
+    return ModelServer.options(
         autoscaling_config={
             "min_replicas": scaling.min_replicas,
             "initial_replicas": max(scaling.min_replicas, 1),
@@ -398,14 +799,6 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         max_queued_requests=serve_cfg.max_queued_requests or -1,
         ray_actor_options={"num_cpus": serve_cfg.num_cpus},
         user_config=_batching(serve_cfg),
-    )
-    return deployment.bind(
-        worker_visible_uri(uri, key="serve.model_uri"),
-        served_name=config.registry.model_name,
-        serve_config=serve_cfg,
-        tracking_uri=worker_visible_uri(config.registry.tracking_uri, key="registry.tracking_uri"),
-        token_sha256=_expected_token_sha256(serve_cfg),
-        trust_remote_code=config.model.trust_remote_code,
     )
 
 
@@ -429,7 +822,8 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 
 
 def deploy(config: LifecycleConfig, model_uri: str | None = None, blocking: bool = False) -> str:
-    """Start Serve on (or join) the cluster, run the app; the endpoint's base URL."""
+    """Start Serve on (or join) the cluster, run the app, wait until its model is warm; the
+    endpoint's base URL."""
     from cluster import init_ray
 
     init_ray()
@@ -438,9 +832,73 @@ def deploy(config: LifecycleConfig, model_uri: str | None = None, blocking: bool
     url = _endpoint_url(serve_cfg)
     application = build_app(config, model_uri)
     name = config.registry.model_name
-    log.info("deploying %s at %s/v1/models/%s", name, url, name)
-    serve.run(application, name=name, route_prefix="/", blocking=blocking)
+    serve.run(application, name=name, route_prefix="/")
+    version = serve.get_app_handle(name).wait_ready.remote(_LOAD_WAIT_S).result()
+    log.info("serving %s version %s at %s/v1/models/%s", name, version, url, name)
+    log.info("metrics (Prometheus text): %s", metrics_url() or "not exported by this Ray")
+    if blocking:
+        _block_until_interrupted()
     return url
+
+
+def _block_until_interrupted() -> None:
+    try:
+        while True:
+            time.sleep(10)
+    except KeyboardInterrupt:
+        log.info("stopping: Ctrl-C")
+
+
+def metrics_url() -> str | None:
+    """Where the Ray node this driver runs on exports its metrics (raylift's among Ray's),
+    in Prometheus text format; None when Ray exports none there."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == here and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def tell_running_app(config: LifecycleConfig) -> dict[str, Any] | None:
+    """Best effort, after promote or rollback: ask a running app for `config` to re-read its
+    alias now instead of at its next poll. Joins the Ray cluster (RAY_ADDRESS, else a local
+    one) when this process is not on one yet; no cluster or no app logs one line. Never
+    raises: the alias has moved, and the app's own polling (serve.model_poll_interval_s)
+    follows it anyway."""
+    import ray
+
+    name = config.registry.model_name
+    joined = False
+    try:
+        if not ray.is_initialized():
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS") or "auto",
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+            joined = True
+        if name not in serve.status().applications:
+            log.info("no Serve app %r runs on this Ray cluster: nothing to tell", name)
+            return None
+        handle = serve.get_deployment_handle("ModelVersion", app_name=name)
+        answer = handle.refresh.remote("promote/rollback").result(timeout_s=60)
+        log.info(
+            "told the running Serve app %r: it serves version %s (was %s)",
+            name,
+            answer["version"],
+            answer["previous"],
+        )
+        return answer
+    except ConnectionError as exc:  # no cluster, or several and no RAY_ADDRESS to pick one
+        log.info("no Serve app for %r told: %s", name, str(exc).split(". ")[0])
+    except Exception as exc:
+        log.warning("could not tell the Serve app %r about the alias: %s", name, exc)
+    finally:
+        if joined:
+            ray.shutdown()
+    return None
 
 
 def _http_options(serve_cfg: ServeConfig) -> dict[str, Any]:

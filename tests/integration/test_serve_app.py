@@ -61,6 +61,8 @@ def endpoint(ray_session, tiny_bert, tmp_path_factory):
     url = deploy(_config(MODEL), model_uri=checkpoint)
     _wait_running(SECURED)
     yield url
+    serve.delete(SECURED)
+    serve.delete(MODEL)
     serve.shutdown()
 
 
@@ -107,7 +109,17 @@ def test_model_info_and_health(client):
     assert info.status_code == 200
     assert info.json()["labels"] == LABELS and info.json()["version"] == "local"
     assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "model_version": "local"}
     assert client.get("/v1/models/other").status_code == 404
+
+
+def test_model_info_says_what_runs(client):
+    info = client.get(f"/v1/models/{MODEL}").json()
+
+    assert info["engine"] in ("torch", "onnxruntime", "openvino")
+    assert info["precision"] == "fp32"  # serve.precision forced in _config
+    assert info["threads"] == 1  # serve.torch_threads
+    assert info["replica"] and not info["model_uri"].startswith("models:/")
 
 
 @pytest.mark.parametrize(
@@ -119,6 +131,7 @@ def test_model_info_and_health(client):
         ({"texts": ["fine", 7]}, 422),
         ({"texts": ["fine", None]}, 422),
         ({"texts": ["   "]}, 422),
+        ({"texts": ["fine", "lone \ud800 surrogate"]}, 400),  # the tokenizer would raise
         ({"texts": ["fine"], "extra": 1}, 422),
         ({"texts": ["card"] * 33}, 413),
         ({"texts": ["card " * 50]}, 422),
@@ -133,6 +146,7 @@ def test_model_info_and_health(client):
         "number",
         "null",
         "blank",
+        "lone-surrogate",
         "unknown-key",
         "too-many",
         "too-long",
@@ -197,6 +211,41 @@ def test_bearer_token_is_required_when_configured(client):
     assert client.get("/secured/healthz").status_code == 200
     malformed = client.post(url, content=b"{", headers={"content-type": "application/json"})
     assert malformed.status_code == 401  # the token is checked before the body is read
+
+
+PUBLIC_ROUTES = {"/healthz", "/readyz"}  # probes: a load balancer sends no token
+
+
+def _served_operations(client, prefix: str) -> list[tuple[str, str]]:
+    """(method, path) of every operation the app's served OpenAPI schema lists."""
+    paths = client.get(f"{prefix}/openapi.json").json()["paths"]
+    return [(method.upper(), path) for path, item in paths.items() for method in item]
+
+
+def _call(client, method: str, url: str, headers: dict[str, str] | None = None):
+    body = {"texts": ["card arrived late"]} if method == "POST" else None
+    return client.request(method, url, json=body, headers=headers or {})
+
+
+def test_every_route_but_the_probes_needs_the_token(client):
+    operations = _served_operations(client, "/secured")
+    assert {path for _, path in operations} >= PUBLIC_ROUTES | {
+        "/v1/models/{model_name}",
+        "/v1/models/{model_name}/predict",
+    }
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    for method, path in operations:
+        url = "/secured" + path.replace("{model_name}", SECURED)
+        if path in PUBLIC_ROUTES:
+            assert _call(client, method, url).status_code == 200, (method, path)
+            continue
+        refused = _call(client, method, url)
+        wrong = _call(client, method, url, {"Authorization": "Bearer wrong"})
+        accepted = _call(client, method, url, right)
+        assert (refused.status_code, wrong.status_code) == (401, 401), (method, path)
+        assert accepted.status_code == 200, (method, path, accepted.text)
+    # The schema and its docs page hold no model data; they stay public for clients to read.
+    assert client.get("/secured/openapi.json").status_code == 200
 
 
 def _ray_auth_headers() -> dict[str, str]:

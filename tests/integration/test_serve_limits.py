@@ -56,6 +56,8 @@ def endpoint(ray_session, tmp_path_factory):
     url = deploy(_config(MODEL), model_uri=checkpoint)
     serve.run(build_app(tiny_queue, model_uri=checkpoint), name=QUEUED, route_prefix="/queued")
     yield url
+    serve.delete(QUEUED)
+    serve.delete(MODEL)
     serve.shutdown()
 
 

@@ -46,7 +46,11 @@ def test_app_builder_applies_overrides_to_the_deployment(checkpoint):
     assert deployment.max_queued_requests == 7
     assert deployment.max_ongoing_requests == 8  # a full batch of one-text requests fits
     assert deployment.ray_actor_options["num_cpus"] == 0.5
-    assert deployment.init_args == (str(Path(checkpoint).resolve()),)
+    versions = _deployment(deployment.init_args[0])  # replicas ask ModelVersion what to load
+    local = str(Path(checkpoint).resolve())
+    assert versions.name == "ModelVersion"
+    assert versions.init_args == (local, {"uri": local, "version": "local"})
+    assert versions.init_kwargs["poll_interval_s"] == 10.0
     kwargs = deployment.init_kwargs
     assert kwargs["served_name"] == "ticket-router"
     assert kwargs["serve_config"].max_batch_size == 8
@@ -213,3 +217,140 @@ def test_only_json_content_type_is_accepted(content_type, accepted):
     with pytest.raises(HTTPException) as refused:
         _check_json_content_type(request)
     assert refused.value.status_code == 415 and "application/json" in refused.value.detail
+
+
+# -- following the alias (ModelVersion without Serve, real MLflow registry) -----------------
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    # One database for the module (creating one costs seconds); each test has its own model.
+    return f"sqlite:///{tmp_path_factory.mktemp('registry')}/mlflow.db"
+
+
+@pytest.fixture
+def registry_config(tracking_uri, checkpoint, request):
+    """A config whose registry holds two versions of its own model, v1 at @production."""
+    from jobs.config import validate_mapping
+    from serving import registry
+
+    name = request.node.name.replace("_", "-")[:60]
+    config = validate_mapping(
+        {
+            "name": "follow-test",
+            "registry": {"tracking_uri": tracking_uri, "model_name": name},
+            "serve": {"model_poll_interval_s": 0.2},
+        }
+    )
+    for _ in range(2):
+        _register(config, checkpoint)
+    registry.set_alias(name, "production", "1")
+    return config
+
+
+def _register(config, checkpoint: str) -> str:
+    from jobs import tracking
+
+    with tracking.tracked_run(config, {}) as run_id:
+        return tracking.register(config, run_id, checkpoint, {}, {"val_accuracy": 0.9})
+
+
+async def _model_version(source: str, tracking_uri: str, poll_interval_s: float | None):
+    """A ModelVersion built the way a Serve replica builds it (its __init__ is async)."""
+    from serving.app import ModelVersion, _pin
+
+    cls = ModelVersion.func_or_class
+    follower = cls.__new__(cls)
+    await cls.__init__(
+        follower,
+        source,
+        _pin(source, tracking_uri),
+        tracking_uri=tracking_uri,
+        poll_interval_s=poll_interval_s,
+    )
+    return follower
+
+
+def test_build_app_pins_the_alias_to_its_version(registry_config):
+    from serving.app import build_app
+
+    name = registry_config.registry.model_name
+    versions = _deployment(_deployment(build_app(registry_config)).init_args[0])
+    source, pinned = versions.init_args
+
+    assert source == f"models:/{name}@production"
+    assert pinned == {"uri": f"models:/{name}/1", "version": "1"}
+
+
+def test_an_alias_that_names_nothing_fails_the_build(registry_config):
+    from serving.app import build_app
+
+    canary = f"models:/{registry_config.registry.model_name}@canary"
+    with pytest.raises(LookupError, match=canary):
+        build_app(registry_config, model_uri=canary)
+
+
+def test_model_version_follows_the_alias_by_polling(registry_config):
+    from serving import registry
+
+    name = registry_config.registry.model_name
+
+    async def scenario():
+        uri = f"models:/{name}@production"
+        follower = await _model_version(uri, registry_config.registry.tracking_uri, 0.2)
+        first = await follower.current()
+        unchanged = await follower.wait_for_change(first["uri"], 0.5)  # times out: same
+        registry.set_alias(name, "production", "2")
+        started = asyncio.get_running_loop().time()
+        moved = await follower.wait_for_change(first["uri"], 10)
+        waited = asyncio.get_running_loop().time() - started
+        follower._poller.cancel()
+        return first, unchanged, moved, waited
+
+    first, unchanged, moved, waited = asyncio.run(scenario())
+    assert first == {"uri": f"models:/{name}/1", "version": "1"}
+    assert unchanged == first
+    assert moved == {"uri": f"models:/{name}/2", "version": "2"}
+    assert waited < 5  # woken by the poll after the move, not by the 10 s timeout
+
+
+def test_refresh_moves_at_once_without_polling(registry_config):
+    from serving import registry
+
+    name = registry_config.registry.model_name
+
+    async def scenario():
+        uri = f"models:/{name}@production"
+        follower = await _model_version(uri, registry_config.registry.tracking_uri, None)
+        registry.set_alias(name, "production", "2")
+        still = await follower.current()
+        told = await follower.refresh()
+        again = await follower.refresh()
+        return still, told, again
+
+    still, told, again = asyncio.run(scenario())
+    assert still["version"] == "1"  # no poll: nothing moves until told
+    assert told == {"version": "2", "previous": "1", "changed": True}
+    assert again == {"version": "2", "previous": "2", "changed": False}
+
+
+def test_a_pinned_version_never_moves(registry_config):
+    from serving import registry
+
+    name = registry_config.registry.model_name
+
+    async def scenario():
+        uri = f"models:/{name}/1"
+        follower = await _model_version(uri, registry_config.registry.tracking_uri, 0.1)
+        registry.set_alias(name, "production", "2")
+        return await follower.refresh()
+
+    assert asyncio.run(scenario()) == {"version": "1", "previous": "1", "changed": False}
+
+
+def test_tell_running_app_without_ray_logs_one_line_and_returns(registry_config, caplog):
+    from serving.app import tell_running_app
+
+    with caplog.at_level("INFO", logger="serving.app"):
+        assert tell_running_app(registry_config) is None  # unit tests refuse ray.init
+    assert len([r for r in caplog.records if r.name == "serving.app"]) == 1
