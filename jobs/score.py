@@ -163,6 +163,7 @@ def predict_rows(
             "model_uri": model.uri,
             "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
             "precision": score.precision,
+            "engine": score.engine,
             "torch_threads": score.torch_threads,
             "text_column": config.task.text_column,
             "passthrough_columns": tuple(score.key_columns),
