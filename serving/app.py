@@ -587,6 +587,7 @@ class ModelServer:
             uri,
             tracking_uri=self._tracking_uri,
             precision=self._config.precision,
+            engine=self._config.engine,
             torch_threads=self._config.torch_threads,
             trust_remote_code=self._trust_remote_code,
         )
