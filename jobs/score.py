@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import datetime
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray
 
 from cluster import init_ray
 from jobs import warehouse
@@ -32,7 +34,7 @@ from serving import registry, tags
 from serving.text import UNUSABLE_REASON, usable_mask
 
 if TYPE_CHECKING:
-    import ray.data
+    import ray.data  # noqa: F401  (annotations)
 
 __all__ = ["ScoreResult", "main", "predict_rows"]
 
@@ -49,6 +51,9 @@ class ScoreResult:
     rows_quarantined: int
     wall_s: float
     rows_per_s: float
+    # What the Predictor actors actually ran: one {"engine", "precision", "threads"} per
+    # distinct choice (engine=auto calibrates in each actor, so they may differ).
+    runtime: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,31 @@ def main(config: LifecycleConfig) -> ScoreResult:
     init_ray()
     pinned = _pin(config)
     rows = _read_input(config, pinned)
-    _score(config, rows, pinned)
+    board = RuntimeBoard.options(name=f"raylift-score-runtime-{uuid.uuid4().hex}").remote()
+    _score(config, rows, pinned, board)
     quarantined = _quarantine(config, rows, pinned)
     scored = warehouse.count_rows(
         config.catalog, config.score.output_table, run_date=pinned.run_date
     )
-    return _result(config, pinned, scored, quarantined, time.perf_counter() - started)
+    result = _result(config, pinned, scored, quarantined, time.perf_counter() - started)
+    result.runtime = ray.get(board.seen.remote())
+    return result
+
+
+@ray.remote(num_cpus=0)
+class RuntimeBoard:
+    """Where each Predictor actor of a run posts what it runs (`Predictor.runtime`); the run's
+    summary lists the distinct entries."""
+
+    def __init__(self):
+        self._seen: list[dict] = []
+
+    def add(self, runtime: dict) -> None:
+        if runtime not in self._seen:
+            self._seen.append(runtime)
+
+    def seen(self) -> list[dict]:
+        return list(self._seen)
 
 
 def _pin(config: LifecycleConfig) -> _Pinned:
@@ -134,9 +158,9 @@ def _read_input(config: LifecycleConfig, pinned: _Pinned) -> ray.data.Dataset:
     )
 
 
-def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> None:
+def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned, board: Any) -> None:
     usable = rows.map_batches(UsableRows(config.task.text_column, keep=True), batch_format="numpy")
-    predictions = predict_rows(config, usable, pinned.model).map_batches(
+    predictions = predict_rows(config, usable, pinned.model, runtime_board=board).map_batches(
         StampRun(pinned.run_date, datetime.datetime.now(datetime.UTC)), batch_format="numpy"
     )
     warehouse.write_predictions(
@@ -149,9 +173,13 @@ def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> 
 
 
 def predict_rows(
-    config: LifecycleConfig, source: ray.data.Dataset, model: registry.ResolvedVersion
+    config: LifecycleConfig,
+    source: ray.data.Dataset,
+    model: registry.ResolvedVersion,
+    runtime_board: Any = None,
 ) -> ray.data.Dataset:
-    """`source` through the Predictor actors of `model` (scoring and re-evaluation share it)."""
+    """`source` through the Predictor actors of `model` (scoring and re-evaluation share it);
+    each actor posts its `Predictor.runtime` to `runtime_board` (a RuntimeBoard) if given."""
     import ray.data
 
     from serving.predictor import Predictor
@@ -165,6 +193,7 @@ def predict_rows(
             "precision": score.precision,
             "engine": score.engine,
             "torch_threads": score.torch_threads,
+            "runtime_board": runtime_board,
             "text_column": config.task.text_column,
             "passthrough_columns": tuple(score.key_columns),
             "trust_remote_code": config.model.trust_remote_code,
