@@ -65,6 +65,7 @@ REPORTED_METRICS = (
     "epoch",
     "train_loss",
     "train_steps",
+    "global_step",
     "train_rows_per_s",
     "data_wait_fraction",
     "learning_rate",
@@ -400,8 +401,12 @@ def _train_epoch(
     tally = _EpochTally(steps=begin.batches)
     if engine.global_rank == 0:  # the resumed part's loss, summed over ranks when saved
         tally.loss_sum, tally.rows = begin.loss_sum, begin.rows
-    for _ in range(begin.batches):  # trained before the checkpoint: same order, skipped
-        next(batches)
+    for skipped in range(begin.batches):  # trained before the checkpoint: same order, skipped
+        if next(batches, None) is None:
+            raise RuntimeError(
+                f"epoch {epoch} ran out of batches at {skipped} while skipping the "
+                f"{begin.batches} trained before the checkpoint: the training stream changed"
+            )
     start = time.perf_counter()
     while train.max_steps_per_epoch is None or tally.steps < train.max_steps_per_epoch:
         fetch = time.perf_counter()
@@ -427,6 +432,7 @@ def _train_epoch(
     return {
         "train_loss": _global_mean(tally.loss_sum, tally.rows),
         "train_steps": tally.steps,
+        "global_step": int(engine.global_steps),  # optimizer steps since the run began
         "train_rows_per_s": _global_sum(tally.fresh_rows) / elapsed,
         "data_wait_fraction": tally.waited / elapsed,
         "learning_rate": float(engine.get_lr()[0]),
