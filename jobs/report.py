@@ -612,6 +612,8 @@ def _outcome(trial: Trial, winner: Trial | None, max_epochs: int | None) -> str:
         return trial.status.lower()
     if trial.status == "RUNNING":
         return f"still running ({trial.epochs} epochs so far)"
+    if trial.stopped_early and trial.epochs == 0:  # tune.time_budget_s ran out, most likely
+        return "stopped before its first epoch ended"
     if trial.stopped_early:
         return f"stopped early by ASHA after epoch {trial.epochs}"
     ran = f"ran all {max_epochs} epochs" if max_epochs else f"ran {trial.epochs} epochs"
