@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -235,3 +236,13 @@ def test_the_ray_token_from_the_environment_is_sent_and_never_printed(tmp_path, 
     expected = None if mode == "disabled" else f"Bearer {token}"
     assert _VersionHandler.seen and set(_VersionHandler.seen) == {expected}
     assert token not in done.stdout + done.stderr
+
+
+def test_an_unreachable_cluster_is_an_error_naming_the_address_and_the_fix(capsys):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli.main(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot reach Ray's Jobs API at http://127.0.0.1:{port}" in err
+    assert "RAY_AUTH_TOKEN_PATH" in err
