@@ -249,7 +249,7 @@ def build_trainer(
 
     train = config.train
     metric = metric or config.promote.metric
-    inputs = dataclasses.replace(inputs, checkpoint_metric=metric)
+    inputs = dataclasses.replace(inputs, checkpoint_metric=metric, checkpoint_mode=mode)
     return TorchTrainer(
         train_func,
         train_loop_config=inputs.as_dict(),
@@ -296,10 +296,10 @@ def _data_config(config: LifecycleConfig) -> EveryEvalRowConfig:
 
 
 def _best_checkpoint(result, metric: str):
-    ranked = [
+    ranked = [  # epoch ends only: mid-epoch checkpoints hold state/, no model files
         (c, m)
         for c, m in (result.best_checkpoints or [])
-        if isinstance(m.get(metric), int | float) and not math.isnan(m[metric])
+        if "epoch" in m and isinstance(m.get(metric), int | float) and not math.isnan(m[metric])
     ]
     if not ranked:
         raise RuntimeError(f"training reported no checkpoint with metric {metric!r}")

@@ -86,9 +86,10 @@ class LoopInputs:
     meta: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str | None = None  # MLflow run rank 0 logs each epoch to
     run_id: str | None = None
-    # The metric Ray Train keeps checkpoints by; mid-epoch checkpoints report it as NaN (ranked
-    # last in either mode). None: promote.metric.
+    # The metric Ray Train keeps checkpoints by, and which way it improves; mid-epoch
+    # checkpoints report its worst finite value. None: promote.metric.
     checkpoint_metric: str | None = None
+    checkpoint_mode: str = "max"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -136,7 +137,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     metric = inputs.checkpoint_metric or config.promote.metric
 
     def save_mid_epoch(progress: TrainProgress) -> None:
-        _report_state(engine, progress, metric, rank)
+        _report_state(engine, progress, metric, inputs.checkpoint_mode, rank)
 
     for epoch in range(start.epoch, config.train.epochs + 1):
         begin = start if epoch == start.epoch else TrainProgress(epoch=epoch)
@@ -557,9 +558,15 @@ def _report(
         )
 
 
-def _report_state(engine, progress: TrainProgress, metric: str, rank: int) -> None:
-    """A mid-epoch checkpoint: state/ only. Its `metric` is NaN, so Ray Train ranks it last and
-    keeps it only while it is the latest; Tune's schedulers skip it (no "epoch")."""
+# A mid-epoch checkpoint's score: ranked last in either mode, so Ray Train keeps it only while it
+# is the latest. Finite on purpose: a run's checkpoint list is saved as JSON, where NaN and inf
+# come back as null, and a resumed driver's Ray Train then failed to rank its checkpoints.
+_RANKED_LAST = {"max": -1e300, "min": 1e300}
+
+
+def _report_state(engine, progress: TrainProgress, metric: str, mode: str, rank: int) -> None:
+    """A mid-epoch checkpoint: state/ only, its `metric` the worst value (_RANKED_LAST); Tune's
+    schedulers skip it (no "epoch"), and registration takes epoch ends only."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raylift-state-") as directory:
@@ -568,7 +575,7 @@ def _report_state(engine, progress: TrainProgress, metric: str, rank: int) -> No
         _log_saved(directory, rank, started, f"epoch {progress.epoch} batch {progress.batches}")
         ray.train.report(
             {
-                metric: float("nan"),
+                metric: _RANKED_LAST[mode],
                 "checkpoint_epoch": progress.epoch,
                 "checkpoint_batches": progress.batches,
             },

@@ -86,7 +86,7 @@ def test_a_failed_run_ends_failed_and_resume_continues_it(config, tmp_path, tiny
         mid_epoch = Checkpoint.from_directory(str(tmp_path))
         return SimpleNamespace(
             best_checkpoints=[
-                (mid_epoch, {"val_accuracy": math.nan}),  # state only: never registered
+                (mid_epoch, {"val_accuracy": -1e300, "checkpoint_batches": 4}),  # state only
                 (checkpoint, {"val_accuracy": 0.75, "epoch": 2}),
             ]
         )
@@ -115,7 +115,7 @@ def test_a_resumed_driver_that_had_registered_does_not_register_again(
     config, tmp_path, tiny_bert, monkeypatch
 ):
     checkpoint = _trained_checkpoint(tmp_path, tiny_bert)
-    result = SimpleNamespace(best_checkpoints=[(checkpoint, {"val_accuracy": 0.8})])
+    result = SimpleNamespace(best_checkpoints=[(checkpoint, {"val_accuracy": 0.8, "epoch": 2})])
     monkeypatch.setattr(finetune, "_train", lambda *args: result)
     first = finetune.main(config)
     # The driver died after registering, before it recorded the run as finished:
@@ -130,7 +130,7 @@ def test_a_finished_runs_folder_is_cleared_by_a_fresh_start(
     config, tmp_path, tiny_bert, monkeypatch
 ):
     checkpoint = _trained_checkpoint(tmp_path, tiny_bert)
-    result = SimpleNamespace(best_checkpoints=[(checkpoint, {"val_accuracy": 0.8})])
+    result = SimpleNamespace(best_checkpoints=[(checkpoint, {"val_accuracy": 0.8, "epoch": 2})])
     monkeypatch.setattr(finetune, "_train", lambda *args: result)
     first = finetune.main(config)
     leftover = Path(finetune._run_path(config)) / "epoch001-end"
@@ -142,12 +142,16 @@ def test_a_finished_runs_folder_is_cleared_by_a_fresh_start(
 
 def test_only_checkpoints_with_the_metric_are_candidates():
     result = SimpleNamespace(
-        best_checkpoints=[("mid", {"val_accuracy": math.nan}), ("end", {"val_accuracy": 0.5})]
+        best_checkpoints=[
+            ("mid", {"val_accuracy": -1e300, "checkpoint_batches": 4}),
+            ("nan", {"val_accuracy": math.nan, "epoch": 1}),
+            ("end", {"val_accuracy": 0.5, "epoch": 2}),
+        ]
     )
-    assert finetune._best_checkpoint(result, "val_accuracy") == ("end", {"val_accuracy": 0.5})
+    assert finetune._best_checkpoint(result, "val_accuracy")[0] == "end"
     with pytest.raises(RuntimeError, match="no checkpoint with metric"):
         finetune._best_checkpoint(
-            SimpleNamespace(best_checkpoints=result.best_checkpoints[:1]), "val_accuracy"
+            SimpleNamespace(best_checkpoints=result.best_checkpoints[:2]), "val_accuracy"
         )
 
 
@@ -168,5 +172,6 @@ def test_trainer_retries_failures_and_orders_the_stream_for_mid_epoch_checkpoint
     )
     assert trainer.run_config.failure_config.max_failures == 3
     assert trainer.train_loop_config["checkpoint_metric"] == "val_loss"
+    assert trainer.train_loop_config["checkpoint_mode"] == "min"
     assert trainer.data_config._get_user_execution_options("train").preserve_order
     assert trainer.data_config._get_user_execution_options("validation") is None
