@@ -78,3 +78,37 @@ def test_missing_table_and_missing_model(ray_session, tmp_path, tiny_bert):
     missing_model = _config(tmp_path, str(tmp_path / "no-such-model"), tmp_path / "t.csv")
     with pytest.raises(FileNotFoundError, match="model.base="):
         finetune.main(missing_model)
+
+
+def test_a_failing_worker_ends_the_mlflow_run_failed_and_leaves_it_resumable(
+    ray_session, tmp_path, tiny_bert
+):
+    """A worker that raises (PEFT finds no such module) fails the run once train.max_failures
+    restarts are spent: the error reaches the caller, the MLflow run is FAILED, not RUNNING,
+    nothing is registered, and the run's state says it can be resumed."""
+    import json
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    _write_rows(tmp_path / "t.csv", make_ticket_rows(40, ["a", "b"]))
+    config = _config(
+        tmp_path,
+        tiny_bert,
+        tmp_path / "t.csv",
+        method="lora",
+        lora={"target_modules": ["no_such_module"]},
+    )
+    config.train.num_workers, config.train.max_failures = 1, 0
+    config.train.checkpoint_dir = str(tmp_path / "checkpoints")
+    load.main(config)
+    with pytest.raises(Exception, match="target_modules"):
+        finetune.main(config)
+    state = json.loads((Path(finetune._run_path(config)) / "raylift_finetune.json").read_text())
+    assert state["finished"] is False
+    assert MlflowClient(config.registry.tracking_uri).get_run(state["run_id"]).info.status == (
+        "FAILED"
+    )
+    assert _registered_versions(config) == []
+    with pytest.raises(ValueError, match="unfinished finetune .* --resume"):
+        finetune.main(config)
