@@ -140,6 +140,59 @@ def test_exactly_the_winner_is_registered_with_its_lineage(searched):
     assert tags.read_metric(version.tags, "val_loss") == pytest.approx(best, abs=1e-6)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_every_trial_where_asha_stopped_and_the_winners_mistakes(searched, tmp_path):
+    """raylift report on this search, once promote has recorded its verdicts on the winner."""
+    from jobs import promote, report
+
+    config, result = searched
+    with contextlib.suppress(promote.GateRefused):  # refused or passed, the verdicts are tagged
+        promote.main(config, best_of=result.parent_run_id)
+    slices = {"card_arrival": "cards", "lost_card": "cards", "refund": "payments"}
+    made = report.main(
+        with_overrides(config, {"promote.slices": slices}), result.parent_run_id, str(tmp_path)
+    )
+
+    page = (tmp_path / "report.html").read_text()
+    assert made.html == str(tmp_path / "report.html") and made.kind == "tune"
+    for trial in result.trials:
+        assert f"<td>{trial.trial_id}</td>" in page
+        if trial.stopped_early:
+            assert f'<tr class="stopped"><td>{trial.trial_id}</td>' in page
+            assert f"stopped early by ASHA after epoch {trial.epochs}" in page
+    assert f'<tr class="winner"><td>{result.winner_trial_id}</td>' in page
+    for name in ("curves.png", "confusion.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+    assert 'src="curves.png"' in page and 'src="confusion.png"' in page
+    version = _client(config).get_model_version(config.registry.model_name, result.version)
+    validation_rows = int(version.tags[tags.VALIDATION_ROWS])
+    counts = [
+        row.split(",")[1:]
+        for row in (tmp_path / "confusion_matrix.csv").read_text().splitlines()[1:]
+    ]
+    assert sum(int(n) for row in counts for n in row) == validation_rows == made.validation_rows
+    assert "<td>cards</td>" in page and "<td>payments</td>" in page
+    assert "Not promoted yet" not in page
+    assert "@production: <span" in page and "<td>floor</td>" in page
+
+
+def test_report_of_one_run_draws_its_curves(searched, tmp_path):
+    """A run without trials (here a trial that was not registered) is one curve, no winner."""
+    from jobs import report
+
+    config, result = searched
+    loser = next(t for t in result.trials if t.trial_id != result.winner_trial_id)
+    made = report.main(config, loser.run_id, str(tmp_path))
+    page = (tmp_path / "report.html").read_text()
+    assert made.kind == "finetune" and made.trials == 1 and made.winner_version is None
+    assert "No model version was registered" in page
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not (tmp_path / "confusion.png").exists()
+
+
 def _terminated_trials(experiment: str) -> set[str]:
     """Trials Tune's own experiment state (what a restore reads) holds as TERMINATED."""
     import json
