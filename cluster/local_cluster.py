@@ -1,0 +1,315 @@
+"""A real two-node Ray cluster on this machine: a head and a separate worker node.
+
+python -m cluster.local_cluster start --dir /tmp/raylift-cluster
+python -m cluster.local_cluster stop --dir /tmp/raylift-cluster
+
+Each node is its own `ray start --block` (its own raylet, object store and resources; the
+worker node joins the head with `--address`), in its own process session. Both use a temp dir
+and ports of their own, so another Ray on the machine (a test session's, `raylift finetune`'s
+embedded one) is never touched: `stop` kills this cluster's processes by pid, never with
+`ray stop`, which stops every Ray on the machine. Token auth is on, with a token file in the
+cluster's folder; `start` prints the environment a client needs (the token itself is never
+printed). The worker node advertises the custom resource `raylift_worker_node`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["LocalCluster", "start", "stop"]
+
+WORKER_RESOURCE = "raylift_worker_node"
+_STATE_FILE = "cluster.json"
+# Small object stores: the default (30% of RAM per node) would reserve most of /dev/shm twice.
+_OBJECT_STORE_BYTES = 512 * 1024**2
+_NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+)
+_HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
+
+
+@dataclass
+class LocalCluster:
+    """What `start` wrote to `<dir>/cluster.json`: enough to use and to stop the cluster."""
+
+    dir: str
+    address: str  # the Jobs API / dashboard, http://127.0.0.1:PORT
+    gcs_address: str  # what a worker node or `ray.init(address=...)` joins
+    token_path: str
+    head_pid: int
+    worker_pids: list[int] = field(default_factory=list)
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a client (raylift submit, ray job submit) needs to reach this cluster."""
+        return {
+            "RAY_ADDRESS": self.address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.token_path,
+        }
+
+    def save(self) -> None:
+        Path(self.dir, _STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LocalCluster:
+        path = Path(directory, _STATE_FILE)
+        if not path.is_file():
+            raise FileNotFoundError(f"no cluster started in {directory} ({path} is missing)")
+        return cls(**json.loads(path.read_text()))
+
+
+def start(
+    directory: str | Path, head_cpus: int = 3, worker_cpus: int = 1, timeout_s: float = 90
+) -> LocalCluster:
+    """Start the head, then one worker node; return once both are alive."""
+    root = Path(directory).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    token_path = root / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    token_path.chmod(0o600)
+    ports = {name: _free_port() for name in (*_HEAD_PORTS, *_NODE_PORTS)}
+    head = _launch(root, "head", _head_args(root, ports, head_cpus), token_path)
+    cluster = LocalCluster(
+        dir=str(root),
+        address=f"http://127.0.0.1:{ports['dashboard-port']}",
+        gcs_address=f"127.0.0.1:{ports['port']}",
+        token_path=str(token_path),
+        head_pid=head.pid,
+    )
+    cluster.save()
+    try:
+        _wait_for_nodes(cluster, 1, timeout_s)
+        add_worker(cluster, worker_cpus, timeout_s)
+    except BaseException:
+        stop(cluster)
+        raise
+    return cluster
+
+
+def add_worker(cluster: LocalCluster, cpus: int = 1, timeout_s: float = 90) -> int:
+    """Start one more worker node; its pid once the head counts it alive."""
+    alive = len(_alive_nodes(cluster))
+    index = len(cluster.worker_pids)
+    ports = {name: _free_port() for name in _NODE_PORTS}
+    args = [
+        "--address",
+        cluster.gcs_address,
+        "--num-cpus",
+        str(cpus),
+        "--resources",
+        json.dumps({WORKER_RESOURCE: 1}),
+        *_node_args(Path(cluster.dir, f"ray-worker-{index}"), ports),
+    ]
+    worker = _launch(Path(cluster.dir), f"worker-{index}", args, Path(cluster.token_path))
+    cluster.worker_pids.append(worker.pid)
+    cluster.save()
+    _wait_for_nodes(cluster, alive + 1, timeout_s)
+    return worker.pid
+
+
+def stop_node(pid: int, grace_s: float = 15) -> list[int]:
+    """Stop one node (`ray start --block` pid) and every process it started; their pids."""
+    pids = _process_tree(pid)
+    for member in pids:
+        _signal(member, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    for member in pids:
+        _signal(member, signal.SIGKILL)
+    for member in pids:
+        _reap(member)
+    return pids
+
+
+def stop(cluster: LocalCluster | str | Path) -> list[int]:
+    """Stop the worker nodes, then the head; every pid stopped (none is left alive)."""
+    if not isinstance(cluster, LocalCluster):
+        cluster = LocalCluster.load(cluster)
+    stopped = []
+    for pid in [*cluster.worker_pids, cluster.head_pid]:
+        stopped += stop_node(pid)
+    stopped += stop_node_leftovers(cluster)
+    left = [pid for pid in stopped if _alive(pid)]
+    if left:
+        raise RuntimeError(f"processes of the cluster in {cluster.dir} still alive: {left}")
+    return stopped
+
+
+def stop_node_leftovers(cluster: LocalCluster) -> list[int]:
+    """Processes of this cluster no longer under a node's tree (re-parented): by their pids."""
+    marker = str(Path(cluster.dir, "ray-"))
+    leftovers = [pid for pid in _all_pids() if marker in _cmdline(pid)]
+    for pid in leftovers:
+        _signal(pid, signal.SIGKILL)
+        _reap(pid)
+    return leftovers
+
+
+def _head_args(root: Path, ports: dict[str, int], cpus: int) -> list[str]:
+    return [
+        "--head",
+        "--num-cpus",
+        str(cpus),
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        *(arg for name in _HEAD_PORTS for arg in (f"--{name}", str(ports[name]))),
+        *_node_args(root / "ray-head", ports),
+    ]
+
+
+def _node_args(temp_dir: Path, ports: dict[str, int]) -> list[str]:
+    # A temp dir per node: nodes sharing one would share its runtime_resources folder, and a
+    # node unpacking a job's working_dir there removed the folder the job's driver ran in
+    # (the driver failed with a bare "No such file or directory" from os.getcwd).
+    return [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp_dir),
+        "--object-store-memory",
+        str(_OBJECT_STORE_BYTES),
+        "--disable-usage-stats",
+        *(arg for name in _NODE_PORTS for arg in (f"--{name}", str(ports[name]))),
+    ]
+
+
+def _launch(root: Path, name: str, args: list[str], token_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        # Job entrypoints run `python -m ...`: this interpreter's environment, as on an image.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    ray = str(Path(sys.executable).parent / "ray")
+    log = (root / f"{name}.log").open("ab")
+    return subprocess.Popen(
+        [ray, "start", "--block", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=root,
+    )
+
+
+def _wait_for_nodes(cluster: LocalCluster, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in [cluster.head_pid, *cluster.worker_pids]:
+            if not _alive(pid):
+                raise RuntimeError(f"a node of {cluster.dir} exited: see its *.log there")
+        with contextlib.suppress(OSError, ValueError):
+            if len(_alive_nodes(cluster)) >= count:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{count} node(s) not alive after {timeout_s:.0f} s: see {cluster.dir}")
+
+
+def _alive_nodes(cluster: LocalCluster) -> list[dict]:
+    """Alive nodes as the head's state API lists them (token in the header)."""
+    request = urllib.request.Request(
+        f"{cluster.address}/api/v0/nodes?limit=100&filter_keys=state&filter_predicates=%3D"
+        "&filter_values=ALIVE",
+        headers={"Authorization": f"Bearer {Path(cluster.token_path).read_text().strip()}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.load(response)
+    except OSError:
+        return []
+    return body["data"]["result"]["result"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _process_tree(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _all_pids() -> list[int]:
+    import psutil
+
+    return psutil.pids()
+
+
+def _cmdline(pid: int) -> str:
+    import psutil
+
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    """Collect our own exited children so they do not linger as zombies."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--dir", default="/tmp/raylift-cluster", help="The cluster's folder.")
+    parser.add_argument("--head-cpus", type=int, default=3, help="Logical CPUs of the head.")
+    parser.add_argument("--worker-cpus", type=int, default=1, help="Logical CPUs of the worker.")
+    args = parser.parse_args(argv)
+    if args.action == "stop":
+        print(f"stopped {len(stop(args.dir))} processes")
+        return 0
+    cluster = start(args.dir, args.head_cpus, args.worker_cpus)
+    print(f"head pid {cluster.head_pid}, worker pid {cluster.worker_pids[0]}, 2 nodes alive")
+    for name, value in cluster.client_env().items():
+        print(f"export {name}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
