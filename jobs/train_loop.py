@@ -139,6 +139,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     def save_mid_epoch(progress: TrainProgress) -> None:
         _report_state(engine, progress, metric, inputs.checkpoint_mode, rank)
 
+    resumed = start.global_step > 0 or start.epoch > 1
     for epoch in range(start.epoch, config.train.epochs + 1):
         begin = start if epoch == start.epoch else TrainProgress(epoch=epoch)
         stats = _train_epoch(engine, train_shard, config.train, pad_id, begin, save_mid_epoch)
@@ -147,9 +148,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
         meta = _checkpoint_meta(inputs, config, metrics, precision)
         done = _progress(engine, epoch, stats["train_steps"], 0.0, 0, epoch_done=True)
         done.metrics = metrics
-        _report(engine, metrics, tokenizer, meta, config, rank, done)
-        if rank == 0:
+        # Logged before it is reported: a Tune trial that ASHA stops at this report is torn
+        # down while report() returns, and an epoch logged after it was lost (seen in CI). A
+        # resumed attempt skips an epoch its dead attempt logged but did not checkpoint.
+        if rank == 0 and not (resumed and _epoch_logged_in(inputs, epoch)):
             _log_epoch(inputs, metrics, epoch)
+        _report(engine, metrics, tokenizer, meta, config, rank, done)
 
 
 def _restore(engine, inputs: LoopInputs, rank: int, world_size: int) -> TrainProgress:
@@ -206,10 +210,19 @@ def _log_resume(inputs: LoopInputs, progress: TrainProgress) -> None:
 
     client = MlflowClient(inputs.tracking_uri)
     client.log_metric(inputs.run_id, RESUME_METRIC, progress.global_step, step=progress.global_step)
-    # An epoch is logged once its checkpoint is registered; a worker that died in between
-    # left the epoch checkpointed but not logged.
+    # An epoch is logged just before its checkpoint is reported; a worker that died in between
+    # left it logged but not checkpointed (trained again, not logged twice), and an older run may
+    # have left it checkpointed but not logged.
     if progress.epoch_done and not _epoch_logged(client, inputs.run_id, progress.epoch):
         _log_epoch(inputs, progress.metrics, progress.epoch)
+
+
+def _epoch_logged_in(inputs: LoopInputs, epoch: int) -> bool:
+    if not (inputs.tracking_uri and inputs.run_id):
+        return False
+    from mlflow import MlflowClient
+
+    return _epoch_logged(MlflowClient(inputs.tracking_uri), inputs.run_id, epoch)
 
 
 def _epoch_logged(client, run_id: str, epoch: int) -> bool:
