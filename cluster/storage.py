@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from pathlib import Path
+from typing import Any
 
-__all__ = ["worker_visible_uri"]
+__all__ = ["delete_folder", "read_json", "worker_visible_uri", "write_json"]
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -52,3 +55,38 @@ def _absolute_sqlite_uri(uri: str, key: str) -> str:
     absolute = Path(path).expanduser().resolve()
     absolute.parent.mkdir(parents=True, exist_ok=True)
     return f"{SQLITE_PREFIX}{absolute}{sep}{query}"
+
+
+# --- small JSON state files beside a run's checkpoints (local disk or object storage) ------
+
+
+def read_json(folder: str, name: str) -> dict[str, Any] | None:
+    """`folder/name` parsed, or None when there is no such file (pyarrow filesystems: a local
+    path or an s3:// URI alike)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(folder)
+    target = f"{path}/{name}"
+    if fs.get_file_info(target).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(target) as stream:
+        return json.loads(stream.read())
+
+
+def write_json(folder: str, name: str, body: dict[str, Any]) -> None:
+    """Write `body` as `folder/name`, creating the folder."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(folder)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{name}") as stream:
+        stream.write(json.dumps(body).encode())
+
+
+def delete_folder(folder: str) -> None:
+    """Delete `folder` and everything in it; nothing when it does not exist."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(folder)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)

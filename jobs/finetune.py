@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import init_ray
-from cluster.storage import worker_visible_uri
+from cluster.storage import delete_folder, read_json, worker_visible_uri, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
 from jobs.modeling import resolve_base_model
@@ -112,29 +111,13 @@ def _run_path(config: LifecycleConfig) -> str:
 # --- run state: what --resume needs besides Ray Train's own files ----------------------------
 
 
-def _filesystem(path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path)
-
-
 def _read_state(run_path: str) -> dict[str, Any] | None:
-    import pyarrow.fs
-
-    fs, path = _filesystem(run_path)
-    state = f"{path}/{_STATE_FILE}"
-    if fs.get_file_info(state).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(state) as stream:
-        return json.loads(stream.read())
+    return read_json(run_path, _STATE_FILE)
 
 
 def _write_state(run_path: str, run_id: str, snapshot_id: int, finished: bool) -> None:
-    fs, path = _filesystem(run_path)
-    fs.create_dir(path, recursive=True)
     body = {"run_id": run_id, "snapshot_id": snapshot_id, "finished": finished}
-    with fs.open_output_stream(f"{path}/{_STATE_FILE}") as stream:
-        stream.write(json.dumps(body).encode())
+    write_json(run_path, _STATE_FILE, body)
 
 
 def _run_state(run_path: str, resume: bool) -> dict[str, Any]:
@@ -157,9 +140,7 @@ def _run_state(run_path: str, resume: bool) -> dict[str, Any]:
             f"{state['run_id']}): continue it with raylift finetune --config FILE --resume, or "
             "delete that folder to start over"
         )
-    fs, path = _filesystem(run_path)
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir(path)
+    delete_folder(run_path)
     return {}
 
 

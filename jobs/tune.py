@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster import init_ray
-from cluster.storage import worker_visible_uri
+from cluster.storage import delete_folder, read_json, worker_visible_uri, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
-from jobs.finetune import build_trainer, loop_inputs
+from jobs.finetune import build_trainer, loop_inputs, registrable_directory
 from jobs.modeling import resolve_base_model
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
@@ -150,29 +150,13 @@ def _experiment_path(config: LifecycleConfig) -> str:
 # --- experiment state: what --resume needs besides Tune's own files ---------------------------
 
 
-def _filesystem(path: str):
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path)
-
-
 def _read_state(experiment: str) -> dict[str, Any] | None:
-    import pyarrow.fs
-
-    fs, path = _filesystem(experiment)
-    state = f"{path}/{_STATE_FILE}"
-    if fs.get_file_info(state).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(state) as stream:
-        return json.loads(stream.read())
+    return read_json(experiment, _STATE_FILE)
 
 
 def _write_state(experiment: str, parent_run_id: str, snapshot_id: int, finished: bool) -> None:
-    fs, path = _filesystem(experiment)
-    fs.create_dir(path, recursive=True)
     body = {"parent_run_id": parent_run_id, "snapshot_id": snapshot_id, "finished": finished}
-    with fs.open_output_stream(f"{path}/{_STATE_FILE}") as stream:
-        stream.write(json.dumps(body).encode())
+    write_json(experiment, _STATE_FILE, body)
 
 
 def _experiment_state(config: LifecycleConfig, experiment: str, resume: bool) -> dict[str, Any]:
@@ -195,9 +179,7 @@ def _experiment_state(config: LifecycleConfig, experiment: str, resume: bool) ->
             f"an unfinished search of this config is at {experiment}: continue it with "
             "raylift tune --config FILE --resume, or delete that folder to start over"
         )
-    fs, path = _filesystem(experiment)
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir(path)  # a finished search's trials are in MLflow and the registry
+    delete_folder(experiment)  # a finished search's trials are in MLflow and the registry
     return {}
 
 
@@ -518,9 +500,12 @@ def _register_winner(
         tags.TUNE_TRIAL_ID: winner.trial_id,
     }
     metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and k in REPORTED_METRICS}
-    fs, _ = _filesystem(setup.train_storage)
+    import pyarrow.fs
+
+    fs, _ = pyarrow.fs.FileSystem.from_uri(setup.train_storage)
     checkpoint = Checkpoint(row["checkpoint_path"], filesystem=fs)
-    with checkpoint.as_directory() as directory:
+    # The winner's weights, tokenizer and raylift.json, not the state/ that resuming needs.
+    with registrable_directory(checkpoint) as directory:
         version = tracking.register(config, winner.run_id, directory, version_tags, metrics)
     return TuneResult(
         parent_run_id=setup.parent_run_id,
