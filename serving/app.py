@@ -430,7 +430,7 @@ class ModelVersion:
         """The target as soon as it differs from `known_uri`, or after `timeout_s`."""
         changed = self._changed
         if self._target["uri"] == known_uri:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout_s)
         return dict(self._target)
 
@@ -605,7 +605,7 @@ class ModelServer:
         if not self._loaded.is_set():
             try:
                 await asyncio.wait_for(self._loaded.wait(), _LOAD_WAIT_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # TimeoutError from 3.11; distinct on 3.10
                 raise _not_ready(self._load_error or "the model is still loading") from None
         predictor = self._predictor
         request.state.model_version = predictor.model_version
