@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobs import finetune, load, promote, score
@@ -35,6 +35,7 @@ class DemoSummary:
     rows_scored: int
     rows_per_s: float
     wall_s: float
+    scoring_runtime: list[dict[str, Any]] = field(default_factory=list)  # what the actors ran
 
 
 def main(config: LifecycleConfig) -> DemoSummary:
@@ -57,6 +58,7 @@ def main(config: LifecycleConfig) -> DemoSummary:
         rows_scored=scored.rows_scored,
         rows_per_s=scored.rows_per_s,
         wall_s=time.perf_counter() - started,
+        scoring_runtime=scored.runtime,
     )
     _print_summary(summary)
     return summary
@@ -83,6 +85,16 @@ def _metrics_url() -> str | None:
     return app.metrics_url()
 
 
+def _runtimes(runtimes: list[dict[str, Any]]) -> str:
+    """'openvino bf16, 1 thread' for each distinct runtime the Predictor actors reported."""
+    if not runtimes:
+        return "(engine not reported)"
+    return "; ".join(
+        f"{r['engine']} {r['precision']}, {r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+        for r in runtimes
+    )
+
+
 def _print_summary(summary: DemoSummary) -> None:
     prediction = summary.sample_answer["predictions"][0]
     lines = [
@@ -96,7 +108,8 @@ def _print_summary(summary: DemoSummary) -> None:
         "  (Prometheus text, raylift_* and Ray's own)",
         f"  sample                {SAMPLE_TEXTS[0]!r}",
         f"                        → {prediction['label']} ({prediction['score']:.3f})",
-        f"  batch scoring         {summary.rows_scored} rows, {summary.rows_per_s:.0f} rows/s",
+        f"  batch scoring         {summary.rows_scored} rows, {summary.rows_per_s:.0f} rows/s"
+        f"  on {_runtimes(summary.scoring_runtime)}",
         f"  wall time             {summary.wall_s:.0f} s",
         "",
     ]
