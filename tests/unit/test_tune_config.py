@@ -197,7 +197,8 @@ def test_optuna_holds_back_trials_beyond_the_concurrency_cap():
     assert all(_suggestions(searcher, ["a", "b"]))
     assert searcher.suggest("c") is None  # Tune asks again once a trial finished
     searcher.on_trial_complete("a", {"val_accuracy": 0.5, "training_iteration": 1})
-    assert searcher.suggest("c") is not None
+    freed = searcher.suggest("c")
+    assert freed is not None and set(freed["overrides"]) == set(SPACE)
 
 
 def test_optuna_state_survives_a_save_and_restore(tmp_path):
