@@ -102,10 +102,15 @@ def run_name(config: LifecycleConfig) -> str:
 
 
 def _run_path(config: LifecycleConfig) -> str:
+    return checkpoint_folder(config, run_name(config))
+
+
+def checkpoint_folder(config: LifecycleConfig, name: str) -> str:
+    """`name` under train.checkpoint_dir, as every worker sees it (made if it is local)."""
     storage = worker_visible_uri(
         config.train.checkpoint_dir, key="train.checkpoint_dir", create=True
     )
-    return f"{storage.rstrip('/')}/{run_name(config)}"
+    return f"{storage.rstrip('/')}/{name}"
 
 
 # --- run state: what --resume needs besides Ray Train's own files ----------------------------

@@ -659,8 +659,8 @@ def _belongs_to(key: str, frozen: set[str]) -> bool:
 
 @contextlib.contextmanager
 def _deepspeed_weights_only_load() -> Iterator[None]:
-    """DeepSpeed 0.19 loads its files with torch.load(weights_only=False): a pickle could run
-    any code. Force torch's weights-only unpickler, allowing the few plain DeepSpeed classes
+    """DeepSpeed 0.19 loads its files with torch's full unpickler, under which a pickle could
+    run any code. Force torch's weights-only unpickler, allowing the few plain DeepSpeed classes
     its optimizer state holds (checked on ZeRO 0/2/3 by tests/unit/test_train_loop.py)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

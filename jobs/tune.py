@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster import init_ray
-from cluster.storage import delete_folder, read_json, worker_visible_uri, write_json
+from cluster.storage import delete_folder, read_json, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
-from jobs.finetune import build_trainer, loop_inputs, registrable_directory
+from jobs.finetune import build_trainer, checkpoint_folder, loop_inputs, registrable_directory
 from jobs.modeling import resolve_base_model
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
@@ -141,10 +141,7 @@ def experiment_name(config: LifecycleConfig) -> str:
 
 
 def _experiment_path(config: LifecycleConfig) -> str:
-    storage = worker_visible_uri(
-        config.train.checkpoint_dir, key="train.checkpoint_dir", create=True
-    )
-    return f"{storage.rstrip('/')}/{experiment_name(config)}"
+    return checkpoint_folder(config, experiment_name(config))
 
 
 # --- experiment state: what --resume needs besides Tune's own files ---------------------------

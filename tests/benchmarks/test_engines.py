@@ -28,14 +28,7 @@ from serving import engines
 SPEED_ROWS = int(os.environ.get("RAYLIFT_ENGINE_BENCH_ROWS", "3080"))  # smaller for a smoke run
 BATCH = 1_024  # score.batch_size: rows per Predictor call
 PASSES = 2
-VARIANTS = [
-    ("torch", "fp32"),
-    ("torch", "bf16"),
-    ("onnxruntime", "fp32"),
-    ("onnxruntime", "int8"),
-    ("openvino", "fp32"),
-    ("openvino", "bf16"),
-]
+VARIANTS = engines.VARIANTS  # every engine x precision a version can offer
 QUALITY_CONFIG = "configs/banking77/minilm_quality.yaml"
 
 
