@@ -234,6 +234,12 @@ class RegistryConfig(_Strict):
     )
     experiment: str = Field("raylift", description="MLflow experiment runs are logged to.")
     model_name: str = Field("ticket-router", description="Registered model name.")
+    build_engines: bool = Field(
+        True,
+        description="Export and gate the inference engines (ONNX Runtime, OpenVINO) at "
+        "registration; false registers the checkpoint alone, served on torch (a tiny test model "
+        "saves seconds per version, a MiniLM about 25 s).",
+    )
 
 
 class PromoteConfig(_Strict):

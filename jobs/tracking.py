@@ -90,18 +90,21 @@ def register(
     """Register the checkpoint as a new version; its metrics ride along as version tags.
 
     Inference engines are built with it, checked on the validation rows its lineage tags name
-    (`engine_rows`); when those cannot be read, the version is registered without engines.
+    (`engine_rows`); when those cannot be read, or `registry.build_engines` is false, the
+    version is registered without engines.
     """
     from jobs.modeling import CHECKPOINT_META
 
     metric_tags = tags.metric_tags(metrics, REPORTED_METRICS)
     is_checkpoint = (Path(checkpoint_dir) / CHECKPOINT_META).is_file()
+    with_engines = is_checkpoint and config.registry.build_engines
     return registry.register_checkpoint(
         config.registry.model_name,
         run_id,
         checkpoint_dir,
         {**version_tags, **metric_tags},
-        engine_rows=engine_rows(config, version_tags) if is_checkpoint else None,
+        engine_rows=engine_rows(config, version_tags) if with_engines else None,
+        engines_off=None if config.registry.build_engines else "registry.build_engines is false",
         trust_remote_code=config.model.trust_remote_code,
     )
 

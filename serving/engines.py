@@ -561,6 +561,7 @@ def stage_with_engines(
     staging: str | Path,
     rows: EngineRows | None,
     *,
+    engines_off: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Path, dict[str, str]]:
     """What registration uploads, and the engine tags of the version.
@@ -568,11 +569,12 @@ def stage_with_engines(
     A copy of `checkpoint_dir` under `staging` with engines/ built and raylift.json recording
     their format; or `checkpoint_dir` itself, untouched, when none can be built (not a
     classification checkpoint, no validation rows, the export failed: the version then serves
-    on torch, and the tags say why). The training checkpoint is never modified.
+    on torch, and the tags say why: `engines_off` is the reason when the config turned them off).
+    The training checkpoint is never modified.
     """
     from serving import tags
 
-    reason = _cannot_build(Path(checkpoint_dir), rows, trust_remote_code)
+    reason = engines_off or _cannot_build(Path(checkpoint_dir), rows, trust_remote_code)
     if reason is not None:
         log.info("no inference engines built for %s: %s", checkpoint_dir, reason)
         return Path(checkpoint_dir), {tags.ENGINES_NOT_BUILT: reason}

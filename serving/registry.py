@@ -87,13 +87,15 @@ def register_checkpoint(
     tags: dict[str, str],
     *,
     engine_rows: Any | None = None,
+    engines_off: str | None = None,
     trust_remote_code: bool = False,
 ) -> str:
     """Upload `checkpoint_dir` to the run, then create a model version from it; return it.
 
     With `engine_rows` (a `serving.engines.EngineRows` of labelled validation rows), the
     uploaded copy also holds inference engines built and checked on them, and the version's tags
-    their figures (`serving.engines.stage_with_engines`); without, the version serves on torch.
+    their figures (`serving.engines.stage_with_engines`); without, or with `engines_off` (the
+    reason none are built, recorded as a tag), the version serves on torch.
     """
     import tempfile
 
@@ -106,7 +108,11 @@ def register_checkpoint(
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="raylift-engines-") as staging:
         upload, engine_tags = stage_with_engines(
-            checkpoint_dir, staging, engine_rows, trust_remote_code=trust_remote_code
+            checkpoint_dir,
+            staging,
+            engine_rows,
+            engines_off=engines_off,
+            trust_remote_code=trust_remote_code,
         )
         client.log_artifacts(run_id, str(upload), CHECKPOINT_ARTIFACT)
     try:

@@ -127,7 +127,10 @@ def write_ticket_csv(path: Path, rows: list[dict]) -> Path:
 
 def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **sections):
     """A lifecycle config over the tiny BERT with all its state under `root`: a LoRA run on
-    `rows` (written as the source CSV), 8-row batches; `sections` are merged over each section."""
+    `rows` (written as the source CSV), 8-row batches; `sections` are merged over each section.
+
+    Inference engines are off (`registry.build_engines`): tests about engines, and the e2e
+    lifecycle, turn them on."""
     from jobs.config import validate_mapping
 
     source = write_ticket_csv(root / "tickets.csv", rows)
@@ -142,7 +145,11 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
         "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
         "data": {"source": str(source), "inbox_rows": 0},
         "train": {"batch_size": 8, "checkpoint_dir": str(root / "checkpoints")},
-        "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": name},
+        "registry": {
+            "tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "experiment": name,
+            "build_engines": False,
+        },
     }
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}

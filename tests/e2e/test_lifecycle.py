@@ -30,7 +30,7 @@ def lifecycle_config(tmp_path_factory, tiny_bert):
         # 6 epochs: on some random tiny bases 2 epochs left the model at chance; 6 learned on
         # every one of 8 bases tried (14 steps an epoch, about a second each)
         train={"num_workers": 2, "epochs": 6, "learning_rate": 2e-2, "zero_stage": 2},
-        registry={"experiment": "e2e", "model_name": "e2e-router"},
+        registry={"experiment": "e2e", "model_name": "e2e-router", "build_engines": True},
         promote={"min_value": 0.0},
         serve={
             "port": 8131,

@@ -265,6 +265,13 @@ def test_no_engines_without_rows_or_for_a_non_raylift_directory(checkpoint, tmp_
     assert directory == marker and "not a raylift checkpoint" in found[tags.ENGINES_NOT_BUILT]
 
 
+def test_engines_turned_off_by_the_config_build_nothing_and_say_so(checkpoint, tmp_path):
+    off = "registry.build_engines is false"
+    directory, found = engines.stage_with_engines(checkpoint, tmp_path, _rows(10), engines_off=off)
+    assert directory == Path(checkpoint) and found == {tags.ENGINES_NOT_BUILT: off}
+    assert not (Path(checkpoint) / "engines").exists() and not list(tmp_path.iterdir())
+
+
 def test_a_failed_export_registers_without_engines(checkpoint, tmp_path, monkeypatch):
     def fails(model, path):
         raise RuntimeError("exporter exploded")
