@@ -313,6 +313,82 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class GenerationConfig(_Strict):
+    """Text generation by a causal-lm version: defaults for what a request (or a batch row)
+    leaves out, and limits a request may not pass (an online request over one gets a 400)."""
+
+    max_new_tokens: int = Field(
+        128, ge=1, description="Tokens generated per prompt when the request does not say."
+    )
+    max_new_tokens_limit: int = Field(
+        1024,
+        ge=1,
+        description="Most tokens a request may ask to generate per prompt (max_tokens).",
+    )
+    max_prompt_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Longest prompt, in tokens after the chat template; a longer one is "
+        "refused (online: a 400, batch: the row is quarantined), never silently cut.",
+    )
+    max_prompts_per_request: int = Field(
+        16, ge=1, description="Most prompts (or choices, n) in one online request."
+    )
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop sequences per request.")
+    temperature: float = Field(
+        1.0,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature when the request does not say; 0 is greedy.",
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling: keep the most likely tokens whose probabilities sum "
+        "to top_p, when the request does not say; 1 keeps them all.",
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop sequences when the request does not say: generation ends at the "
+        "first one, which is left out of the text.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Sampling seed when the request does not say; prompt i of a request uses "
+        "seed + i, so a prompt's output does not depend on what it is batched with. "
+        "null: a fresh random seed per prompt.",
+    )
+    sub_batch_tokens: int = Field(
+        8192,
+        ge=64,
+        description="Prompts sorted by length generate together while rows x (longest prompt "
+        "+ max_new_tokens) stays within this many tokens (the KV cache's size).",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not stop for stop in value):
+            raise ValueError("a stop sequence is empty; remove it")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> GenerationConfig:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} is over max_new_tokens_limit="
+                f"{self.max_new_tokens_limit}; lower it or raise the limit"
+            )
+        if len(self.stop) > self.max_stop_sequences:
+            raise ValueError(
+                f"stop lists {len(self.stop)} sequences; max_stop_sequences is "
+                f"{self.max_stop_sequences}"
+            )
+        return self
+
+
 class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP host Serve binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
@@ -369,6 +445,10 @@ class ServeConfig(_Strict):
         "requests must send it. It is read where the app is built (deploy or app_builder); "
         "replicas get only its SHA-256 digest. The token itself never goes in a config.",
     )
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description="Defaults and limits of the OpenAI-compatible routes (causal-lm versions).",
+    )
 
 
 class ScoreConfig(_Strict):
@@ -412,6 +492,11 @@ class ScoreConfig(_Strict):
     quarantine_table: str = Field(
         "support.ticket_predictions_quarantine",
         description="Where rows that cannot be scored (null or empty text) go, with the reason.",
+    )
+    generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(temperature=0.0, seed=0),
+        description="How each prompt row is generated (causal-lm versions); greedy by default, "
+        "so a re-run of a date writes the same completions.",
     )
 
 

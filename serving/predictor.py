@@ -29,6 +29,10 @@ One bad row never fails the batch it rides in:
 - a row whose logits or score are not finite (NaN, inf: a broken checkpoint or an overflow)
   gets label None and score NaN too, never a label picked by argmax over NaN.
 `predict_texts` (Serve) says which of these happened in each answer's `error`.
+
+A causal-lm checkpoint generates instead (`serving.generation`): `generate` for Serve, and
+`__call__` writes a completion per prompt row (`completion`, `finish_reason`, token counts and
+`error` for a prompt the limits refuse), under the `generation` limits.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from serving import engines
+from serving import engines, generation
 from serving.text import UNUSABLE_REASON, usable_mask
 
 __all__ = ["NON_FINITE_REASON", "Predictor"]
@@ -103,6 +107,8 @@ class Predictor:
             model.trust_remote_code, never a value read from the checkpoint.
         runtime_board: a Ray actor handle with an `add` method (jobs.score.RuntimeBoard) told
             `runtime` once the engine is chosen, so the scoring run can report it.
+        generation_config: limits and defaults of generation (a jobs.config.GenerationConfig;
+            its defaults when None); used only when the checkpoint's task generates.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class Predictor:
         sub_batch_tokens: int = _SUB_BATCH_TOKENS,
         trust_remote_code: bool = False,
         runtime_board: Any = None,
+        generation_config: Any = None,
     ):
         if precision not in ("auto", "fp32", "bf16", "int8"):
             raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
@@ -139,6 +146,7 @@ class Predictor:
         self._sort_window = sort_window
         self._sub_batch_tokens = max(1, int(sub_batch_tokens))
         self._engine = self._select_engine(path, engine, precision)
+        self._generator = self._generator_for(generation_config)
         self._warm_up()
         if runtime_board is not None:
             runtime_board.add.remote(self.runtime)
@@ -171,8 +179,27 @@ class Predictor:
         """The engine the forward pass runs on (see `runtime` for what it reports)."""
         return self._engine
 
+    @property
+    def generator(self) -> generation.Generator | None:
+        """The Generator of a causal-lm checkpoint; None for one that scores texts."""
+        return self._generator
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[dict[str, Any]]],
+        params: generation.SamplingParams | Sequence[generation.SamplingParams],
+    ) -> list[generation.Completion]:
+        """Completions of plain prompts or chat message lists (GenerationRequestError for one
+        over the limits, before any is generated)."""
+        generator = self._require_generator()
+        self._apply_threads()
+        if isinstance(params, generation.SamplingParams):
+            params = [params] * len(prompts)
+        return generator.generate([generator.encode(prompt) for prompt in prompts], params)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Score one Ray Data batch; output: passthrough columns, label, score, model tags."""
+        """Score one Ray Data batch; output: passthrough columns, label, score, model tags
+        (a causal-lm checkpoint: completion columns instead of label and score)."""
         if self._text_column not in batch:
             raise KeyError(
                 f"text column {self._text_column!r} is not in the batch; columns: "
@@ -181,11 +208,16 @@ class Predictor:
         missing = [col for col in self._passthrough if col not in batch]
         if missing:
             raise KeyError(f"passthrough columns {missing} are not in the batch: {list(batch)}")
-        labels, scores = self._predict(batch[self._text_column])
-        rows = len(labels)
         out = {col: np.asarray(batch[col]) for col in self._passthrough}
-        out["label"] = labels
-        out["score"] = scores
+        if self._generator is not None:
+            self._apply_threads()
+            out.update(generation.completion_columns(self._generator, batch[self._text_column]))
+            rows = len(batch[self._text_column])
+        else:
+            labels, scores = self._predict(batch[self._text_column])
+            rows = len(labels)
+            out["label"] = labels
+            out["score"] = scores
         out["model_name"] = np.full(rows, self._model_name, dtype=object)
         out["model_version"] = np.full(rows, self._model_version, dtype=object)
         return out
@@ -252,10 +284,38 @@ class Predictor:
         log.info("%s runs on %s", self._model_uri, engines.runtime(selected))
         return selected
 
+    def _generator_for(self, generation_config: Any) -> generation.Generator | None:
+        if not generation.is_generative(self._task):
+            return None
+        if generation_config is None:
+            from jobs.config import GenerationConfig
+
+            generation_config = GenerationConfig()
+        return generation.Generator(
+            self._model,
+            self._tokenizer,
+            generation_config,
+            precision=self._engine.precision,
+            position_limit=_position_limit(self._model.config),
+            # Prompts are formatted as the version's training formatted them (jobs.instruct).
+            template=self._meta.instruct.template if self._meta.instruct else "auto",
+        )
+
+    def _require_generator(self) -> generation.Generator:
+        if self._generator is None:
+            raise TypeError(
+                f"{self._model_uri} is a {self._task.name} model: it scores texts, it does not "
+                "generate; serve or score a causal-lm version to generate"
+            )
+        return self._generator
+
     def _warm_up(self) -> None:
         # The first forward pass picks and JIT-compiles kernels; pay it at load, not on the
         # first request a replica serves.
-        self._predict(["warm up"])
+        if self._generator is not None:
+            self._generator.warm_up()
+        else:
+            self._predict(["warm up"])
 
     # -- inference ------------------------------------------------------------------------
 
@@ -268,6 +328,11 @@ class Predictor:
     def _predict(
         self, texts: Sequence[Any], engine: engines.Engine | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        if self._generator is not None:
+            raise TypeError(
+                f"{self._model_uri} is a causal-lm model: it generates text, it does not "
+                "classify; ask /v1/completions or /v1/chat/completions"
+            )
         texts = list(texts)
         labels = np.full(len(texts), None, dtype=object)
         scores = np.full(len(texts), np.nan, dtype=np.float32)
