@@ -14,6 +14,10 @@ Formats:
   3: this model: format 2 plus `engine_format`, the layout of the inference-engine artifacts
      (`engines/engines.json`, an `EnginesMeta`) that registration adds to the version's copy of
      the checkpoint. Migration from 2 sets it to None: no engines, the version serves on torch.
+  4: this model: format 3 plus `instruct` (an InstructMeta: how a causal LM's prompts were
+     formatted, which generation must repeat), and `labels` empty for a generative task
+     (causal-lm) and only for one. Migration from 3 sets instruct to None (every format-3
+     checkpoint is a classifier).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import struct
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -31,6 +35,7 @@ __all__ = [
     "AdapterMeta",
     "CheckpointMeta",
     "CheckpointMetaError",
+    "InstructMeta",
     "EngineVariantMeta",
     "EnginesMeta",
     "RemoteCodeRefused",
@@ -41,7 +46,7 @@ __all__ = [
 
 REMOTE_CODE_KEY = "model.trust_remote_code"
 
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 
 # Layout of engines/engines.json (EnginesMeta). A checkpoint whose engine format this code does
 # not know is served on torch, with a warning: engines are an optimisation, never a requirement.
@@ -86,14 +91,31 @@ class AdapterMeta(_Strict):
     target_modules: list[str] = Field(description="Module name suffixes that got adapters.")
 
 
+class InstructMeta(_Strict):
+    """How a causal LM's examples were formatted (jobs.instruct); generation formats alike."""
+
+    template: Literal["chat", "plain"] = Field(
+        description="chat: the saved tokenizer's chat template; plain: "
+        "jobs.instruct.PLAIN_TEMPLATE. Resolved at training (task.prompt_template=auto is "
+        "never stored)."
+    )
+    prompt_column: str = Field(description="Column the prompts came from.")
+    response_column: str = Field(description="Column the responses came from.")
+    system_column: str | None = Field(None, description="Column of system messages, if any.")
+    packing: bool = Field(False, description="Whether training packed examples into rows.")
+
+
 class CheckpointMeta(_Strict):
     """What a checkpoint is: written beside its weights as raylift.json."""
 
-    format_version: Literal[3] = Field(
+    format_version: Literal[4] = Field(
         CHECKPOINT_FORMAT, description="Layout of this file; older ones are migrated on read."
     )
     task: str = Field(description="Task name (jobs.tasks registry) the head was built for.")
-    labels: list[str] = Field(min_length=1, description="Label of each output, in head order.")
+    labels: list[str] = Field(
+        description="Label of each output, in head order; empty for a generative task "
+        "(causal-lm), whose outputs are the vocabulary."
+    )
     base_model: str = Field(description="model.base the checkpoint was trained from.")
     method: Literal["lora", "qlora", "full", "frozen"] = Field(
         description="model.method: what was trained."
@@ -122,6 +144,9 @@ class CheckpointMeta(_Strict):
     lineage: dict[str, str] = Field(
         default_factory=dict, description="Registry lineage tags (names in serving.tags)."
     )
+    instruct: InstructMeta | None = Field(
+        None, description="causal-lm: how prompts were formatted; None for classifiers."
+    )
     engine_format: int | None = Field(
         None,
         description="Format of the inference-engine artifacts under engines/ (engines.json, "
@@ -135,6 +160,20 @@ class CheckpointMeta(_Strict):
         if repeated:
             raise ValueError(f"labels repeat {repeated}: each output needs its own label")
         return labels
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> CheckpointMeta:
+        from jobs.tasks import is_generative
+
+        if is_generative(self.task):
+            if self.labels or self.instruct is None:
+                raise ValueError(
+                    f"a {self.task} checkpoint has no labels and says how its prompts were "
+                    "formatted (instruct)"
+                )
+        elif not self.labels:
+            raise ValueError(f"a {self.task} checkpoint needs at least one label")
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -193,7 +232,7 @@ def parse_checkpoint_meta(
         )
     if version == 1:
         raw = _migrate_v1(raw, Path(directory), trust_remote_code)
-    elif version == 2:  # format 3 only adds engine_format; a format-2 version has no engines
+    elif version in (2, 3):  # 3 added engine_format, 4 instruct: an older version has neither
         raw = {**raw, "format_version": CHECKPOINT_FORMAT}
     try:
         return CheckpointMeta.model_validate(raw)

@@ -79,6 +79,59 @@ class TaskConfig(_Strict):
         "with more is refused before Ray starts. 0: refuse any such row.",
     )
 
+    prompt_column: str = Field(
+        "prompt", description="causal-lm: column holding the instruction (the user's message)."
+    )
+    response_column: str = Field(
+        "response", description="causal-lm: column holding the answer the model learns to write."
+    )
+    system_column: str | None = Field(
+        None,
+        description="causal-lm: column holding a system message per row (null cells: none); "
+        "null: no system message.",
+    )
+    prompt_template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="causal-lm: how an example becomes text. chat: the tokenizer's chat "
+        "template; plain: jobs.instruct.PLAIN_TEMPLATE ('### Instruction:' / '### Response:'); "
+        "auto: chat when the tokenizer has a chat template, else plain.",
+    )
+    packing: bool = Field(
+        False,
+        description="causal-lm: pack each batch's examples into rows of up to max_length tokens "
+        "(position ids restart per example, attention stays within it); same loss, less padding.",
+    )
+
+    @property
+    def input_column(self) -> str:
+        """The column a model reads: the text (classification) or the prompt (causal-lm)."""
+        return self.prompt_column if _generative(self.type) else self.text_column
+
+    @property
+    def target_column(self) -> str:
+        """The column a model learns: the label (classification) or the response (causal-lm)."""
+        return self.response_column if _generative(self.type) else self.label_column
+
+    @model_validator(mode="after")
+    def _keys_fit_task(self) -> TaskConfig:
+        # Set means changed from the default: a dumped and re-validated config (a Tune trial,
+        # a worker's copy) names every key.
+        fields = type(self).model_fields
+        given = {k for k in fields if getattr(self, k) != fields[k].default}
+        if _generative(self.type):
+            wrong = {
+                "labels": "a causal LM has no label set; remove task.labels",
+                "label_column": "the target is task.response_column; set that instead",
+                "text_column": "the input is task.prompt_column; set that instead",
+            }
+        else:
+            only = f"applies to task.type=causal-lm only; remove it for {self.type}"
+            wrong = {key: only for key in _CAUSAL_LM_KEYS}
+        problems = [f"task.{key}: {why}" for key, why in wrong.items() if key in given]
+        if problems:
+            raise ValueError(f"task.type={self.type}: " + "; ".join(problems))
+        return self
+
     @field_validator("type")
     @classmethod
     def _known_task(cls, value: str) -> str:
@@ -102,6 +155,21 @@ class TaskConfig(_Strict):
         if len(value) < 2:
             raise ValueError("a classifier needs at least two labels; list them all, or unset")
         return value
+
+
+_CAUSAL_LM_KEYS = (
+    "prompt_column",
+    "response_column",
+    "system_column",
+    "prompt_template",
+    "packing",
+)
+
+
+def _generative(task_type: str) -> bool:
+    from jobs.tasks import is_generative
+
+    return is_generative(task_type)
 
 
 class LoraConfig(_Strict):
@@ -285,7 +353,11 @@ class PromoteConfig(_Strict):
     def _bound_matches_mode(self) -> PromoteConfig:
         wrong = "min_value" if self.mode == "min" else "max_value"
         right = "max_value" if self.mode == "min" else "min_value"
-        explicit = wrong in self.model_fields_set and getattr(self, wrong) is not None
+        # Set means changed from its default, not present in the input: a dumped config that is
+        # validated again (a worker's copy, with_overrides) names every key, min_value's 0.5
+        # too, and refused every mode=min config. (bound ignores the other mode's key anyway.)
+        value = getattr(self, wrong)
+        explicit = value is not None and value != type(self).model_fields[wrong].default
         if explicit:
             raise ValueError(
                 f"{wrong} does not apply with mode={self.mode}; set {right} instead "
@@ -711,6 +783,32 @@ class ConfigError(ValueError):
         self.source = source
         self.errors = errors
         super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
+    @model_validator(mode="after")
+    def _sections_fit_task(self) -> LifecycleConfig:
+        if not _generative(self.task.type):
+            return self
+        problems = []
+        if self.model.method == "frozen":
+            problems.append(
+                "model.method=frozen trains a new task head only, and a causal LM's head is its "
+                "pretrained lm_head: use lora, qlora or full"
+            )
+        promote = self.promote
+        if promote.metric not in _CAUSAL_LM_METRICS or promote.mode != "min":
+            problems.append(
+                f"promote.metric={promote.metric} (mode {promote.mode}): causal-lm reports "
+                f"{' and '.join(_CAUSAL_LM_METRICS)}, both lower-is-better; set promote.metric: "
+                "val_perplexity, promote.mode: min and promote.max_value (a ceiling, or null)"
+            )
+        if promote.slices:
+            problems.append("promote.slices are label groups, and causal-lm has no labels: remove")
+        if problems:
+            raise ValueError(f"task.type={self.task.type}: " + "; ".join(problems))
+        return self
+
+
+_CAUSAL_LM_METRICS = ("val_perplexity", "val_loss")
+
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

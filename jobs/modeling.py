@@ -112,13 +112,11 @@ def _load_head_model(
 ) -> torch.nn.Module:
     import transformers
 
-    kwargs: dict[str, Any] = {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-        "use_safetensors": True,
-        "trust_remote_code": trust_remote_code,
-    }
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if not task.generative:  # a generative head is the vocabulary, already in the base
+        kwargs["num_labels"] = len(labels)
+        kwargs["id2label"] = dict(enumerate(labels))
+        kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
     if method == "qlora":
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
@@ -126,7 +124,8 @@ def _load_head_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_COMPUTE_DTYPES[precision],
             # A new head is random and trained in full: quantizing it breaks its training
-            # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward).
+            # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward). A
+            # causal LM's lm_head stays unquantized too, as bitsandbytes' default would keep it.
             llm_int8_skip_modules=list(task.head_modules),
         )
     auto = getattr(transformers, task.auto_model)
@@ -164,7 +163,8 @@ def _add_lora(model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> tor
         lora_dropout=model_cfg.lora.dropout,
         target_modules=model_cfg.lora.target_modules,
     )
-    # For SEQ_CLS peft also trains and saves the new head (modules_to_save).
+    # For SEQ_CLS peft also trains and saves the new head (modules_to_save); for CAUSAL_LM it
+    # leaves the pretrained lm_head frozen (Task.new_head=False: see jobs.tasks.CAUSAL_LM).
     return peft.get_peft_model(model, lora)
 
 

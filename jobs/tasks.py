@@ -8,6 +8,13 @@ registration; a failed lookup lists the known names.
 Evaluation is split so the train loop can stay task-agnostic across workers: `eval_state(n)`
 makes a float64 tensor, `accumulate(state, logits, targets)` adds one batch to it in place, the
 loop all-reduces it (a sum), and `metrics(state.numpy())` reads the summed state.
+
+Two flags set a task's shape. `generative`: the model writes text (causal-lm); there is no
+label set, the targets are the response tokens (jobs.instruct masks the prompt), `targets` in
+`accumulate` are per-token labels (-100: not scored), and answers come from generation, not
+`postprocess`. `new_head`: the head is created for the task, randomly initialised, so adapter
+methods must train it in full (peft's modules_to_save); a pretrained head (a causal LM's
+lm_head) stays frozen under LoRA and QLoRA.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Task", "get_task", "register_task", "task_names"]
+__all__ = ["Task", "get_task", "is_generative", "register_task", "task_names"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class Task:
     accumulate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # state, logits, ids
     metrics: Callable[[np.ndarray], dict[str, float]]  # from the all-reduced state
     postprocess: Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]
+    generative: bool = False  # writes text: no labels, per-token targets (see module docstring)
+    new_head: bool = True  # head built fresh for the task: trained in full under adapters
 
     def is_head_parameter(self, name: str) -> bool:
         """Whether parameter `name` (any wrapping, e.g. peft's) belongs to the task head."""
@@ -108,6 +117,11 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
+def is_generative(name: str) -> bool:
+    """Whether task `name` writes text (False for an unknown name; get_task reports those)."""
+    return name in _TASKS and _TASKS[name].generative
+
+
 def _label_ids(values: np.ndarray, label_to_id: dict[str, int]) -> np.ndarray:
     try:
         return np.fromiter((label_to_id[str(v)] for v in values), dtype=np.int64, count=len(values))
@@ -166,5 +180,59 @@ SEQUENCE_CLASSIFICATION = register_task(
         accumulate=accumulate_confusion,
         metrics=classification_metrics,
         postprocess=_softmax_top1,
+    )
+)
+
+
+def _no_label_map(values: np.ndarray, label_to_id: dict[str, int]) -> np.ndarray:
+    raise ValueError(
+        "causal-lm has no label map: its targets are the response tokens (jobs.instruct)"
+    )
+
+
+def token_loss_state(n_labels: int) -> torch.Tensor:
+    """[summed NLL of the scored tokens (nats), tokens scored]; `n_labels` is unused."""
+    return torch.zeros(2, dtype=torch.float64)
+
+
+def accumulate_token_loss(state: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add one batch's next-token NLL over its non-ignored labels to `state`, in place."""
+    from jobs.instruct import token_nll
+
+    nll, tokens = token_nll(logits, targets)
+    state[0] += nll
+    state[1] += tokens
+
+
+def causal_lm_metrics(state: np.ndarray) -> dict[str, float]:
+    """Token-weighted loss and perplexity over every scored token of every worker."""
+    from jobs.instruct import perplexity_metrics
+
+    return perplexity_metrics(float(state[0]), float(state[1]))
+
+
+def _generates(logits: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    raise ValueError("causal-lm answers by generating text (Predictor generate), not by a label")
+
+
+CAUSAL_LM = register_task(
+    Task(
+        name="causal-lm",
+        auto_model="AutoModelForCausalLM",
+        peft_task_type="CAUSAL_LM",
+        # lm_head is the head: never quantized under QLoRA (bitsandbytes' own default too) and
+        # given train.head_learning_rate under method=full. It is pretrained, not new
+        # (new_head=False), so LoRA and QLoRA leave it frozen, as peft's CAUSAL_LM does:
+        # training it in full would add vocab x hidden weights to every adapter (525M for
+        # Llama-3-8B, against ~40M of rank-16 LoRA), untie it from tied input embeddings, and
+        # gain little, since the adapters below it already move the output distribution.
+        head_modules=("lm_head",),
+        target_ids=_no_label_map,
+        eval_state=token_loss_state,
+        accumulate=accumulate_token_loss,
+        metrics=causal_lm_metrics,
+        postprocess=_generates,
+        generative=True,
+        new_head=False,
     )
 )

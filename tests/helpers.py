@@ -154,3 +154,69 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     return validate_mapping(config)
+
+
+# A minimal Llama-3-like chat template: each turn is "<|role|> content <|end|>", and the
+# generation prompt is "<|assistant|>". Word-level, so every marker is one token.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+_LLAMA_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|end|>"]
+_LLAMA_ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Words of the plain template (jobs.instruct.PLAIN_TEMPLATE) and of the intents the tiny tests
+# answer with, so a formatted example never tokenizes to <unk>.
+_LLAMA_WORDS = [
+    "###", "System", "Instruction", "Response", ":", "_",
+    "card_arrival", "lost_card", "refund", "intent", "the", "is", "what",
+]  # fmt: skip
+
+
+def make_tiny_llama(directory: Path, chat_template: bool = True) -> str:
+    """Save a random 2-layer Llama (hidden 32, ~60-token vocab) and its word-level tokenizer
+    under `directory`: bos <s>, eos </s>, pad <pad>, and (chat_template) TINY_CHAT_TEMPLATE,
+    whose turns end with <|end|>; without it, jobs.instruct formats with its plain template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in [*_LLAMA_SPECIAL, *_LLAMA_ROLES, *_LLAMA_WORDS, *WORDS]:
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Whitespace splits "<|user|>" into pieces; split on spaces only, and on the characters the
+    # plain template glues to words.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(":", behavior="isolated")]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|end|>"],
+    )
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=[vocab["</s>"], vocab["<|end|>"]] if chat_template else vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
+        tie_word_embeddings=False,
+    )
+    import torch
+
+    torch.manual_seed(1234)  # the same random base every session (see make_tiny_bert)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -32,14 +32,14 @@ def test_written_and_read_as_one_model(tiny_bert, tmp_path):
     directory = Path(make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS))
     meta = read_checkpoint_meta(directory)
     assert isinstance(meta, CheckpointMeta)
-    assert meta.format_version == CHECKPOINT_FORMAT == 3
+    assert meta.format_version == CHECKPOINT_FORMAT == 4
     assert meta.engine_format is None  # engines are built at registration, not by training
     assert (meta.labels, meta.method, meta.adapter.target_modules) == (
         LABELS,
         "lora",
         ["query", "value"],
     )
-    assert json.loads((directory / "raylift.json").read_text())["format_version"] == 3
+    assert json.loads((directory / "raylift.json").read_text())["format_version"] == 4
     assert load_checkpoint(directory).meta == meta
 
 
@@ -65,8 +65,8 @@ def test_unknown_key_is_refused_naming_it(tiny_bert, tmp_path):
 
 def test_newer_format_is_refused_with_the_fix(tiny_bert, tmp_path):
     directory = make_full_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS)
-    _rewrite(directory, format_version=4)
-    with pytest.raises(CheckpointMetaError, match="format 4, newer than the 3.*upgrade raylift"):
+    _rewrite(directory, format_version=5)
+    with pytest.raises(CheckpointMetaError, match="format 5, newer than the 4.*upgrade raylift"):
         read_checkpoint_meta(directory)
     _rewrite(directory, format_version=...)
     with pytest.raises(CheckpointMetaError, match="no integer format_version"):
@@ -87,7 +87,7 @@ def test_format_1_checkpoint_still_loads_with_the_same_logits(tiny_bert, tmp_pat
     current = load_checkpoint(directory)
     _format_1(directory, config={"train": {"precision": "auto"}})
     migrated = load_checkpoint(directory)
-    assert migrated.meta.format_version == 3 and migrated.labels == LABELS
+    assert migrated.meta.format_version == 4 and migrated.labels == LABELS
     # Format 1 never recorded what training ran in; "auto" does not say either.
     assert migrated.meta.trained_precision == "unknown"
     assert migrated.meta.saved_dtype == "float32"  # measured from the adapter file
@@ -135,13 +135,14 @@ def test_repeated_labels_are_refused():
         )
 
 
-def test_format_2_checkpoint_loads_with_no_engines(tiny_bert, tmp_path):
-    """A version registered before engines existed (format 2, no engine_format) still loads."""
+@pytest.mark.parametrize("old", [2, 3])
+def test_older_format_checkpoint_loads_with_no_engines(tiny_bert, tmp_path, old):
+    """A version registered before engines (format 2) or causal LMs (3) still loads."""
     directory = Path(make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS))
     current = load_checkpoint(directory)
-    _rewrite(directory, format_version=2, engine_format=...)
+    _rewrite(directory, format_version=old, engine_format=..., instruct=...)
     migrated = load_checkpoint(directory)
-    assert migrated.meta.format_version == 3 and migrated.meta.engine_format is None
+    assert migrated.meta.format_version == 4 and migrated.meta.engine_format is None
     assert migrated.meta.model_dump(exclude={"format_version"}) == current.meta.model_dump(
         exclude={"format_version"}
     )

@@ -95,7 +95,8 @@ def test_unknown_task_type_fails_validation_listing_the_known_tasks(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, "name: x\ntask: {type: seq-cls}\n"))
     assert err.value.errors == [
-        "  task.type: Value error, unknown task 'seq-cls'; known: sequence-classification, "
+        "  task.type: Value error, unknown task 'seq-cls'; known: causal-lm, "
+        "sequence-classification, "
         "got 'seq-cls'. This key: Task name; see jobs.tasks for the registry."
     ]
     config = load_config(_write(tmp_path, "name: x\n"), {"task.type": "sequence-classification"})

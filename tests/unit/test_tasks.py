@@ -5,7 +5,8 @@ from jobs.tasks import classification_metrics, get_task
 
 
 def test_unknown_task_lists_known_names():
-    with pytest.raises(ValueError, match="unknown task 'seq-cls'; known: sequence-classification"):
+    known = "known: causal-lm, sequence-classification"
+    with pytest.raises(ValueError, match=f"unknown task 'seq-cls'; {known}"):
         get_task("seq-cls")
 
 
