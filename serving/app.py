@@ -4,6 +4,8 @@
     GET  /v1/models/{model_name}           name, version, labels, runtime (engine, precision)
     GET  /healthz                          liveness (never needs a token)
     GET  /readyz                           200 once the model is loaded and warm, else 503
+    POST /v1/chat/completions, /v1/completions; GET /v1/models   OpenAI-compatible, for a
+                                           causal-lm version (serving.openai_api)
 
 One version at a time, following the alias. The app is two deployments: `ModelVersion`
 resolves serve.model_uri (by default models:/<name>@production) to a registry version once,
@@ -85,6 +87,7 @@ from ray import serve
 
 from cluster.storage import worker_visible_uri
 from jobs.config import LifecycleConfig, ServeConfig
+from serving.openai_api import OpenAIRoutes, openai_router
 from serving.text import is_usable_text
 
 __all__ = [
@@ -157,6 +160,7 @@ class Readiness(BaseModel):
 
 
 app = FastAPI(title="raylift model endpoint", docs_url="/docs")
+app.include_router(openai_router)
 _bearer = HTTPBearer(auto_error=False, description="Needed when serve.auth_token_env is set.")
 _JSON = "application/json"
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -475,7 +479,7 @@ class ModelVersion:
 
 @serve.deployment(name="ModelServer")
 @serve.ingress(app)
-class ModelServer:
+class ModelServer(OpenAIRoutes):
     """One replica: the Predictor of the version ModelVersion names, behind batched routes."""
 
     def __init__(
@@ -590,6 +594,7 @@ class ModelServer:
             engine=self._config.engine,
             torch_threads=self._config.torch_threads,
             trust_remote_code=self._trust_remote_code,
+            generation_config=self._config.generation,
         )
 
     def _version(self) -> str | None:

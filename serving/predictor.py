@@ -197,6 +197,19 @@ class Predictor:
             params = [params] * len(prompts)
         return generator.generate([generator.encode(prompt) for prompt in prompts], params)
 
+    def generate_stream(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[generation.SamplingParams]
+    ) -> Iterator[list[generation.Delta]]:
+        """`Generator.stream` of encoded prompts, run with this Predictor's threads by whichever
+        thread iterates it (Serve's model thread)."""
+        generator = self._require_generator()
+
+        def steps() -> Iterator[list[generation.Delta]]:
+            self._apply_threads()
+            yield from generator.stream(prompts, params)
+
+        return steps()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Score one Ray Data batch; output: passthrough columns, label, score, model tags
         (a causal-lm checkpoint: completion columns instead of label and score)."""
