@@ -517,6 +517,14 @@ class ServeConfig(_Strict):
         "requests must send it. It is read where the app is built (deploy or app_builder); "
         "replicas get only its SHA-256 digest. The token itself never goes in a config.",
     )
+    max_adapters_per_replica: int = Field(
+        4,
+        ge=1,
+        description="LoRA versions a replica keeps loaded for requests that name a version or "
+        "an alias (/v1/models/{name}/versions/{v}/predict): all share one copy of the base "
+        "model, and the least recently used adapter is freed when one more is needed "
+        "(Serve's max_num_models_per_replica). The deployment's own version is not counted.",
+    )
     generation: GenerationConfig = Field(
         default_factory=GenerationConfig,
         description="Defaults and limits of the OpenAI-compatible routes (causal-lm versions).",

@@ -1,6 +1,8 @@
 """The online endpoint: a Ray Serve application with a FastAPI ingress around one Predictor.
 
     POST /v1/models/{model_name}/predict   {"texts": [...]} -> {"predictions": [...], ...}
+    POST /v1/models/{model_name}/versions/{version}/predict   the same, by registry version
+    POST /v1/models/{model_name}/aliases/{alias}/predict      the same, by registry alias
     GET  /v1/models/{model_name}           name, version, labels, runtime (engine, precision)
     GET  /healthz                          liveness (never needs a token)
     GET  /readyz                           200 once the model is loaded and warm, else 503
@@ -30,6 +32,13 @@ at each Ray node's metrics export port (`metrics_url()`): raylift_requests_total
 status, model_version), raylift_request_latency_s, raylift_batch_texts, raylift_queued_texts,
 raylift_model_info (model_version, engine, precision, threads), and
 raylift_adapter_cache_{hits,misses}_total.
+
+Many LoRA versions of one base share a replica (`serving.adapters`, Ray Serve model
+multiplexing): a request may name a registry version (the versions/ route, or Serve's
+`serve_multiplexed_model_id: <version>` header on the plain route) or an alias (the aliases/
+route); the plain route answers with the deployment's version. Other versions are adapters on
+one copy of the base per replica, in an LRU cache of serve.max_adapters_per_replica. An unknown
+version or alias is a 404, a version that is not a LoRA adapter over this replica's base a 409.
 
 Texts from concurrent requests are batched together with `@serve.batch`; the batch unit is
 one text, so `serve.max_batch_size` counts texts however the clients group them. Batch size
@@ -79,7 +88,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -87,6 +96,7 @@ from ray import serve
 
 from cluster.storage import worker_visible_uri
 from jobs.config import LifecycleConfig, ServeConfig
+from serving.adapters import Adapter, AdapterError, AdapterPool, AdapterRouter
 from serving.openai_api import OpenAIRoutes, openai_router
 from serving.text import is_usable_text
 
@@ -171,6 +181,19 @@ _PREDICT_BODY_DOC = {
         "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
     }
 }
+
+
+# Registry versions are numbers; MLflow aliases are letters, digits, '_' and '-'.
+VersionParam = Annotated[
+    str, Path(pattern=r"^[1-9][0-9]{0,8}$", description="Registry version number, e.g. 3.")
+]
+AliasParam = Annotated[
+    str,
+    Path(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Registry alias, e.g. production or challenger.",
+    ),
+]
 
 
 # -- helpers of the deployment ----------------------------------------------------------------
@@ -323,7 +346,7 @@ class _ReplicaMetrics:
             description="1 for the model version this replica answers with, 0 once replaced.",
             tag_keys=("model_version", "engine", "precision", "threads"),
         )
-        # Defined now so dashboards can be built; they stay at zero until adapters are served.
+        # Requests that name another version than the deployment's (serving.adapters).
         self.adapter_hits = metrics.Counter(
             "raylift_adapter_cache_hits_total",
             description="Adapter requests found in the LRU cache.",
@@ -380,15 +403,23 @@ def _pin(source: str, tracking_uri: str | None) -> dict[str, str]:
 
 
 def _group_by_predictor(predictors: list[Any]) -> list[tuple[Any, list[int]]]:
-    """Positions of a batch's texts per Predictor (two only while a swap is under way)."""
-    groups: dict[int, tuple[Any, list[int]]] = {}
+    """Positions of a batch's texts per Predictor (two only while a swap is under way); texts
+    for adapters (serving.adapters.Adapter) form one group, keyed None, run in one pass."""
+    groups: dict[int | None, tuple[Any, list[int]]] = {}
     for i, predictor in enumerate(predictors):
-        groups.setdefault(id(predictor), (predictor, []))[1].append(i)
+        key = None if isinstance(predictor, Adapter) else id(predictor)
+        groups.setdefault(key, (predictor, []))[1].append(i)
     return list(groups.values())
 
 
 def _not_ready(reason: str) -> HTTPException:
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=reason)
+
+
+_ADAPTER_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such version or alias in the registry."},
+    409: {"description": "The version is not a LoRA adapter over this replica's base."},
+}
 
 
 # Its requests are long polls with nothing to finish: no reason to wait 20 s for them on delete.
@@ -510,6 +541,21 @@ class ModelServer(OpenAIRoutes):
         self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._stats = {"batches": 0, "texts": 0, "largest_batch": 0}
         self._metrics = _ReplicaMetrics()
+        self._adapters = AdapterRouter(
+            AdapterPool(
+                model_name=served_name,
+                tracking_uri=tracking_uri,
+                model_thread=self._model_thread,
+                torch_threads=serve_config.torch_threads,
+                trust_remote_code=trust_remote_code,
+            ),
+            max_adapters=serve_config.max_adapters_per_replica,
+            load_thread=self._load_thread,
+            home_uri=lambda: self._predictor.model_uri,
+            hits=self._metrics.adapter_hits,
+            misses=self._metrics.adapter_misses,
+            alias_ttl_s=serve_config.model_poll_interval_s or 10.0,
+        )
         self._batching = _batching(serve_config)
         self.reconfigure(self._batching)
         self._follower = asyncio.get_running_loop().create_task(self._follow())
@@ -526,6 +572,10 @@ class ModelServer(OpenAIRoutes):
     def batch_stats(self) -> dict[str, Any]:
         """Batching settings, batches run, texts scored, largest batch (through a handle)."""
         return {**self._batching, **self._stats}
+
+    def adapter_stats(self) -> dict[str, Any]:
+        """Adapters this replica holds (LRU order), cache hits and misses, its RSS in MiB."""
+        return {"replica": self._replica, **self._adapters.stats()}
 
     async def wait_ready(self, timeout_s: float) -> str:
         """The version once this replica's model is warm; RuntimeError if it cannot load."""
@@ -661,6 +711,41 @@ class ModelServer(OpenAIRoutes):
     async def predict(
         self, model_name: str, request: Request, credentials: Credentials
     ) -> PredictResponse:
+        # Serve's own multiplexing header names a version on the plain route.
+        return await self._answer(
+            model_name, request, credentials, serve.get_multiplexed_model_id() or None
+        )
+
+    @app.post(
+        "/v1/models/{model_name}/versions/{version}/predict",
+        response_model=PredictResponse,
+        openapi_extra=_PREDICT_BODY_DOC,
+        responses=_ADAPTER_ERRORS,
+    )
+    async def predict_version(
+        self, model_name: str, version: VersionParam, request: Request, credentials: Credentials
+    ) -> PredictResponse:
+        return await self._answer(model_name, request, credentials, version)
+
+    @app.post(
+        "/v1/models/{model_name}/aliases/{alias}/predict",
+        response_model=PredictResponse,
+        openapi_extra=_PREDICT_BODY_DOC,
+        responses=_ADAPTER_ERRORS,
+    )
+    async def predict_alias(
+        self, model_name: str, alias: AliasParam, request: Request, credentials: Credentials
+    ) -> PredictResponse:
+        return await self._answer(model_name, request, credentials, None, alias)
+
+    async def _answer(
+        self,
+        model_name: str,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None,
+        version: str | None,
+        alias: str | None = None,
+    ) -> PredictResponse:
         self._label(request)
         self._authorize(credentials)
         self._check_model_name(model_name)
@@ -668,14 +753,32 @@ class ModelServer(OpenAIRoutes):
         body = _parse_predict_request(await _read_body(request, self._config.max_body_bytes))
         self._check_limits(body.texts)
         predictor = await self._serving(request)
+        adapter = None
+        try:
+            if alias is not None:
+                version = await self._adapters.alias_version(self._served_name, alias)
+            if version is not None and version != predictor.model_version:
+                adapter = await self._adapters.adapter(version)
+        except AdapterError as exc:
+            request.state.model_version = version or ""
+            raise HTTPException(exc.status, detail=exc.detail) from None
+        except Exception as exc:  # the registry is unreachable: this request only
+            log.warning("could not look up version %s / alias %s: %s", version, alias, exc)
+            raise _not_ready(f"the model registry could not be read: {exc}") from None
+        answering = adapter if adapter is not None else predictor
+        request.state.model_version = answering.model_version
         self._metrics.queued(len(body.texts))
-        answers = await asyncio.gather(
-            *(self._predict_batch(text, predictor) for text in body.texts)
-        )
+        try:
+            answers = await asyncio.gather(
+                *(self._predict_batch(text, answering) for text in body.texts)
+            )
+        finally:
+            if adapter is not None:
+                self._adapters.release(adapter)
         return PredictResponse(
             predictions=[Prediction(**answer) for answer in answers],
-            model_name=predictor.model_name,
-            model_version=predictor.model_version,
+            model_name=self._served_name if adapter is not None else predictor.model_name,
+            model_version=answering.model_version,
         )
 
     # Sizes here are placeholders: reconfigure() sets them from the config's user_config.
@@ -686,9 +789,17 @@ class ModelServer(OpenAIRoutes):
         loop = asyncio.get_running_loop()
         answers: list[dict[str, Any]] = [{}] * len(texts)
         for predictor, rows in _group_by_predictor(predictors):
-            found = await loop.run_in_executor(
-                self._model_thread, predictor.predict_texts, [texts[i] for i in rows]
-            )
+            if isinstance(predictor, Adapter):
+                found = await loop.run_in_executor(
+                    self._model_thread,
+                    predictor.pool.predict,
+                    [predictors[i] for i in rows],
+                    [texts[i] for i in rows],
+                )
+            else:
+                found = await loop.run_in_executor(
+                    self._model_thread, predictor.predict_texts, [texts[i] for i in rows]
+                )
             for i, answer in zip(rows, found, strict=True):
                 answers[i] = answer
         self._stats["batches"] += 1
