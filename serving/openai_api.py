@@ -126,6 +126,12 @@ class _Item:
     params: SamplingParams
 
 
+def _body_doc(kind: type) -> dict[str, Any]:
+    """The body schema for /docs (bodies are parsed by hand: auth first, OpenAI error bodies)."""
+    schema = kind.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 # -- the routes --------------------------------------------------------------------------------
 
 
@@ -143,11 +149,11 @@ class OpenAIRoutes:
         entry = {"id": self._served_name, "object": "model", "created": 0, "owned_by": "raylift"}
         return {"object": "list", "data": [entry]}
 
-    @openai_router.post("/v1/chat/completions")
+    @openai_router.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
     async def chat_completions(self, request: Request, credentials: Credentials) -> Any:
         return await self._openai(request, credentials, ChatRequest)
 
-    @openai_router.post("/v1/completions")
+    @openai_router.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest))
     async def completions(self, request: Request, credentials: Credentials) -> Any:
         return await self._openai(request, credentials, CompletionRequest)
 

@@ -66,6 +66,9 @@ def test_no_generated_request_gets_a_5xx(endpoint):
         ("GET", "/readyz"),
         ("GET", "/v1/models/{model_name}"),
         ("POST", "/v1/models/{model_name}/predict"),
+        ("GET", "/v1/models"),  # serving.openai_api (a 400 from a classifier version)
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
     }
     server_errors = [error for op in operations for error in _fuzz(op, endpoint)]
 
