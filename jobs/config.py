@@ -783,14 +783,6 @@ class LifecycleConfig(_Strict):
     def production_uri(self) -> str:
         return f"models:/{self.registry.model_name}@{self.promote.alias}"
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; `errors` holds one line per problem."""
-
-    def __init__(self, source: str, errors: list[str]):
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
     @model_validator(mode="after")
     def _sections_fit_task(self) -> LifecycleConfig:
         if not _generative(self.task.type):
@@ -817,6 +809,14 @@ class ConfigError(ValueError):
 
 _CAUSAL_LM_METRICS = ("val_perplexity", "val_loss")
 
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `errors` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
