@@ -79,7 +79,7 @@ def main(config: LifecycleConfig, resume: bool = False) -> FinetuneResult:
     with _sigterm_raises(), _mlflow_run(config, tags, state.get("run_id")) as run_id:
         _write_state(run_path, run_id, data.snapshot_id, finished=False)
         result = _train(config, data, tags, run_id, run_path)
-        checkpoint, metrics = _best_checkpoint(result, config.promote.metric)
+        checkpoint, metrics = _best_checkpoint(result, config.promote.metric, config.promote.mode)
         version = _register_once(config, run_id, checkpoint, tags, metrics)
         _write_state(run_path, run_id, data.snapshot_id, finished=True)
     finished = FinetuneResult(
@@ -194,7 +194,9 @@ def _train(
 ):
     inputs = loop_inputs(config, data, tags, run_id)
     storage, _, name = run_path.rpartition("/")
-    trainer = build_trainer(config, data, inputs, name=name, storage_path=storage)
+    trainer = build_trainer(
+        config, data, inputs, name=name, storage_path=storage, mode=config.promote.mode
+    )
     return trainer.fit()
 
 
@@ -281,7 +283,7 @@ def _data_config(config: LifecycleConfig) -> EveryEvalRowConfig:
     return EveryEvalRowConfig(execution_options={"train": ordered})
 
 
-def _best_checkpoint(result, metric: str):
+def _best_checkpoint(result, metric: str, mode: str = "max"):
     ranked = [  # epoch ends only: mid-epoch checkpoints hold state/, no model files
         (c, m)
         for c, m in (result.best_checkpoints or [])
@@ -289,7 +291,8 @@ def _best_checkpoint(result, metric: str):
     ]
     if not ranked:
         raise RuntimeError(f"training reported no checkpoint with metric {metric!r}")
-    return max(ranked, key=lambda item: item[1][metric])
+    pick = min if mode == "min" else max  # promote.mode: val_perplexity improves downward
+    return pick(ranked, key=lambda item: item[1][metric])
 
 
 # --- registration -----------------------------------------------------------------------------

@@ -18,9 +18,12 @@ the same way and stops at the eos token(s) (the chat template's end-of-turn toke
 
 Packing (`task.packing`) puts several examples of a batch in one row of at most
 `task.max_length` tokens. Position ids restart at 0 for each example and no 2D attention mask
-is passed, which transformers (5.x, every attention implementation) reads as packed sequences:
-its causal mask becomes block-diagonal, so no token attends across an example boundary
-(checked against unpacked logits in tests/unit/test_causal_lm_instruct.py). The first label of
+is passed, which transformers (5.x, sdpa and eager) reads as packed sequences: its causal mask
+becomes block-diagonal, so no token attends across an example boundary (checked against each
+example's logits run alone in tests/unit/test_causal_lm.py). Only without a KV cache, though:
+transformers skips the packed-sequence check when a cache exists, and Llama makes one by
+default, in training mode too (measured: logits of the second packed example off by 0.17). So
+every batch says `use_cache=False`. The first label of
 each packed example is -100, so no example is scored on predicting the next one's first token:
 a packed batch has exactly the loss of the same batch unpacked.
 """
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -170,9 +173,10 @@ def collate(
     *,
     packing: bool = False,
     max_length: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Model inputs of one batch: padded rows (input_ids, attention_mask, labels), or with
-    `packing` rows of at most `max_length` tokens (input_ids, position_ids, labels)."""
+    `packing` rows of at most `max_length` tokens (input_ids, position_ids, labels); both with
+    use_cache=False (see the module docstring)."""
     if not packing:
         return _padded(sequences, labels, pad_id)
     capacity = max_length or max(len(s) for s in sequences)
@@ -196,10 +200,11 @@ def collate(
         "input_ids": torch.from_numpy(ids),
         "position_ids": torch.from_numpy(positions),
         "labels": torch.from_numpy(targets),
+        "use_cache": False,
     }
 
 
-def _padded(sequences, labels, pad_id: int) -> dict[str, torch.Tensor]:
+def _padded(sequences, labels, pad_id: int) -> dict[str, Any]:
     longest = max(len(s) for s in sequences)
     ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), longest), dtype=np.int64)
@@ -212,6 +217,7 @@ def _padded(sequences, labels, pad_id: int) -> dict[str, torch.Tensor]:
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
         "labels": torch.from_numpy(targets),
+        "use_cache": False,
     }
 
 

@@ -29,8 +29,8 @@ def main(config: LifecycleConfig) -> LoadResult:
         config.catalog,
         data.table,
         source,
-        text_column=task.text_column,
-        label_column=task.label_column,
+        text_column=task.input_column,  # causal-lm: the prompt and response columns
+        label_column=task.target_column,
         key_column=task.key_column,
         sample_rows=data.sample_rows,
         seed=data.validation.seed,
@@ -42,7 +42,7 @@ def main(config: LifecycleConfig) -> LoadResult:
             data.table,
             data.inbox_table,
             rows=data.inbox_rows,
-            text_column=task.text_column,
+            text_column=task.input_column,
             key_column=task.key_column,
             seed=data.validation.seed,
         )

@@ -32,16 +32,18 @@ import numpy as np
 import torch
 
 from cluster.hardware import resolve_precision
-from jobs.checkpoint import AdapterMeta, CheckpointMeta
+from jobs import instruct
+from jobs.checkpoint import AdapterMeta, CheckpointMeta, InstructMeta
 from jobs.config import LifecycleConfig, TrainConfig
 from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
-from jobs.tasks import Task, get_task
+from jobs.tasks import Task, get_task, is_generative
 
 __all__ = [
     "REPORTED_METRICS",
     "RESUME_METRIC",
     "STATE_DIR",
     "LoopInputs",
+    "BatchInputs",
     "TrainProgress",
     "deepspeed_config",
     "pad_batch",
@@ -67,11 +69,13 @@ REPORTED_METRICS = (
     "train_steps",
     "global_step",
     "train_rows_per_s",
+    "train_tokens_per_s",
     "data_wait_fraction",
     "learning_rate",
     "val_accuracy",
     "val_macro_f1",
     "val_loss",
+    "val_perplexity",
     "val_rows",
 )
 
@@ -103,7 +107,7 @@ class TrainProgress:
     batches: int = 0  # batches of that epoch already trained on every rank: the data position
     epoch_done: bool = False  # the epoch was trained, evaluated and reported: resume at the next
     loss_sum: float = 0.0  # summed over every rank's rows of those batches (the epoch's loss)
-    rows: int = 0
+    rows: int = 0  # what the loss is averaged over: rows, or scored tokens (BatchInputs.weight)
     global_step: int = 0  # optimizer steps since the start of the run
     world_size: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)  # what the epoch reported (epoch ends)
@@ -130,10 +134,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(
         resolve_base_model(config.model.base), config.model.trust_remote_code
     )
+    if task.generative:  # saved with the checkpoint: a generator needs a pad token to batch
+        tokenizer = instruct.prepare_tokenizer(tokenizer)
     start = _restore(engine, inputs, rank, world_size)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     pad_id = tokenizer.pad_token_id
+    collate = BatchInputs(task, pad_id, config.task.packing, config.task.max_length)
     metric = inputs.checkpoint_metric or config.promote.metric
 
     def save_mid_epoch(progress: TrainProgress) -> None:
@@ -142,10 +149,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
     resumed = start.global_step > 0 or start.epoch > 1
     for epoch in range(start.epoch, config.train.epochs + 1):
         begin = start if epoch == start.epoch else TrainProgress(epoch=epoch)
-        stats = _train_epoch(engine, train_shard, config.train, pad_id, begin, save_mid_epoch)
-        evaluation = _evaluate(engine, val_shard, task, config.train, len(inputs.labels), pad_id)
+        stats = _train_epoch(
+            engine, train_shard, config.train, pad_id, begin, save_mid_epoch, collate
+        )
+        evaluation = _evaluate(
+            engine, val_shard, task, config.train, len(inputs.labels), pad_id, collate
+        )
         metrics = {"epoch": epoch, **stats, **evaluation}
-        meta = _checkpoint_meta(inputs, config, metrics, precision)
+        meta = _checkpoint_meta(inputs, config, metrics, precision, tokenizer)
         done = _progress(engine, epoch, stats["train_steps"], 0.0, 0, epoch_done=True)
         done.metrics = metrics
         # Logged before it is reported: a Tune trial that ASHA stops at this report is torn
@@ -340,6 +351,36 @@ def pad_batch(sequences: list[np.ndarray], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
+@dataclass(frozen=True)
+class BatchInputs:
+    """Model inputs of one batch of (token ids, targets) for the task, and its loss weight.
+
+    Classification: padded rows, one label per row; the loss is a mean over rows. causal-lm:
+    jobs.instruct.collate (padded, or packed when training with task.packing), per-token labels;
+    the loss is a mean over the scored response tokens, so it is weighted by their count.
+    Evaluation never packs: its figures do not depend on the layout.
+    """
+
+    task: Task | None  # None: classification
+    pad_id: int
+    packing: bool = False
+    max_length: int | None = None
+
+    def __call__(self, item, training: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+        sequences, targets = item
+        if self.task is None or not self.task.generative:
+            labels = torch.from_numpy(np.asarray(targets, dtype=np.int64))
+            return {**pad_batch(sequences, self.pad_id), "labels": labels}, len(sequences)
+        batch = instruct.collate(
+            sequences,
+            list(targets),
+            self.pad_id,
+            packing=self.packing and training,
+            max_length=self.max_length,
+        )
+        return batch, int((batch["labels"][:, 1:] != instruct.IGNORE_INDEX).sum())
+
+
 def windowed_batches(
     window: dict[str, np.ndarray], batch_size: int, rng: random.Random | None
 ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
@@ -394,6 +435,7 @@ class _EpochTally:
     rows: int = 0
     steps: int = 0
     fresh_rows: int = 0  # trained by this attempt: the throughput
+    fresh_tokens: int = 0  # their tokens, padding excluded
     waited: float = 0.0
     checkpointing: float = 0.0
     last_loss: float = 0.0
@@ -406,9 +448,11 @@ def _train_epoch(
     pad_id: int,
     begin: TrainProgress,
     save_state: Callable[[TrainProgress], None],
+    collate: BatchInputs | None = None,
 ) -> dict[str, float]:
     """Train one epoch from `begin` (batch 0, or the data position a checkpoint saved)."""
     engine.train()
+    collate = collate or BatchInputs(None, pad_id)
     epoch = begin.epoch
     seed = train.seed * 1000 + epoch
     batches = _stream(shard, train, random.Random(seed), seed)
@@ -429,7 +473,7 @@ def _train_epoch(
         _, all_have = _all_ranks_have(item is not None)
         if not all_have:  # a rank ran dry: stop together so ZeRO collectives never hang
             break
-        _train_step(engine, item, pad_id, tally)
+        _train_step(engine, collate(item), tally, item[0])
         if tally.steps % _LOG_EVERY_STEPS == 0 and engine.global_rank == 0:
             rate = tally.fresh_rows / (time.perf_counter() - start - tally.checkpointing)
             # print, not logging: Ray forwards worker stdout to the driver and the job logs.
@@ -448,20 +492,22 @@ def _train_epoch(
         "train_steps": tally.steps,
         "global_step": int(engine.global_steps),  # optimizer steps since the run began
         "train_rows_per_s": _global_sum(tally.fresh_rows) / elapsed,
+        "train_tokens_per_s": _global_sum(tally.fresh_tokens) / elapsed,
         "data_wait_fraction": tally.waited / elapsed,
         "learning_rate": float(engine.get_lr()[0]),
     }
 
 
-def _train_step(engine, item, pad_id: int, tally: _EpochTally) -> None:
-    sequences, targets = item
-    loss = engine(**pad_batch(sequences, pad_id), labels=torch.from_numpy(targets)).loss
+def _train_step(engine, batch, tally: _EpochTally, sequences: list[np.ndarray]) -> None:
+    inputs, weight = batch
+    loss = engine(**inputs).loss
     engine.backward(loss)
     engine.step()
     tally.last_loss = float(loss.detach())
-    tally.loss_sum += tally.last_loss * len(sequences)
-    tally.rows += len(sequences)
+    tally.loss_sum += tally.last_loss * weight
+    tally.rows += weight
     tally.fresh_rows += len(sequences)
+    tally.fresh_tokens += sum(len(s) for s in sequences)
     tally.steps += 1
 
 
@@ -488,9 +534,18 @@ def _progress(
 
 @torch.no_grad()
 def _evaluate(
-    engine, shard, task: Task, train: TrainConfig, n: int, pad_id: int
+    engine,
+    shard,
+    task: Task,
+    train: TrainConfig,
+    n: int,
+    pad_id: int,
+    collate: BatchInputs | None = None,
 ) -> dict[str, float]:
+    """Validation metrics over every rank's shard; the task's own figures (a causal LM's
+    token-weighted val_loss and val_perplexity) take precedence over the row-weighted loss."""
     engine.eval()
+    collate = collate or BatchInputs(task, pad_id)
     batches = _stream(shard, train, rng=None)
     state = task.eval_state(n)
     loss_sum, rows = 0.0, 0
@@ -504,20 +559,19 @@ def _evaluate(
             dummy = dummy or pad_batch([np.array([pad_id])], pad_id)
             engine(**dummy)
             continue
-        sequences, targets = item
-        labels = torch.from_numpy(targets)
-        out = engine(**pad_batch(sequences, pad_id), labels=labels)
-        loss_sum += float(out.loss) * len(sequences)
-        rows += len(sequences)
-        task.accumulate(state, out.logits, labels)
+        inputs, _ = collate(item, training=False)
+        out = engine(**inputs)
+        loss_sum += float(out.loss) * len(item[0])
+        rows += len(item[0])
+        task.accumulate(state, out.logits, inputs["labels"])
     import torch.distributed as dist
 
     dist.all_reduce(state)  # the task's state is a sum over batches, so over ranks too
     metrics = task.metrics(state.numpy())
     return {
-        **{f"val_{k}": v for k, v in metrics.items()},
         "val_loss": _global_mean(loss_sum, rows),
         "val_rows": int(_global_sum(rows)),
+        **{f"val_{k}": v for k, v in metrics.items()},
     }
 
 
@@ -699,9 +753,10 @@ def _load_rng(state: Path, rank: int) -> None:
 
 
 def _checkpoint_meta(
-    inputs: LoopInputs, config: LifecycleConfig, metrics: dict, precision: str
+    inputs: LoopInputs, config: LifecycleConfig, metrics: dict, precision: str, tokenizer=None
 ) -> CheckpointMeta:
-    """What the checkpoint says about itself; `precision` is the one training resolved to."""
+    """What the checkpoint says about itself; `precision` is the one training resolved to, and
+    a causal LM's prompt template the one its `tokenizer` resolved to (what generation repeats)."""
     lora = config.model.lora
     adapter = None
     if config.model.method in ("lora", "qlora"):
@@ -715,9 +770,23 @@ def _checkpoint_meta(
         method=config.model.method,
         adapter=adapter,
         max_length=config.task.max_length,
-        text_column=config.task.text_column,
+        text_column=config.task.input_column,
         trained_precision=precision,
+        instruct=_instruct_meta(config, tokenizer),
         metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
         config=inputs.config,
         lineage=inputs.meta,
+    )
+
+
+def _instruct_meta(config: LifecycleConfig, tokenizer) -> InstructMeta | None:
+    task = config.task
+    if not is_generative(task.type) or tokenizer is None:
+        return None
+    return InstructMeta(
+        template=instruct.resolve_template(tokenizer, task.prompt_template),
+        prompt_column=task.prompt_column,
+        response_column=task.response_column,
+        system_column=task.system_column,
+        packing=task.packing,
     )

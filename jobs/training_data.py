@@ -8,6 +8,12 @@ reported as `PreparedData.rows_refused`; a table with more such rows than
 `task.max_refused_share`, or with fewer than two labels, is refused before Ray starts. The text
 flows through Ray Data, which drops the same rows, and is tokenized in a Ray Data stage, so no
 process holds the table.
+
+A causal LM (task.type causal-lm) trains on instructions: the prompt and response columns (and
+an optional system column) in place of text and label. A row needs a usable prompt and response.
+There is no label set and the split is a plain seeded one by key (every row in one group, the
+same rule as a stratified split of one class). The tokenize stage formats each row with
+jobs.instruct and yields its token ids and its per-token labels (-100 on the prompt).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ray.train import DataConfig
 from jobs import warehouse
 from jobs.config import LifecycleConfig
 from jobs.modeling import load_tokenizer, resolve_base_model
-from jobs.tasks import get_task
+from jobs.tasks import get_task, is_generative
 from jobs.train_loop import INPUT_IDS, TARGETS
 from jobs.warehouse.catalog import load_table, require_columns, schema_at
 from serving.text import UNUSABLE_REASON, usable_mask
@@ -36,6 +42,8 @@ __all__ = [
     "prepare_training_data",
     "scan_training_rows",
     "tokenize_batch",
+    "tokenize_instructions",
+    "trainable_instructions",
     "trainable_rows",
 ]
 
@@ -127,16 +135,15 @@ def scan_training_rows(config: LifecycleConfig) -> TrainingRows:
     """Scan key, label and text usability at the pinned snapshot with pyiceberg only (no Ray).
 
     Raises ValueError when the table cannot train: too many refused rows, fewer than two labels.
+    A causal LM's rows are scanned for a usable prompt and response; their `labels` are one
+    split group (`_ONE_GROUP`) each.
     """
     catalog, data, task = config.catalog, config.data, config.task
+    generative = is_generative(task.type)
     snapshot = data.snapshot_id or warehouse.table_snapshot(catalog, data.table)
     where = f"{data.table}@{snapshot}"
     tbl = load_table(warehouse.load_catalog(catalog), catalog, data.table)
-    columns = {
-        task.key_column: "task.key_column",
-        task.label_column: "task.label_column",
-        task.text_column: "task.text_column",
-    }
+    columns = _scanned_columns(config)
     require_columns(schema_at(tbl, data.table, snapshot).column_names, columns, where)
     scan = tbl.scan(selected_fields=tuple(columns), snapshot_id=snapshot)
     keys, labels, keep = [], [], []
@@ -144,21 +151,72 @@ def scan_training_rows(config: LifecycleConfig) -> TrainingRows:
         if batch.column(task.key_column).null_count:
             raise ValueError(f"key column {task.key_column!r} has null values in {where}")
         keys.append(batch.column(task.key_column).to_numpy())
-        labels.extend(batch.column(task.label_column).to_pylist())
-        keep.append(_trainable_mask(batch, task.text_column, task.label_column))
+        if generative:
+            labels.extend([_ONE_GROUP] * batch.num_rows)
+            keep.append(_usable_instructions(batch, task.prompt_column, task.response_column))
+        else:
+            labels.extend(batch.column(task.label_column).to_pylist())
+            keep.append(_trainable_mask(batch, task.text_column, task.label_column))
     keep_all = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     refused = _check_refused(config, where, len(keep_all), int((~keep_all).sum()))
     key_values = np.concatenate(keys)[keep_all] if keys else np.zeros(0, dtype=np.int64)
     label_values = np.asarray(labels, dtype=object)[keep_all]
-    _require_two_labels(config, where, label_values)
+    if not generative:
+        _require_two_labels(config, where, label_values)
+    elif len(key_values) < 2:
+        raise ValueError(
+            f"{where} has {len(key_values)} usable row(s); training and validation need at "
+            "least two: load more instructions"
+        )
     return TrainingRows(snapshot, key_values, label_values, refused)
+
+
+def _scanned_columns(config: LifecycleConfig) -> dict[str, str]:
+    task = config.task
+    if not is_generative(task.type):
+        return {
+            task.key_column: "task.key_column",
+            task.label_column: "task.label_column",
+            task.text_column: "task.text_column",
+        }
+    columns = {
+        task.key_column: "task.key_column",
+        task.prompt_column: "task.prompt_column",
+        task.response_column: "task.response_column",
+    }
+    if task.system_column:
+        columns[task.system_column] = "task.system_column"
+    return columns
+
+
+# The split group of every causal-LM row: the stratified split of one group is a plain seeded
+# split by key.
+_ONE_GROUP = "all"
+_GROUP_COLUMN = "__raylift_split_group"
+
+
+def _usable_instructions(batch: pa.Table, prompt_column: str, response_column: str) -> np.ndarray:
+    prompts = usable_mask(batch.column(prompt_column).to_pylist())
+    return prompts & usable_mask(batch.column(response_column).to_pylist())
+
+
+def trainable_instructions(
+    batch: pa.Table, *, prompt_column: str, response_column: str
+) -> pa.Table:
+    """Ray Data stage: the rows with a usable prompt and response, tagged with their split group
+    (the scan's rule)."""
+    kept = batch.filter(pa.array(_usable_instructions(batch, prompt_column, response_column)))
+    return kept.append_column(_GROUP_COLUMN, pa.array([_ONE_GROUP] * kept.num_rows, pa.string()))
 
 
 def _check_refused(config: LifecycleConfig, where: str, total: int, refused: int) -> int:
     task = config.task
     if total == 0:
         raise ValueError(f"{where} has no rows; load data first (raylift warehouse load)")
-    what = f"a null, empty or blank {task.text_column!r} or a null {task.label_column!r}"
+    if is_generative(task.type):
+        what = f"a null, empty or blank {task.prompt_column!r} or {task.response_column!r}"
+    else:
+        what = f"a null, empty or blank {task.text_column!r} or a null {task.label_column!r}"
     share = refused / total
     if share > task.max_refused_share:
         raise ValueError(
@@ -187,33 +245,27 @@ def prepare_training_data(
     config: LifecycleConfig, rows: TrainingRows | None = None
 ) -> PreparedData:
     """Derive labels and the split from the scanned rows, and build the two streams."""
-    catalog, data, task = config.catalog, config.data, config.task
+    data, task = config.data, config.task
     if rows is None:
         rows = scan_training_rows(config)
-    labels = _label_set(config, rows.labels)
+    generative = is_generative(task.type)
+    labels = [] if generative else _label_set(config, rows.labels)
     thresholds = warehouse.split_thresholds(
         rows.keys, rows.labels, data.validation.fraction, data.validation.seed
     )
+    group_column = _GROUP_COLUMN if generative else task.label_column
 
     def split(side: str) -> warehouse.SplitFilter:
         return warehouse.SplitFilter(
-            thresholds, task.key_column, task.label_column, keep=side, seed=data.validation.seed
+            thresholds, task.key_column, group_column, keep=side, seed=data.validation.seed
         )
 
     label_array = pa.array(rows.labels.tolist())
     validation_rows = int(split("validation").mask(rows.keys, label_array).sum())
-    source = warehouse.read_table(
-        catalog,
-        data.table,
-        snapshot_id=rows.snapshot_id,
-        columns=[task.key_column, task.text_column, task.label_column],
-    ).map_batches(
-        trainable_rows,
-        fn_kwargs={"text_column": task.text_column, "label_column": task.label_column},
-        batch_format="pyarrow",
-    )
+    source = _trainable_source(config, rows.snapshot_id)
+    tokenized = _tokenized_instructions if generative else _tokenized
     datasets = {
-        side: _tokenized(config, labels, source.map_batches(split(side), batch_format="pyarrow"))
+        side: tokenized(config, labels, source.map_batches(split(side), batch_format="pyarrow"))
         for side in ("train", "validation")
     }
     return PreparedData(
@@ -225,6 +277,22 @@ def prepare_training_data(
         datasets=datasets,
         rows_refused=rows.rows_refused,
     )
+
+
+def _trainable_source(config: LifecycleConfig, snapshot_id: int):
+    """The pinned snapshot's trainable rows as a Ray Data stream (the scan's rule)."""
+    catalog, data, task = config.catalog, config.data, config.task
+    if not is_generative(task.type):
+        columns = [task.key_column, task.text_column, task.label_column]
+        keep, kwargs = trainable_rows, {"text_column": task.text_column}
+        kwargs["label_column"] = task.label_column
+    else:
+        columns = [task.key_column, task.prompt_column, task.response_column]
+        columns += [task.system_column] if task.system_column else []
+        keep = trainable_instructions
+        kwargs = {"prompt_column": task.prompt_column, "response_column": task.response_column}
+    source = warehouse.read_table(catalog, data.table, snapshot_id=snapshot_id, columns=columns)
+    return source.map_batches(keep, fn_kwargs=kwargs, batch_format="pyarrow")
 
 
 def _label_set(config: LifecycleConfig, values: np.ndarray) -> list[str]:
@@ -251,6 +319,62 @@ def _tokenized(config: LifecycleConfig, labels: list[str], ds):
             "labels": labels,
             "max_length": config.task.max_length,
             "task_name": config.task.type,
+        },
+        batch_format="pyarrow",
+        batch_size=1024,
+        num_cpus=0.5,
+    )
+
+
+def tokenize_instructions(
+    batch: pa.Table,
+    *,
+    base_model: str,
+    trust_remote_code: bool,
+    prompt_column: str,
+    response_column: str,
+    system_column: str | None,
+    prompt_template: str,
+    max_length: int,
+) -> pa.Table:
+    """Ray Data stage: instruction rows → token ids and per-token labels (-100 on the prompt)."""
+    from jobs import instruct
+
+    tokenizer = _tokenizer(base_model, trust_remote_code)
+    template = instruct.resolve_template(tokenizer, prompt_template)
+    prompts = batch.column(prompt_column).to_pylist()
+    responses = batch.column(response_column).to_pylist()
+    systems = batch.column(system_column).to_pylist() if system_column else [None] * len(prompts)
+    unusable = int((~(usable_mask(prompts) & usable_mask(responses))).sum())
+    if unusable:  # trainable_instructions runs first; never train a missing text as ""
+        raise ValueError(f"{unusable} row(s) reached tokenization with a {UNUSABLE_REASON}")
+    ids, labels = [], []
+    for prompt, response, system in zip(prompts, responses, systems, strict=True):
+        row_ids, row_labels = instruct.encode_example(
+            tokenizer, prompt, response, system or None, template=template, max_length=max_length
+        )
+        ids.append(row_ids)
+        labels.append(row_labels)
+    return pa.table(
+        {
+            INPUT_IDS: pa.array(ids, type=pa.list_(pa.int32())),
+            TARGETS: pa.array(labels, type=pa.list_(pa.int32())),
+        }
+    )
+
+
+def _tokenized_instructions(config: LifecycleConfig, labels: list[str], ds):
+    task = config.task
+    return ds.map_batches(
+        tokenize_instructions,
+        fn_kwargs={
+            "base_model": config.model.base,
+            "trust_remote_code": config.model.trust_remote_code,
+            "prompt_column": task.prompt_column,
+            "response_column": task.response_column,
+            "system_column": task.system_column,
+            "prompt_template": task.prompt_template,
+            "max_length": task.max_length,
         },
         batch_format="pyarrow",
         batch_size=1024,
