@@ -240,6 +240,12 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL) instead of CPU (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker also reserves, e.g. {node_pool_a: 1} to "
+        "keep training on nodes started with `ray start --resources` (CPU and GPU come from "
+        "cpus_per_worker and use_gpu).",
+    )
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
     max_steps_per_epoch: int | None = Field(
         None, ge=1, description="Cap on optimizer steps per epoch (a training budget)."
@@ -288,6 +294,23 @@ class TrainConfig(_Strict):
     torch_threads: int | None = Field(
         None, ge=1, description="Torch threads per worker; cpus_per_worker rounded up if unset."
     )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        named = sorted({"CPU", "GPU"} & set(value))
+        if named:
+            raise ValueError(
+                f"train.resources_per_worker names {', '.join(named)}; set "
+                "train.cpus_per_worker and train.use_gpu instead"
+            )
+        negative = sorted(k for k, v in value.items() if v <= 0)
+        if negative:
+            raise ValueError(
+                f"train.resources_per_worker: {', '.join(negative)} must be above 0 "
+                "(leave a resource out rather than asking for none)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self) -> TrainConfig:

@@ -246,6 +246,7 @@ def build_trainer(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
             resources_per_worker={
+                **train.resources_per_worker,
                 "CPU": train.cpus_per_worker,
                 **({"GPU": 1} if train.use_gpu else {}),
             },

@@ -77,6 +77,15 @@ def test_cross_field_rules(tmp_path):
     assert config.score.run_date.isoformat() == "2026-11-22"
 
 
+def test_custom_worker_resources_leave_cpu_and_gpu_to_their_own_keys(tmp_path):
+    with pytest.raises(ConfigError, match="names CPU; set train.cpus_per_worker and train.use_gpu"):
+        load_config(_write(tmp_path, "name: x\ntrain: {resources_per_worker: {CPU: 2}}\n"))
+    with pytest.raises(ConfigError, match="pool_a must be above 0"):
+        load_config(_write(tmp_path, "name: x\ntrain: {resources_per_worker: {pool_a: 0}}\n"))
+    config = load_config(_write(tmp_path, "name: x\ntrain: {resources_per_worker: {pool_a: 1}}\n"))
+    assert config.train.resources_per_worker == {"pool_a": 1.0}
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.yaml")
