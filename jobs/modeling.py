@@ -83,17 +83,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def build_model(
-    model_cfg: ModelConfig, task: Task, labels: list[str], precision: str = "fp32"
+    model_cfg: ModelConfig,
+    task: Task,
+    labels: list[str],
+    precision: str = "fp32",
+    *,
+    zero_stage: int = 0,
 ) -> torch.nn.Module:
     """The trainable model for `model_cfg.method`, head sized for `labels`.
 
     Weights load in fp32 whatever `precision` (the resolved training precision) says: mixed
     precision is autocast, so weights that do not train are saved exactly as loaded. Only a
-    4-bit base computes in `precision` (bitsandbytes' compute dtype).
+    4-bit base computes in `precision` (bitsandbytes' compute dtype). Under ZeRO-3
+    (`zero_stage`), a 4-bit base also stores its packed weights in that dtype, as PEFT's
+    QLoRA + DeepSpeed ZeRO-3 recipe does, so ZeRO-3 partitions them like every other weight.
     """
     path = resolve_base_model(model_cfg.base)
     model = _load_head_model(
-        path, task, labels, model_cfg.trust_remote_code, model_cfg.method, precision
+        path,
+        task,
+        labels,
+        model_cfg.trust_remote_code,
+        model_cfg.method,
+        precision,
+        quant_storage=_COMPUTE_DTYPES[precision] if zero_stage == 3 else None,
     )
     if model_cfg.method in ("lora", "qlora"):
         return _add_lora(model, model_cfg, task)
@@ -109,6 +122,7 @@ def _load_head_model(
     trust_remote_code: bool,
     method: str,
     precision: str = "fp32",
+    quant_storage: torch.dtype | None = None,
 ) -> torch.nn.Module:
     import transformers
 
@@ -123,6 +137,7 @@ def _load_head_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_COMPUTE_DTYPES[precision],
+            bnb_4bit_quant_storage=quant_storage or torch.uint8,  # uint8: bitsandbytes' default
             # A new head is random and trained in full: quantizing it breaks its training
             # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward). A
             # causal LM's lm_head stays unquantized too, as bitsandbytes' default would keep it.

@@ -297,7 +297,7 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
 
     train = config.train
     precision = resolve_precision(train.precision, train.use_gpu)
-    model = build_model(config.model, task, inputs.labels, precision)
+    model = build_model(config.model, task, inputs.labels, precision, zero_stage=train.zero_stage)
     steps_per_epoch = math.ceil(inputs.train_rows / world_size / train.batch_size)
     if train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
