@@ -825,6 +825,14 @@ class LifecycleConfig(_Strict):
             )
         if promote.slices:
             problems.append("promote.slices are label groups, and causal-lm has no labels: remove")
+        tune = self.tune
+        if tune.search_space and (
+            tune.metric_name(promote) not in _CAUSAL_LM_METRICS or tune.mode != "min"
+        ):
+            problems.append(
+                f"tune ranks trials by {tune.metric_name(promote)} (mode {tune.mode}); set "
+                "tune.metric: val_perplexity (or unset: promote.metric) and tune.mode: min"
+            )
         if problems:
             raise ValueError(f"task.type={self.task.type}: " + "; ".join(problems))
         return self

@@ -244,6 +244,9 @@ def test_config_keeps_causal_lm_and_classification_keys_apart():
         "causal-lm reports val_perplexity and val_loss": _causal(
             promote={"metric": "val_accuracy", "mode": "max", "min_value": 0.5, "max_value": None}
         ),
+        "tune ranks trials by val_perplexity \\(mode max\\)": _causal(
+            tune={"search_space": {"train.learning_rate": {"type": "choice", "values": [0.1]}}}
+        ),
         "task.packing: applies to task.type=causal-lm only": {
             "name": "cls",
             "task": {"packing": True},
@@ -319,3 +322,20 @@ def test_scan_refuses_too_many_unusable_instructions_before_ray(tiny_llama, tmp_
     scanned = scan_training_rows(with_overrides(config, {"task.max_refused_share": 0.1}))
     assert (len(scanned.keys), scanned.rows_refused) == (19, 1)
     assert set(scanned.labels) == {"all"}  # one split group: a plain seeded split
+
+
+def test_finetune_keeps_the_lowest_perplexity_epoch_when_promote_mode_is_min():
+    from types import SimpleNamespace
+
+    from jobs.finetune import _best_checkpoint
+
+    result = SimpleNamespace(
+        best_checkpoints=[
+            ("epoch1", {"epoch": 1, "val_perplexity": 9.0}),
+            ("epoch2", {"epoch": 2, "val_perplexity": 4.0}),
+            ("mid", {"val_perplexity": 1e300}),  # a mid-epoch state checkpoint: never picked
+            ("epoch3", {"epoch": 3, "val_perplexity": 6.0}),
+        ]
+    )
+    assert _best_checkpoint(result, "val_perplexity", "min")[0] == "epoch2"
+    assert _best_checkpoint(result, "val_perplexity", "max")[0] == "epoch1"
