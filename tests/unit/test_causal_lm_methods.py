@@ -48,6 +48,13 @@ def process_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    # DeepSpeed caches a clone of the world group; left stale, the next module's process group
+    # (tests/unit/test_train_loop.py) fails in deepspeed.initialize ("Group ... is not
+    # registered").
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
     for key, value in before.items():
         if value is None:
             os.environ.pop(key)
