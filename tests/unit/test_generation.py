@@ -196,7 +196,8 @@ def test_plain_template_prompts_match_training(tmp_path):
 
 
 def make_causal_lm_checkpoint(base: str, directory) -> str:
-    """A full causal-lm checkpoint of the model at `base` (chat template), saved as training does."""
+    """A full causal-lm checkpoint of the model at `base` (chat template), saved as training
+    saves one."""
     from transformers import AutoModelForCausalLM
 
     from jobs.checkpoint import CheckpointMeta, InstructMeta
@@ -243,3 +244,19 @@ def test_predictor_generates_for_a_causal_lm_checkpoint(llama, tmp_path):
     assert answers[0].text == direct[0].text
     with pytest.raises(TypeError, match="generates text"):
         predictor.predict_texts(["card"])
+
+
+def test_bf16_autocast_generates(llama):
+    from cluster import hardware
+
+    if not hardware.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated here")
+    model, tokenizer = llama
+    generator = Generator(model, tokenizer, GenerationConfig(), precision="bf16")
+    prompts = _encode(generator)
+
+    done = generator.generate(prompts, [_greedy(6)] * len(prompts))
+
+    assert all(1 <= c.completion_tokens <= 6 and c.finish_reason for c in done)
+    assert str(next(model.parameters()).dtype) == "torch.float32"  # autocast: weights stay
+    assert any(c.text for c in done)
