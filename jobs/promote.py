@@ -232,10 +232,19 @@ def _reevaluated(config: LifecycleConfig, candidate: Any, incumbent: Any) -> Com
 
     metric = config.promote.metric
     if metric not in reevaluate.REEVALUATED_METRICS:
+        from jobs.tasks import is_generative
+
+        # Re-evaluation scores classifiers; a causal LM's perplexity is compared only on the
+        # rows both versions were evaluated on when trained.
+        fix = (
+            "train the candidate on the same table snapshot and split as the alias (pin "
+            "data.snapshot_id to the alias's iceberg snapshot tag)"
+            if is_generative(config.task.type)
+            else f"set promote.metric to one of {', '.join(reevaluate.REEVALUATED_METRICS)}"
+        )
         raise GateRefused(
             f"@{config.promote.alias} (version {incumbent.version}) was evaluated on other rows "
-            f"or per slice, and promote.metric={metric} cannot be measured again; set "
-            f"promote.metric to one of {', '.join(reevaluate.REEVALUATED_METRICS)}"
+            f"or per slice, and promote.metric={metric} cannot be measured again; {fix}"
         )
     try:
         rows = reevaluate.EvalRows.from_tags(candidate.tags)

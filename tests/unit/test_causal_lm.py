@@ -339,3 +339,14 @@ def test_finetune_keeps_the_lowest_perplexity_epoch_when_promote_mode_is_min():
     )
     assert _best_checkpoint(result, "val_perplexity", "min")[0] == "epoch2"
     assert _best_checkpoint(result, "val_perplexity", "max")[0] == "epoch1"
+
+
+def test_promote_against_an_alias_on_other_rows_says_how_to_compare_perplexity():
+    from types import SimpleNamespace
+
+    from jobs.promote import GateRefused, _reevaluated
+
+    config = validate_mapping(_causal())
+    candidate, incumbent = SimpleNamespace(version=2, tags={}), SimpleNamespace(version=1, tags={})
+    with pytest.raises(GateRefused, match="val_perplexity cannot be measured again; train the"):
+        _reevaluated(config, candidate, incumbent)
