@@ -13,7 +13,7 @@ from tests.helpers import make_lora_checkpoint
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 PORT = 8126
 MODEL = "fuzz-router"
-EXAMPLES_PER_OPERATION = 40  # 4 operations: about 200 requests, 20-40 s on 2 cores
+EXAMPLES_PER_OPERATION = 25  # 9 operations: about 225 requests, 20-40 s on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def test_no_generated_request_gets_a_5xx(endpoint):
         ("GET", "/v1/models"),  # serving.openai_api (a 400 from a classifier version)
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/completions"),
+        ("POST", "/v1/models/{model_name}/versions/{version}/predict"),
+        ("POST", "/v1/models/{model_name}/aliases/{alias}/predict"),
     }
     server_errors = [error for op in operations for error in _fuzz(op, endpoint)]
 
