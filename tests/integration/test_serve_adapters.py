@@ -21,12 +21,15 @@ CACHE = 2  # serve.max_adapters_per_replica
 TEXT = {"texts": ["card arrived late"]}
 
 
-def _biased_lora(base: str, directory: Path, label: int) -> str:
-    """A LoRA checkpoint whose head answers LABELS[label] for any text (a bias of 20)."""
+def _biased_lora(template: str, directory: Path, label: int) -> str:
+    """A copy of the LoRA checkpoint `template` whose head answers LABELS[label] for any text
+    (a bias of 20)."""
+    import shutil
+
     import torch
     from safetensors.torch import load_file, save_file
 
-    checkpoint = make_lora_checkpoint(base, directory, LABELS)
+    checkpoint = shutil.copytree(template, directory)
     weights = Path(checkpoint) / "adapter_model.safetensors"
     tensors = load_file(weights)
     biases = [name for name in tensors if "classifier" in name and name.endswith("bias")]
@@ -36,7 +39,7 @@ def _biased_lora(base: str, directory: Path, label: int) -> str:
         bias[label] = 20.0
         tensors[name] = bias
     save_file(tensors, weights)
-    return checkpoint
+    return str(checkpoint)
 
 
 def _config(root: Path, tiny_bert: str):
@@ -78,8 +81,10 @@ def registry(ray_session, tiny_bert, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     config = _config(root, tiny_bert)
     other_base = make_tiny_bert(root / "other-base")
-    checkpoints = [_biased_lora(tiny_bert, root / f"lora{k}", k) for k in range(4)]
-    checkpoints.append(_biased_lora(other_base, root / "other", 0))
+    template = make_lora_checkpoint(tiny_bert, root / "template", LABELS)
+    checkpoints = [_biased_lora(template, root / f"lora{k}", k) for k in range(4)]
+    other = make_lora_checkpoint(other_base, root / "other-template", LABELS)
+    checkpoints.append(_biased_lora(other, root / "other", 0))
     checkpoints.append(str(make_full_checkpoint(tiny_bert, root / "full", LABELS)))
     versions = []
     for checkpoint in checkpoints:
