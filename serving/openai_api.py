@@ -230,7 +230,7 @@ class OpenAIRoutes:
         items = []
         for j, (param, prompt) in enumerate(prompts):
             try:
-                ids = generator.encode(prompt)
+                ids = _encode(generator, prompt, param)
                 for i in range(body.n):
                     params = _sampling(body, limits, seed_offset=j * body.n + i)
                     generator.check(ids, params, param)
@@ -309,6 +309,19 @@ def _prompts(body: Any) -> list[tuple[str, Any]]:
     if not body.prompt:
         raise OpenAIError(400, "prompt is an empty list", "prompt", "invalid_value")
     return [(f"prompt.{j}", prompt) for j, prompt in enumerate(body.prompt)]
+
+
+def _encode(generator: Any, prompt: Any, param: str) -> list[int]:
+    """Token ids of one prompt; text the tokenizer or the chat template cannot take (a lone
+    surrogate, a conversation the template refuses) is the request's fault: a 400."""
+    try:
+        return generator.encode(prompt)
+    except GenerationRequestError:
+        raise
+    except Exception as exc:
+        raise OpenAIError(
+            400, f"{param} cannot be formatted or tokenized: {exc}", param, "invalid_value"
+        ) from None
 
 
 def _sampling(body: Any, limits: Any, seed_offset: int) -> SamplingParams:

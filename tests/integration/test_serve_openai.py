@@ -33,7 +33,12 @@ def _config():
         "batch_wait_timeout_s": 0.05,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "auth_token_env": TOKEN_ENV,
-        "generation": {"max_new_tokens": 8, "max_new_tokens_limit": 32, "temperature": 0.0},
+        "generation": {
+            "max_new_tokens": 8,
+            "max_new_tokens_limit": 32,
+            "max_prompt_tokens": 64,
+            "temperature": 0.0,
+        },
     }
     return LifecycleConfig(name="test", registry={"model_name": MODEL}, serve=serve)
 
@@ -140,9 +145,19 @@ def test_models_lists_the_served_model(client):
             None,
         ),
         (lambda c: _chat(c, logprobs=True), "BadRequestError", "logprobs"),
+        (lambda c: _complete(c, prompt=" ".join(["card"] * 300)), "BadRequestError", "prompt"),
         (lambda c: _chat(c.with_options(api_key="wrong")), "AuthenticationError", None),
     ],
-    ids=["max-tokens", "unknown-model", "stops", "unknown-param", "role", "logprobs", "token"],
+    ids=[
+        "max-tokens",
+        "unknown-model",
+        "stops",
+        "unknown-param",
+        "role",
+        "logprobs",
+        "long-prompt",
+        "token",
+    ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, call, error, param):
     with pytest.raises(getattr(openai, error)) as refused:
@@ -159,3 +174,20 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, cal
 def _chat(client, **given):
     request = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, **given}
     return client.chat.completions.create(**request)
+
+
+def _complete(client, **given):
+    request = {"model": MODEL, "prompt": "card", "max_tokens": 3, **given}
+    return client.completions.create(**request)
+
+
+def test_a_lone_surrogate_is_a_400(served):
+    import httpx
+
+    # The openai client cannot even encode it; a raw body can.
+    body = b'{"model": "tiny-assistant", "prompt": "lone \\ud800 surrogate", "max_tokens": 3}'
+    headers = {"content-type": "application/json", "authorization": f"Bearer {TOKEN}"}
+    answer = httpx.post(f"{served[0]}/v1/completions", content=body, headers=headers, timeout=60)
+
+    assert answer.status_code == 400, answer.text
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
