@@ -484,6 +484,21 @@ class GenerationConfig(_Strict):
         return self
 
 
+class BatchGenerationConfig(GenerationConfig):
+    """GenerationConfig for batch generation: greedy with seed 0 unless set, so a re-run of a
+    date writes the same completions."""
+
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 (the default) is greedy."
+    )
+    seed: int | None = Field(
+        0,
+        ge=0,
+        description="Sampling seed, mixed with each prompt's CRC-32 (a row's text does not "
+        "depend on its batch); null: a fresh random seed per prompt, runs differ.",
+    )
+
+
 class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP host Serve binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
@@ -596,8 +611,8 @@ class ScoreConfig(_Strict):
         "support.ticket_predictions_quarantine",
         description="Where rows that cannot be scored (null or empty text) go, with the reason.",
     )
-    generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(temperature=0.0, seed=0),
+    generation: BatchGenerationConfig = Field(
+        default_factory=BatchGenerationConfig,
         description="How each prompt row is generated (causal-lm versions); greedy by default, "
         "so a re-run of a date writes the same completions.",
     )

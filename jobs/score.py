@@ -13,6 +13,13 @@ Two things are pinned once, in the driver, before any actor starts:
 Writing replaces the run date's rows in one Iceberg commit: re-running a date never duplicates
 it. Rows with no usable text (`serving.text`) go to the quarantine table with the reason instead
 of failing the run.
+
+A causal-lm version generates instead (batch generation, the same run): the input is
+task.prompt_column, each prompt is one user turn through the version's prompt template,
+generated as score.generation says (greedy by default, so a re-run writes the same text), and
+the output table gets COMPLETION_COLUMNS instead of label and score. A prompt the generation
+limits refuse (over score.generation.max_prompt_tokens) keeps its row, with a null completion
+and `error` saying why, as a classifier's non-finite score keeps its row with a null label.
 """
 
 from __future__ import annotations
@@ -36,7 +43,18 @@ from serving.text import UNUSABLE_REASON, usable_mask
 if TYPE_CHECKING:
     import ray.data  # noqa: F401  (annotations)
 
-__all__ = ["ScoreResult", "main", "predict_rows"]
+__all__ = ["COMPLETION_COLUMNS", "ScoreResult", "main", "predict_rows"]
+
+# Columns batch generation adds to the input key columns (besides scored_at and run_date).
+COMPLETION_COLUMNS = (
+    "completion",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+    "model_name",
+    "model_version",
+)
 
 
 @dataclass
@@ -81,7 +99,7 @@ class StampRun:
         self._scored_at = np.datetime64(scored_at.replace(tzinfo=None), "us")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["label"])
+        n = len(batch["model_version"])
         batch["run_date"] = np.full(n, self._run_date, dtype=object)
         batch["scored_at"] = np.full(n, self._scored_at)
         return batch
@@ -152,24 +170,70 @@ def _read_input(config: LifecycleConfig, pinned: _Pinned) -> ray.data.Dataset:
     it once would hold it all in the object store; routing both outputs through one write would
     need a sink wrapping two RunDateSinks and more of Ray's internals.
     """
-    columns = [*config.score.key_columns, config.task.text_column]
+    columns = [*config.score.key_columns, config.task.input_column]
     return warehouse.read_table(
         config.catalog, config.score.input_table, snapshot_id=pinned.snapshot_id, columns=columns
     )
 
 
 def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned, board: Any) -> None:
-    usable = rows.map_batches(UsableRows(config.task.text_column, keep=True), batch_format="numpy")
+    usable = rows.map_batches(UsableRows(config.task.input_column, keep=True), batch_format="numpy")
     predictions = predict_rows(config, usable, pinned.model, runtime_board=board).map_batches(
         StampRun(pinned.run_date, datetime.datetime.now(datetime.UTC)), batch_format="numpy"
     )
-    warehouse.write_predictions(
+    write = _write_completions if _generates(config) else warehouse.write_predictions
+    write(
         predictions,
         config.catalog,
         config.score.output_table,
         run_date=pinned.run_date,
         properties=pinned.lineage(config.score.input_table),
     )
+
+
+def _generates(config: LifecycleConfig) -> bool:
+    from jobs.tasks import is_generative  # already imported: validating task.type loads it
+
+    return is_generative(config.task.type)
+
+
+def _write_completions(
+    ds: ray.data.Dataset, catalog: Any, table: str, *, run_date: str, properties: dict
+) -> None:
+    """warehouse.write_predictions for completions: the same sink, replacing the date."""
+    from jobs.warehouse.catalog import catalog_properties, table_namespace
+    from jobs.warehouse.sink import RunDateSink
+
+    table_namespace(table)
+    sink = RunDateSink(
+        table,
+        catalog_properties(catalog),
+        run_date,
+        required_columns=COMPLETION_COLUMNS,
+        timestamp_column="scored_at",
+        properties=properties,
+    )
+    ds.map_batches(_text_columns, batch_format="pyarrow").write_datasink(sink)
+
+
+# Completion columns that hold text. In a block where one is null on every row (`error` on most
+# blocks), Ray's numpy round trip (StampRun) turns it into float NaN, which the table's string
+# column refuses.
+_TEXT_COLUMNS = ("completion", "finish_reason", "error", "model_name", "model_version")
+
+
+def _text_columns(block: Any) -> Any:
+    """`block` (a pyarrow Table) with the text columns typed as strings, nulls kept null."""
+    import pyarrow as pa
+
+    for name in _TEXT_COLUMNS:
+        column = block.column(name)
+        if not pa.types.is_string(column.type):
+            values = [v if isinstance(v, str) else None for v in column.to_pylist()]
+            block = block.set_column(
+                block.column_names.index(name), name, pa.array(values, pa.string())
+            )
+    return block
 
 
 def predict_rows(
@@ -194,9 +258,10 @@ def predict_rows(
             "engine": score.engine,
             "torch_threads": score.torch_threads,
             "runtime_board": runtime_board,
-            "text_column": config.task.text_column,
+            "text_column": config.task.input_column,
             "passthrough_columns": tuple(score.key_columns),
             "trust_remote_code": config.model.trust_remote_code,
+            "generation_config": score.generation,  # used by a causal-lm version only
         },
         batch_size=score.batch_size,
         batch_format="numpy",
@@ -208,7 +273,7 @@ def predict_rows(
 
 def _quarantine(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> int:
     """Rows whose text cannot be scored, with the reason; replaced per run date like predictions."""
-    text = config.task.text_column
+    text = config.task.input_column
     bad = rows.map_batches(UsableRows(text, keep=False), batch_format="numpy")
     return warehouse.write_quarantine(
         bad,
