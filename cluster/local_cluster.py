@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalCluster", "start", "stop"]
+__all__ = ["LocalCluster", "add_worker", "start", "stop", "stop_worker"]
 
 WORKER_RESOURCE = "raylift_worker_node"
 _STATE_FILE = "cluster.json"
@@ -124,6 +124,17 @@ def add_worker(cluster: LocalCluster, cpus: int = 1, timeout_s: float = 90) -> i
     return worker.pid
 
 
+def stop_worker(cluster: LocalCluster, pid: int) -> list[int]:
+    """Stop one worker node of `cluster` (a lost node, as a preemption loses it); the cluster
+    forgets it, so `add_worker` can bring a replacement. Every pid stopped."""
+    if pid not in cluster.worker_pids:
+        raise ValueError(f"{pid} is not a worker node of {cluster.dir}: {cluster.worker_pids}")
+    stopped = stop_node(pid)
+    cluster.worker_pids.remove(pid)
+    cluster.save()
+    return stopped
+
+
 def stop_node(pid: int, grace_s: float = 15) -> list[int]:
     """Stop one node (`ray start --block` pid) and every process it started; their pids."""
     pids = _process_tree(pid)
@@ -147,7 +158,9 @@ def stop(cluster: LocalCluster | str | Path) -> list[int]:
     for pid in [*cluster.worker_pids, cluster.head_pid]:
         stopped += stop_node(pid)
     stopped += stop_node_leftovers(cluster)
-    left = [pid for pid in stopped if _alive(pid)]
+    deadline = time.monotonic() + 10  # SIGKILL is delivered, not waited for
+    while (left := [pid for pid in stopped if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     if left:
         raise RuntimeError(f"processes of the cluster in {cluster.dir} still alive: {left}")
     return stopped

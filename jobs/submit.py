@@ -105,7 +105,14 @@ class Cluster:
         from ray.util.state import list_nodes
 
         try:
-            alive = list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], timeout=10)
+            # A node lost earlier (preempted, stopped) leaves the answer partial: that is not an
+            # error when counting the live ones.
+            alive = list_nodes(
+                address=self.address,
+                filters=[("state", "=", "ALIVE")],
+                timeout=10,
+                raise_on_missing_output=False,
+            )
         except Exception as exc:  # the state API may be off or forbidden: the job checks again
             log.warning("could not count the cluster's nodes (%s); the job checks at start", exc)
             return None
