@@ -19,7 +19,11 @@ def _config(root, tiny_bert, source, **model):
             "model": {"base": tiny_bert, **model},
             "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
             "data": {"source": str(source), "inbox_rows": 0},
-            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "model_name": "errs"},
+            "registry": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "model_name": "errs",
+                "build_engines": False,
+            },
         }
     )
 

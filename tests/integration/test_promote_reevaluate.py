@@ -36,6 +36,7 @@ def _config(root: Path, model: str, **promote_section):
                 "tracking_uri": f"sqlite:///{root}/mlflow.db",
                 "experiment": "reevaluate-test",
                 "model_name": model,
+                "build_engines": False,  # not about engines: spare the export at each version
             },
             "promote": {"min_value": 0.5, "max_regression": 0.02, **promote_section},
             "score": {
