@@ -6,7 +6,6 @@ tests/integration/test_causal_lm_finetune.py."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -30,36 +29,6 @@ from jobs.train_loop import (
 from tests.helpers import make_ticket_rows, make_tiny_llama
 
 INTENTS = ["card_arrival", "lost_card", "refund"]
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo process group, as DeepSpeed and the train loop's collectives need."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
-    before = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    # DeepSpeed caches a clone of the world group; left stale, the next module's process group
-    # (tests/unit/test_train_loop.py) fails in deepspeed.initialize ("Group ... is not
-    # registered").
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None
-    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

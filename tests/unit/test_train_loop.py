@@ -88,29 +88,6 @@ def test_native_bf16_can_be_forced_off_to_check_the_avx2_choices(monkeypatch):
 # --- resuming: the state a checkpoint holds, and where an epoch picks up -----------------------
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo process group, as DeepSpeed and the train loop's collectives need."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
-    before = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
-
-
 def _engine(base: str, method: str, stage: int, seed: int):
     import deepspeed
 
