@@ -2,12 +2,12 @@
 full fine-tuning under ZeRO-3, QLoRA (bitsandbytes 4-bit on CPU) under ZeRO-2, frozen-base under
 ZeRO-0. LoRA under ZeRO-2 runs in tests/e2e.
 
-Precision is forced, never left to `auto`, so both paths run wherever the CPU allows: QLoRA runs
-in fp32 and in bf16 (the bf16 run skips, with the reason, on a CPU without native bf16, AVX2
-only, where raylift refuses emulated bf16 and would silently train in fp32); full and frozen run
-in fp32. Each run costs a Ray Train start (about 15 s here), so the bf16 path runs end to end
-once here, under QLoRA (bf16 autocast over a 4-bit base and trained adapters), and again in the
-e2e lifecycle wherever `auto` picks it."""
+Precision is forced, never left to `auto`, so both paths run wherever the CPU allows: full and
+frozen run in fp32, QLoRA in bf16 (bf16 autocast over a 4-bit base and trained adapters). The
+bf16 run skips, with the reason, on a CPU without native bf16 (AVX2 only), where raylift refuses
+emulated bf16 and would silently train in fp32; QLoRA in fp32, under ZeRO-2 and ZeRO-3, runs in
+one process in tests/unit/test_causal_lm_methods.py on any CPU. Each run here costs a Ray Train
+start (about 15 s), hence one run per method."""
 
 from __future__ import annotations
 
@@ -26,16 +26,10 @@ from serving.predictor import Predictor
 from tests.helpers import make_ticket_rows, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund"]
-PRECISIONS = [
-    "fp32",
-    pytest.param(
-        "bf16",
-        marks=pytest.mark.skipif(
-            not cpu_has_native_bf16(),
-            reason="bf16 path not run: this CPU has no AVX512-BF16/AMX (bf16 would be emulated)",
-        ),
-    ),
-]
+NATIVE_BF16 = pytest.mark.skipif(
+    not cpu_has_native_bf16(),
+    reason="bf16 path not run: this CPU has no AVX512-BF16/AMX (bf16 would be emulated)",
+)
 
 
 def _config(root: Path, tiny_bert: str, method: str, zero_stage: int, workers: int, precision: str):
@@ -103,9 +97,9 @@ def test_full_finetune_under_zero3_saves_consolidated_trained_weights(
     assert {"classifier.weight", "classifier.bias"} <= set(saved)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_qlora_trains_adapters_over_a_4bit_base(ray_session, tmp_path, tiny_bert, precision):
-    result = _trained(tmp_path, tiny_bert, "qlora", zero_stage=2, workers=1, precision=precision)
+@NATIVE_BF16
+def test_qlora_trains_adapters_over_a_4bit_base_in_bf16(ray_session, tmp_path, tiny_bert):
+    result = _trained(tmp_path, tiny_bert, "qlora", zero_stage=2, workers=1, precision="bf16")
     adapter = load_file(Path(result.checkpoint_path) / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero
