@@ -1,7 +1,7 @@
 """causal-lm under each method and ZeRO stage, in one process (a one-rank gloo group, no Ray):
 the train loop's own epoch and evaluation over instruction batches (packed), then the
 checkpoint it would report, loaded back for generation. The two-worker run through Ray is
-tests/integration/test_causal_lm_finetune.py."""
+tests/e2e/test_causal_lm_lifecycle.py (QLoRA, ZeRO-2)."""
 
 from __future__ import annotations
 
