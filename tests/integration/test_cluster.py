@@ -218,7 +218,10 @@ def _assert_resumed_and_finished_once(config) -> str:
     """One MLflow run, FINISHED, resumed once mid-run, each epoch logged once; one version."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(config.registry.tracking_uri)
+    # Both URIs: this process's global registry URI is whatever an earlier test set (the run
+    # and its version were written by the job, in another process).
+    uri = config.registry.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "FINISHED"
     resumed = [int(m.value) for m in client.get_metric_history(run.info.run_id, RESUME_METRIC)]
