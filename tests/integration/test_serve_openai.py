@@ -168,7 +168,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, cal
     assert 400 <= refused.value.status_code < 500
     if param:
         assert body["param"] == param
-    assert _chat(client).choices[0].message.content is not None
+    answer = _chat(client)  # the server keeps serving: a whole answer, with its usage
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.prompt_tokens > 0
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
 def _chat(client, **given):

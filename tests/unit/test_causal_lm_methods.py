@@ -116,7 +116,7 @@ def test_method_trains_evaluates_and_saves_a_loadable_checkpoint(
     save_checkpoint(engine.module, tokenizer, tmp_path / "ckpt", meta, state_dict=state_dict)
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.meta.instruct.packing and loaded.meta.method == method
-    assert loaded.tokenizer.pad_token is not None
+    assert loaded.tokenizer.pad_token_id == tokenizer.pad_token_id  # saved with the checkpoint
     prompt = instruct.prompt_text(loaded.tokenizer, "lost card stolen", template="chat")
     encoded = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
