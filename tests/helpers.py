@@ -220,3 +220,24 @@ def make_tiny_llama(directory: Path, chat_template: bool = True) -> str:
     LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def load_prompts_table(config, table: str, directory: Path, prompts: list) -> int:
+    """A prompts table for batch generation (`prompt`, an empty `response`, a `ticket_id` key),
+    loaded with `warehouse load` as a user loads one; its snapshot id."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import warehouse
+
+    path = directory / "prompts.parquet"
+    rows = pa.table({"prompt": pa.array(prompts, pa.string()), "response": [""] * len(prompts)})
+    pq.write_table(rows, path)
+    return warehouse.load_table_from_file(
+        config.catalog,
+        table,
+        path,
+        text_column="prompt",
+        label_column="response",
+        key_column="ticket_id",
+    )

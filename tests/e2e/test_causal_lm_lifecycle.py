@@ -10,14 +10,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from jobs import finetune, load, promote, score, warehouse
 from jobs.config import validate_mapping
 from serving import tags
-from tests.helpers import make_ticket_rows, make_tiny_llama
+from tests.helpers import load_prompts_table, make_ticket_rows, make_tiny_llama
 
 openai = pytest.importorskip("openai")
 
@@ -180,7 +178,7 @@ def test_promote_serve_through_openai_then_batch_generation(trained, config, tmp
     assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage
 
     prompts = ["card arrived late", "   ", "refund fee pending", "lost card stolen pin"]
-    _load_prompts(config, tmp_path, prompts)
+    load_prompts_table(config, PROMPTS, tmp_path, prompts)
     result = score.main(config)  # the production alias: the promoted version
 
     assert (result.model_name, result.model_version) == (MODEL, trained.version)
@@ -198,17 +196,3 @@ def test_promote_serve_through_openai_then_batch_generation(trained, config, tmp
         assert row["prompt_tokens"] == want["prompt_tokens"][key]
     quarantined = catalog.load_table(QUARANTINE).scan().to_arrow()
     assert quarantined["ticket_id"].to_pylist() == [1]
-
-
-def _load_prompts(config, directory: Path, prompts: list[str]) -> None:
-    path = directory / "prompts.parquet"
-    table = pa.table({"prompt": pa.array(prompts, pa.string()), "response": [""] * len(prompts)})
-    pq.write_table(table, path)
-    warehouse.load_table_from_file(
-        config.catalog,
-        PROMPTS,
-        path,
-        text_column="prompt",
-        label_column="response",
-        key_column="ticket_id",
-    )

@@ -4,13 +4,11 @@ prompt over the limits with its error, and replaces the date on a re-run."""
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from jobs import score, warehouse
 from jobs.config import validate_mapping
-from tests.helpers import WORDS, make_tiny_llama
+from tests.helpers import WORDS, load_prompts_table, make_tiny_llama
 
 RUN_DATE = "2026-11-24"
 PROMPTS = "support.prompts"
@@ -57,20 +55,6 @@ def _prompts() -> list[str | None]:
     return prompts
 
 
-def _load(config, directory, prompts) -> None:
-    path = directory / "prompts.parquet"
-    table = pa.table({"prompt": pa.array(prompts, pa.string()), "response": [""] * len(prompts)})
-    pq.write_table(table, path)
-    warehouse.load_table_from_file(
-        config.catalog,
-        PROMPTS,
-        path,
-        text_column="prompt",
-        label_column="response",
-        key_column="ticket_id",
-    )
-
-
 def test_completions_table_quarantine_and_rerun(ray_session, setup, tmp_path):
     import numpy as np
 
@@ -78,7 +62,7 @@ def test_completions_table_quarantine_and_rerun(ray_session, setup, tmp_path):
 
     config, checkpoint = setup
     prompts = _prompts()
-    _load(config, tmp_path, prompts)
+    load_prompts_table(config, PROMPTS, tmp_path, prompts)
     local = Predictor(checkpoint, precision="fp32", generation_config=config.score.generation)
     expected = local({"prompt": np.array(prompts, dtype=object)})
 
