@@ -91,7 +91,9 @@ def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
     return str(save_checkpoint(model, load_tokenizer(base), directory, meta))
 
 
-def make_full_checkpoint(base: str, directory: Path, labels: list[str], model=None) -> Path:
+def make_full_checkpoint(
+    base: str, directory: Path, labels: list[str], model=None, max_length: int = 32
+) -> Path:
     """A raylift checkpoint of a whole model (method=full; `model` or a seeded head over `base`)."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -109,7 +111,7 @@ def make_full_checkpoint(base: str, directory: Path, labels: list[str], model=No
         labels=labels,
         base_model=base,
         method="full",
-        max_length=32,
+        max_length=max_length,
     )
     return save_checkpoint(model, load_tokenizer(base), directory, meta)
 

