@@ -39,6 +39,7 @@ def local_state(config: LifecycleConfig) -> dict[str, str]:
         "catalog.uri": config.catalog.uri if config.catalog.type == "sql" else None,
         "catalog.warehouse": config.catalog.warehouse,
         "registry.tracking_uri": config.registry.tracking_uri,
+        "registry.artifact_location": config.registry.artifact_location,
         "train.checkpoint_dir": config.train.checkpoint_dir,
     }
     return {key: value for key, value in candidates.items() if value and _is_local(value)}

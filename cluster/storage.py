@@ -1,14 +1,40 @@
-"""Storage URIs as every process of a cluster sees them."""
+"""Storage URIs as every process of a cluster sees them.
+
+Object storage (S3 and S3-compatible servers such as MinIO) is named by URI (`s3://bucket/p`)
+and reached through pyarrow with the standard AWS environment variables of each process:
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION, and
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for a server other than AWS. Credentials never go in a
+config: every node (or pod) holds them in its environment.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["delete_folder", "read_json", "worker_visible_uri", "write_json"]
+__all__ = [
+    "S3_ENDPOINT_ENV",
+    "delete_folder",
+    "download_folder",
+    "filesystem_uri",
+    "is_object_storage",
+    "is_remote",
+    "iceberg_s3_properties",
+    "read_json",
+    "worker_visible_uri",
+    "write_json",
+]
+
+# Read in this order by boto3 (MLflow's S3 artifacts) and by pyarrow's `FileSystem.from_uri`
+# (Ray Train's storage); pyiceberg's FileIO builds its S3FileSystem without reading them, so
+# `iceberg_s3_properties` hands them over as catalog properties.
+S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
+_OBJECT_STORAGE = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -35,6 +61,39 @@ def worker_visible_uri(uri: str, key: str, *, create: bool = False, file_uri: bo
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path.as_uri() if file_uri else str(path)
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI with a scheme other than `file://` (object storage, a registry)."""
+    return bool(_SCHEME.match(uri)) and not uri.startswith("file://")
+
+
+def is_object_storage(uri: str) -> bool:
+    """True for a URI pyarrow opens as a file system of its own (S3, GCS, Azure, HDFS)."""
+    return uri.startswith(_OBJECT_STORAGE)
+
+
+def iceberg_s3_properties(properties: dict[str, str]) -> dict[str, str]:
+    """pyiceberg's S3 endpoint and region from the AWS environment, where `properties` (the
+    catalog's, from the config) does not set them.
+
+    pyiceberg's FileIO passes its own `s3.endpoint` to pyarrow, which then ignores
+    AWS_ENDPOINT_URL; without `s3.region` it asks AWS where the bucket is, which an
+    S3-compatible server cannot answer. Neither value is a secret, so Ray workers get them with
+    the catalog's properties; the keys stay in each process's environment.
+    """
+    found = {}
+    endpoint = _first_env(S3_ENDPOINT_ENV)
+    if endpoint and "s3.endpoint" not in properties:
+        found["s3.endpoint"] = endpoint
+    region = _first_env(_REGION_ENV)
+    if region and not {"s3.region", "client.region"} & set(properties):
+        found["s3.region"] = region
+    return found
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
 
 def _absolute_sqlite_uri(uri: str, key: str) -> str:
@@ -90,3 +149,31 @@ def delete_folder(folder: str) -> None:
     fs, path = pyarrow.fs.FileSystem.from_uri(folder)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_dir(path)
+
+
+def filesystem_uri(filesystem: Any, path: str) -> str:
+    """`path` inside a pyarrow `filesystem` as a URI others can open (`s3://bucket/key` for S3,
+    the path itself on local disk), e.g. a Ray Train checkpoint's `filesystem` and `path`."""
+    scheme = {"s3": "s3", "gcs": "gs", "abfs": "abfs", "hdfs": "hdfs"}.get(
+        getattr(filesystem, "type_name", "local")
+    )
+    return f"{scheme}://{path.lstrip('/')}" if scheme else path
+
+
+def download_folder(uri: str, target: str | Path) -> Path:
+    """Copy the folder `uri` (object storage, or a local path) to the local `target`; return
+    `target`. A FileNotFoundError names the URI when there is nothing there."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        # Object stores have no folders, only keys: a prefix with keys under it is one.
+        listed = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        if not listed:
+            raise FileNotFoundError(f"{uri} holds no files")
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(
+        path, str(target), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
+    )
+    return target

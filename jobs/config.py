@@ -324,6 +324,13 @@ class RegistryConfig(_Strict):
         "sqlite:///.raylift/mlflow.db", description="MLflow tracking and registry URI."
     )
     experiment: str = Field("raylift", description="MLflow experiment runs are logged to.")
+    artifact_location: str | None = Field(
+        None,
+        description="Where a new experiment stores its runs' artifacts (the registered "
+        "checkpoints): a local path or an s3:// URI (AWS_* environment variables give the "
+        "keys and endpoint). Unset: mlartifacts/ beside a SQLite tracking_uri, else the "
+        "tracking server's default. Fixed when the experiment is created.",
+    )
     model_name: str = Field("ticket-router", description="Registered model name.")
     build_engines: bool = Field(
         True,

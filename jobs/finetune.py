@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from cluster import init_ray
-from cluster.storage import delete_folder, read_json, worker_visible_uri, write_json
+from cluster.storage import (
+    delete_folder,
+    filesystem_uri,
+    read_json,
+    worker_visible_uri,
+    write_json,
+)
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
 from jobs.modeling import resolve_base_model
@@ -60,7 +66,7 @@ class FinetuneResult:
     model_name: str
     version: str
     metrics: dict[str, Any]
-    checkpoint_path: str
+    checkpoint_path: str  # the best epoch's checkpoint: a local folder, or an s3:// URI
     wall_s: float
 
 
@@ -87,7 +93,7 @@ def main(config: LifecycleConfig, resume: bool = False) -> FinetuneResult:
         model_name=config.registry.model_name,
         version=version,
         metrics=metrics,
-        checkpoint_path=checkpoint.path,
+        checkpoint_path=filesystem_uri(checkpoint.filesystem, checkpoint.path),  # s3://...
         wall_s=time.perf_counter() - started,
     )
     log.info("registered %s version %s (%s)", finished.model_name, version, _fmt(metrics))

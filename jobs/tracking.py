@@ -71,7 +71,9 @@ def tracked_run(config: LifecycleConfig, run_tags: dict[str, str]) -> Iterator[s
     import mlflow
 
     experiment_id = registry.configure_tracking(
-        config.registry.tracking_uri, config.registry.experiment
+        config.registry.tracking_uri,
+        config.registry.experiment,
+        artifact_location=config.registry.artifact_location,
     )
     with mlflow.start_run(experiment_id=experiment_id, tags=run_tags) as run:
         mlflow.log_params(

@@ -2,7 +2,9 @@
 
 A version is only ever created from artifacts already uploaded to its run, so the registry never
 holds a version without its checkpoint. `resolve_model` turns `models:/name@alias`,
-`models:/name/3` or a local checkpoint directory into a local path plus its registry identity.
+`models:/name/3`, a local checkpoint directory or one on object storage (`s3://bucket/ckpt`) into
+a local path plus its registry identity. Artifacts go where the experiment says (its
+artifact_location: registry.artifact_location, e.g. `s3://bucket/mlartifacts`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import worker_visible_uri
+from cluster.storage import download_folder, is_object_storage, worker_visible_uri
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
@@ -62,8 +64,15 @@ def absolute_tracking_uri(tracking_uri: str) -> str:
     return worker_visible_uri(tracking_uri, key="registry.tracking_uri")
 
 
-def configure_tracking(tracking_uri: str, experiment: str | None = None) -> str | None:
-    """Point MLflow at `tracking_uri`; create `experiment` (artifacts beside a sqlite db)."""
+def configure_tracking(
+    tracking_uri: str, experiment: str | None = None, artifact_location: str | None = None
+) -> str | None:
+    """Point MLflow at `tracking_uri`; create `experiment` if it is new, its artifacts at
+    `artifact_location` (registry.artifact_location: a local path or s3:// URI), else beside a
+    SQLite database (mlartifacts/), else where the tracking server puts them.
+
+    An experiment keeps the location it was created with: a configured location that differs
+    from an existing experiment's is refused, rather than writing elsewhere than configured."""
     import mlflow
 
     uri = absolute_tracking_uri(tracking_uri)
@@ -71,13 +80,28 @@ def configure_tracking(tracking_uri: str, experiment: str | None = None) -> str 
     mlflow.set_registry_uri(uri)
     if experiment is None:
         return None
+    location = _artifact_location(uri, artifact_location)
     found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(experiment, artifact_location=location)
+    if found is None:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    if artifact_location and found.artifact_location.rstrip("/") != location.rstrip("/"):
+        raise ValueError(
+            f"registry.artifact_location={artifact_location!r}, but MLflow experiment "
+            f"{experiment!r} (registry.experiment) keeps its artifacts at "
+            f"{found.artifact_location}; name a new experiment for the new location, or set "
+            "registry.artifact_location to the existing one"
+        )
+    return found.experiment_id
+
+
+def _artifact_location(tracking_uri: str, configured: str | None) -> str | None:
+    if configured:
+        return worker_visible_uri(
+            configured, key="registry.artifact_location", create=True, file_uri=True
+        )
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return None
 
 
 def register_checkpoint(
@@ -164,9 +188,12 @@ def delete_alias(model_name: str, alias: str) -> None:
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
-    """A local checkpoint directory for `uri`, downloading registry artifacts when needed."""
+    """A local checkpoint directory for `uri`, downloading registry artifacts, or a checkpoint
+    folder on object storage, when needed."""
     if Path(uri).is_dir():
         return ResolvedModel(path=str(Path(uri).resolve()), name=None, version=None, uri=uri)
+    if is_object_storage(uri):
+        return ResolvedModel(path=_download_checkpoint(uri), name=None, version=None, uri=uri)
     match = _parse_models_uri(uri)
     import mlflow
 
@@ -180,16 +207,34 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> ResolvedVersio
     the registry: nothing is downloaded. A checkpoint directory is returned as it is."""
     if Path(uri).is_dir():
         return ResolvedVersion(name=None, version=None, source=str(Path(uri).resolve()))
+    if is_object_storage(uri):
+        return ResolvedVersion(name=None, version=None, source=uri)  # loaded where it is used
     version = _registry_version(_parse_models_uri(uri), uri, tracking_uri)
     return ResolvedVersion(name=version.name, version=str(version.version), source=version.source)
+
+
+def _download_checkpoint(uri: str) -> str:
+    """A local copy of the checkpoint folder at `uri`, in a folder named as the URI's last part
+    (what a model without a registry name is called)."""
+    import tempfile
+
+    name = uri.rstrip("/").rpartition("/")[2] or "checkpoint"
+    target = Path(tempfile.mkdtemp(prefix="raylift-model-")) / name
+    try:
+        return str(download_folder(uri, target))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model URI {uri!r} holds no files: name a checkpoint folder (raylift.json and the "
+            "weights), or a registry version models:/<name>/<version>"
+        ) from None
 
 
 def _parse_models_uri(uri: str) -> re.Match[str]:
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ValueError(
-            f"model URI {uri!r} is neither a checkpoint directory nor models:/<name>@<alias> "
-            "or models:/<name>/<version>"
+            f"model URI {uri!r} is neither a checkpoint directory (local or s3://...) nor "
+            "models:/<name>@<alias> or models:/<name>/<version>"
         )
     return match
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from cluster.storage import worker_visible_uri
+from cluster.storage import iceberg_s3_properties, worker_visible_uri
 from jobs.config import CatalogConfig
 
 if TYPE_CHECKING:
@@ -32,9 +32,17 @@ def catalog_properties(cfg: CatalogConfig) -> dict[str, str]:
     """Keyword arguments for `pyiceberg.catalog.load_catalog` and Ray's `catalog_kwargs`.
 
     For the embedded SqlCatalog, relative paths become absolute: Ray workers may run in another
-    working directory, where a relative SQLite file would be a new, empty catalog.
+    working directory, where a relative SQLite file would be a new, empty catalog. Table files
+    on S3 get the endpoint and region of this process's AWS environment unless
+    catalog.properties sets them (`cluster.storage.iceberg_s3_properties`).
     """
-    props = {**cfg.properties, "name": cfg.name, "type": cfg.type, "uri": cfg.uri}
+    props = {
+        **iceberg_s3_properties(cfg.properties),
+        **cfg.properties,
+        "name": cfg.name,
+        "type": cfg.type,
+        "uri": cfg.uri,
+    }
     props["warehouse"] = cfg.warehouse
     if cfg.type == "sql":
         # Only here: a REST catalog's `warehouse` is a name the server resolves, not a path.

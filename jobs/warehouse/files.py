@@ -6,13 +6,14 @@ Every load replaces the whole table in one Iceberg commit: a crash leaves it as 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cluster.storage import is_remote
 from jobs.config import CatalogConfig
 from jobs.warehouse.catalog import load_catalog, load_table, require_columns, table_namespace
 
@@ -35,20 +36,21 @@ def load_table_from_file(
     sample_rows: int | None = None,
     seed: int = 0,
 ) -> int:
-    """(Re)create `table` from a CSV or Parquet file in one commit; return the new snapshot id.
+    """(Re)create `table` from a CSV or Parquet file (a local path or an s3:// URI) in one
+    commit; return the new snapshot id.
 
     Rows get `key_column` = their position in the file (unless the file already has integer
     ids there), so loading the same file again gives every row the same id.
     """
-    path = Path(source)
-    arrow = _read_file(path, text_column)
+    source = str(source)
+    arrow = _read_file(source, text_column)
     needed = {text_column: "task.text_column", label_column: "task.label_column"}
-    require_columns(arrow.column_names, needed, str(path))
-    arrow = _with_key(arrow, key_column, str(path))
+    require_columns(arrow.column_names, needed, source)
+    arrow = _with_key(arrow, key_column, source)
     if sample_rows is not None:
         arrow = _sample(arrow, sample_rows, seed)
     snapshot_id = _replace_table(load_catalog(cfg), table, arrow)
-    log.info("loaded %d rows of %s into %s@%d", arrow.num_rows, path, table, snapshot_id)
+    log.info("loaded %d rows of %s into %s@%d", arrow.num_rows, source, table, snapshot_id)
     return snapshot_id
 
 
@@ -77,15 +79,22 @@ def create_inbox_table(
     return _replace_table(catalog, inbox_table, arrow)
 
 
-def _read_file(path: Path, text_column: str) -> pa.Table:
-    suffix = path.suffix.lower()
+def _read_file(source: str, text_column: str) -> pa.Table:
+    """The rows of a CSV or Parquet file: a local path or an object-storage URI (s3://...)."""
+    import pyarrow.fs
+
+    suffix = PurePosixPath(source).suffix.lower()
     if suffix not in (".csv", ".parquet", ".pq"):
         raise ValueError(
-            f"{path}: unsupported file type {suffix or '(none)'!r}; "
+            f"{source}: unsupported file type {suffix or '(none)'!r}; "
             "data.source must be a .csv or .parquet file"
         )
-    if not path.is_file():
-        raise FileNotFoundError(f"data.source {path} does not exist; fix the path in the config")
+    if is_remote(source) or source.startswith("file://"):
+        fs, path = pyarrow.fs.FileSystem.from_uri(source)
+    else:
+        fs, path = pyarrow.fs.LocalFileSystem(), str(Path(source).expanduser().resolve())
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"data.source {source} does not exist; fix the path in the config")
     if suffix == ".csv":
         from pyarrow import csv
 
@@ -94,10 +103,11 @@ def _read_file(path: Path, text_column: str) -> pa.Table:
         options = csv.ConvertOptions(
             column_types={text_column: pa.string()}, strings_can_be_null=True
         )
-        return csv.read_csv(path, convert_options=options)
+        with fs.open_input_stream(path) as stream:
+            return csv.read_csv(stream, convert_options=options)
     import pyarrow.parquet as pq
 
-    return pq.read_table(path)
+    return pq.read_table(path, filesystem=fs)
 
 
 def _with_key(arrow: pa.Table, key_column: str, where: str) -> pa.Table:

@@ -48,3 +48,96 @@ def test_remote_and_registry_uris_are_unchanged(uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert worker_visible_uri(uri, key="k", create=True) == uri
     assert list(tmp_path.iterdir()) == []  # nothing created for a remote location
+
+
+# --- object storage: S3 through the standard AWS environment ---------------------------------
+
+
+def test_iceberg_gets_the_s3_endpoint_and_region_of_the_environment(monkeypatch):
+    from cluster.storage import iceberg_s3_properties
+    from jobs.config import CatalogConfig
+    from jobs.warehouse import catalog_properties
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert iceberg_s3_properties({}) == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://any:9000")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio:9000")  # the S3-only one wins
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert iceberg_s3_properties({}) == {
+        "s3.endpoint": "http://minio:9000",
+        "s3.region": "eu-west-1",
+    }
+    # What the config says wins; the keys are never copied (each process reads its own).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    cfg = CatalogConfig(
+        uri="postgresql://db/iceberg",
+        warehouse="s3://bucket/wh",
+        properties={"s3.endpoint": "http://other:9000", "client.region": "us-east-2"},
+    )
+    props = catalog_properties(cfg)
+    assert props["s3.endpoint"] == "http://other:9000" and "s3.region" not in props
+    assert "key" not in props.values()
+
+
+def test_filesystem_uri_names_object_storage_by_scheme(tmp_path):
+    import pyarrow.fs
+
+    from cluster.storage import filesystem_uri
+
+    s3 = pyarrow.fs.S3FileSystem(region="us-east-1", endpoint_override="http://127.0.0.1:1")
+    assert (
+        filesystem_uri(s3, "bucket/ckpt/run/checkpoint_000")
+        == "s3://bucket/ckpt/run/checkpoint_000"
+    )
+    local = pyarrow.fs.LocalFileSystem()
+    assert filesystem_uri(local, str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("uri", "remote", "object_storage"),
+    [
+        ("s3://bucket/x", True, True),
+        ("gs://bucket/x", True, True),
+        ("models:/m/1", True, False),
+        ("file:///tmp/x", False, False),
+        ("relative/x", False, False),
+    ],
+)
+def test_which_uris_are_remote(uri, remote, object_storage):
+    from cluster.storage import is_object_storage, is_remote
+
+    assert (is_remote(uri), is_object_storage(uri)) == (remote, object_storage)
+
+
+def test_download_folder_copies_the_tree_and_refuses_an_empty_prefix(tmp_path):
+    from cluster.storage import download_folder
+
+    source = tmp_path / "ckpt"
+    (source / "state").mkdir(parents=True)
+    (source / "raylift.json").write_text("{}")
+    (source / "state" / "progress.json").write_text("1")
+    copied = download_folder(source.as_uri(), tmp_path / "copy" / "ckpt")
+    assert sorted(str(p.relative_to(copied)) for p in copied.rglob("*")) == [
+        "raylift.json",
+        "state",
+        "state/progress.json",
+    ]
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        download_folder((tmp_path / "missing").as_uri(), tmp_path / "nothing")
+
+
+def test_an_experiment_keeps_its_artifact_location_and_a_different_one_is_refused(tmp_path):
+    import mlflow
+
+    from serving import registry
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    artifacts = tmp_path / "artifacts"
+    experiment_id = registry.configure_tracking(tracking, "e", artifact_location=str(artifacts))
+    assert mlflow.get_experiment(experiment_id).artifact_location == artifacts.as_uri()
+    assert registry.configure_tracking(tracking, "e") == experiment_id  # unset: as it is
+    with pytest.raises(
+        ValueError, match=r"registry\.artifact_location='s3://b/mla'.*new experiment"
+    ):
+        registry.configure_tracking(tracking, "e", artifact_location="s3://b/mla")
