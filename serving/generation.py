@@ -41,6 +41,7 @@ __all__ = [
     "SamplingParams",
     "completion_columns",
     "is_generative",
+    "stream_together",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class _Row:
     ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    owner: Generator  # whose tokenizer, stop ids and adapter the row decodes with
     out: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already handed out
@@ -133,7 +135,11 @@ class Generator:
         precision: str = "fp32",
         position_limit: int | None = None,
         template: str = "auto",
+        adapter_name: str | None = None,
     ):
+        """`adapter_name`: the peft adapter of `model` (a PeftModel holding several) that this
+        Generator's prompts run with; rows of Generators sharing one model, each with its
+        adapter, decode in one batch (`stream_together`)."""
         from jobs.instruct import resolve_template
 
         self._template = resolve_template(tokenizer, template)
@@ -145,10 +151,15 @@ class Generator:
         pad = tokenizer.pad_token_id
         self._pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self._eos_ids = _eos_ids(model, tokenizer)
+        self.adapter_name = adapter_name
 
     @property
     def limits(self) -> Any:
         return self._limits
+
+    @property
+    def model(self) -> Any:
+        return self._model
 
     # -- prompts --------------------------------------------------------------------------
 
@@ -230,71 +241,7 @@ class Generator:
 
         Prompts are sorted by length and generated in sub-batches under the token budget; every
         prompt ends with exactly one Delta whose finish_reason is set."""
-        if len(prompts) != len(params):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
-        for ids, chosen in zip(prompts, params, strict=True):
-            self.check(ids, chosen)
-        rows = [
-            _Row(i, list(ids), chosen, _seeded(chosen))
-            for i, (ids, chosen) in enumerate(zip(prompts, params, strict=True))
-        ]
-        for chunk in self._sub_batches(rows):
-            yield from self._decode(chunk)
-
-    def _sub_batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        from serving.predictor import _sub_batches
-
-        prompt_lengths = np.array([len(row.ids) for row in rows], dtype=np.int64)
-        cache_lengths = prompt_lengths + [row.params.max_new_tokens for row in rows]
-        order = np.argsort(prompt_lengths, kind="stable")
-        for chunk in _sub_batches(order, cache_lengths, self._limits.sub_batch_tokens):
-            for start in range(0, len(chunk), _MAX_SUB_BATCH_ROWS):
-                yield [rows[i] for i in chunk[start : start + _MAX_SUB_BATCH_ROWS]]
-
-    def _decode(self, rows: list[_Row]) -> Iterator[list[Delta]]:
-        ids, mask = _left_pad([row.ids for row in rows], self._pad_id)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        active = list(rows)
-        cache = None
-        autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
-            if self._precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            while True:
-                out = self._model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache = out.past_key_values
-                tokens = self._next_tokens(out.logits[:, -1, :].float(), active)
-                deltas = [
-                    self._advance(row, token) for row, token in zip(active, tokens, strict=True)
-                ]
-                yield [delta for delta in deltas if delta is not None]
-                keep = [i for i, row in enumerate(active) if row.finish is None]
-                if not keep:
-                    return
-                if len(keep) < len(active):
-                    index = torch.tensor(keep, dtype=torch.long)
-                    cache.batch_select_indices(index)
-                    mask, positions = mask[index], positions[index]
-                    tokens = [tokens[i] for i in keep]
-                active = [active[i] for i in keep]
-                ids = torch.tensor(tokens, dtype=torch.long)[:, None]
-                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
-                positions = positions[:, -1:] + 1
-
-    def _next_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(rows):
-            if row.params.temperature > 0:
-                tokens[i] = _sample(logits[i], row.params, row.generator)
-        return tokens
+        return stream_together([self] * len(prompts), prompts, params)
 
     def _advance(self, row: _Row, token: int) -> Delta | None:
         row.out.append(token)
@@ -321,6 +268,103 @@ class Generator:
         """One short generation: the first forward pass picks kernels, pay it at load."""
         ids = self.encode("warm up")
         self.generate([ids], [SamplingParams(max_new_tokens=2, temperature=0.0)])
+
+
+def stream_together(
+    generators: Sequence[Generator],
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+) -> Iterator[list[Delta]]:
+    """`Generator.stream` of prompts that may belong to different Generators over one model
+    (`generators[i]` encoded prompt i): each row is checked against, decoded and stopped by its
+    own Generator and runs with its peft adapter (`adapter_name`), so requests for several
+    adapters of one base share sub-batches, as rows of one Generator do."""
+    if not (len(generators) == len(prompts) == len(params)):
+        raise ValueError(
+            f"{len(generators)} generators, {len(prompts)} prompts and {len(params)} sampling "
+            "parameters: give one of each per prompt"
+        )
+    if not prompts:
+        return
+    models = {id(g.model) for g in generators}
+    if len(models) > 1:
+        raise ValueError("prompts of Generators over different models cannot share a batch")
+    for owner, ids, chosen in zip(generators, prompts, params, strict=True):
+        owner.check(ids, chosen)
+    rows = [
+        _Row(i, list(ids), chosen, _seeded(chosen), owner)
+        for i, (owner, ids, chosen) in enumerate(zip(generators, prompts, params, strict=True))
+    ]
+    for chunk in _sub_batches(rows, generators[0].limits.sub_batch_tokens):
+        yield from _decode(chunk)
+
+
+def _sub_batches(rows: list[_Row], budget: int) -> Iterator[list[_Row]]:
+    from serving.predictor import _sub_batches as token_budget_runs
+
+    prompt_lengths = np.array([len(row.ids) for row in rows], dtype=np.int64)
+    cache_lengths = prompt_lengths + [row.params.max_new_tokens for row in rows]
+    order = np.argsort(prompt_lengths, kind="stable")
+    for chunk in token_budget_runs(order, cache_lengths, budget):
+        for start in range(0, len(chunk), _MAX_SUB_BATCH_ROWS):
+            yield [rows[i] for i in chunk[start : start + _MAX_SUB_BATCH_ROWS]]
+
+
+def _decode(rows: list[_Row]) -> Iterator[list[Delta]]:
+    first = rows[0].owner
+    model = first.model
+    ids, mask = _left_pad([row.ids for row in rows], first._pad_id)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    active = list(rows)
+    cache = None
+    # Rows without an adapter run on the base ("__base__", peft's name for it).
+    mixed = any(row.owner.adapter_name is not None for row in rows)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if first._precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        while True:
+            adapters = (
+                {"adapter_names": [row.owner.adapter_name or "__base__" for row in active]}
+                if mixed
+                else {}
+            )
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **adapters,
+            )
+            cache = out.past_key_values
+            tokens = _next_tokens(out.logits[:, -1, :].float(), active)
+            deltas = [
+                row.owner._advance(row, token) for row, token in zip(active, tokens, strict=True)
+            ]
+            yield [delta for delta in deltas if delta is not None]
+            keep = [i for i, row in enumerate(active) if row.finish is None]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                tokens = [tokens[i] for i in keep]
+            active = [active[i] for i in keep]
+            ids = torch.tensor(tokens, dtype=torch.long)[:, None]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+
+
+def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if row.params.temperature > 0:
+            tokens[i] = _sample(logits[i], row.params, row.generator)
+    return tokens
 
 
 def completion_columns(generator: Generator, prompts: Sequence[Any]) -> dict[str, np.ndarray]:
