@@ -116,7 +116,18 @@ def runtime(engine: Engine) -> dict[str, Any]:
 
 
 class TorchEngine:
-    """The checkpoint's torch model, fp32 or bf16 autocast."""
+    """The checkpoint's torch model, fp32 or bf16 autocast over bf16 copies of its Linear weights.
+
+    Autocast casts fp32 weights to bf16 again on every call (its cache lives only as long as
+    the autocast context): for a call of a few rows that is most of the work. In bf16 the
+    engine therefore runs on a copy of the model whose Linear weights and biases are bf16 once
+    and for all, made at its first forward pass (a Generator never asks for it); every other
+    parameter (embeddings, layer norms) is the model's own, shared, not copied. Autocast still
+    wraps the pass, so layer norms and the head's softmax stay fp32 and the logits equal plain
+    autocast's (the same bf16 roundings). Measured on MiniLM-L6 (AVX512-BF16, 1 thread, 16-token
+    texts, a loaded machine): 1 text 48 -> 33 ms, 8 texts 73 -> 46 ms, 16 texts 106 -> 58 ms.
+    The copy costs half the fp32 size of the Linear weights (MiniLM-L6: 21 MB).
+    """
 
     name = "torch"
 
@@ -124,24 +135,58 @@ class TorchEngine:
         self.model = model
         self.precision = precision
         self.threads = threads
+        self._bf16_model: Any = None
 
     def forward(self, batches: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> Iterator[Any]:
         import torch
 
-        # Autocast once for all sub-batches: its weight casts are cached for the whole context,
-        # so a 512-row batch pays them once. Autocast rather than bf16 weights keeps layer norms
-        # and the head's softmax in fp32 (max score error 0.026 vs 0.052 on MiniLM, same 99.6%
-        # top-1 agreement with fp32).
-        autocast = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
-            if self.precision == "bf16"
-            else contextlib.nullcontext()
-        )
+        model = self.model
+        autocast: Any = contextlib.nullcontext()
+        if self.precision == "bf16":
+            model = self._bf16_linear_copy()
+            # Autocast still runs layer norms and the head's softmax in fp32 (max score error
+            # 0.026 vs 0.052 for bf16 weights everywhere on MiniLM, same 99.6% top-1
+            # agreement with fp32).
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         with torch.inference_mode(), autocast:
             for ids, mask in batches:
                 attention = None if mask is None else torch.from_numpy(mask)
-                logits = self.model(input_ids=torch.from_numpy(ids), attention_mask=attention)
+                logits = model(input_ids=torch.from_numpy(ids), attention_mask=attention)
                 yield logits.logits.float().numpy()
+
+    def _bf16_linear_copy(self) -> Any:
+        if self._bf16_model is None:
+            self._bf16_model = bf16_linear_copy(self.model)
+        return self._bf16_model
+
+
+def bf16_linear_copy(model: Any) -> Any:
+    """A copy of `model` whose fp32 nn.Linear weights and biases are bf16; every other parameter
+    and buffer is `model`'s own tensor (shared, not copied), so only the Linear weights cost
+    memory. A tensor a Linear shares with another module (a tied embedding) stays fp32, shared."""
+    import copy
+
+    import torch
+
+    def own_tensors(module: Any) -> list[Any]:
+        return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+    memo: dict[int, Any] = {}
+    linear: list[Any] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            linear.append(module)
+        else:
+            memo.update((id(t), t) for t in own_tensors(module))
+    for module in linear:
+        for tensor in own_tensors(module):
+            if id(tensor) in memo:  # shared with a non-Linear module: keep it as it is
+                continue
+            if tensor.dtype == torch.float32:
+                memo[id(tensor)] = torch.nn.Parameter(tensor.detach().to(torch.bfloat16), False)
+            else:  # quantized or already low precision: shared as it is
+                memo[id(tensor)] = tensor
+    return copy.deepcopy(model, memo).eval()
 
 
 class OnnxRuntimeEngine:

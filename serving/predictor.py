@@ -109,6 +109,9 @@ class Predictor:
             `runtime` once the engine is chosen, so the scoring run can report it.
         generation_config: limits and defaults of generation (a jobs.config.GenerationConfig;
             its defaults when None); used only when the checkpoint's task generates.
+        calibration_rows: rows of the batch `auto` times the engines on; None fills the token
+            budget (batch scoring's shape). Serve passes the few texts its batches hold under
+            load: the fastest engine on 64 rows is not always the fastest on 8.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class Predictor:
         trust_remote_code: bool = False,
         runtime_board: Any = None,
         generation_config: Any = None,
+        calibration_rows: int | None = None,
     ):
         if precision not in ("auto", "fp32", "bf16", "int8"):
             raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
@@ -145,6 +149,7 @@ class Predictor:
         )
         self._sort_window = sort_window
         self._sub_batch_tokens = max(1, int(sub_batch_tokens))
+        self._calibration_rows = calibration_rows
         self._engine = self._select_engine(path, engine, precision)
         self._generator = self._generator_for(generation_config)
         self._warm_up()
@@ -284,7 +289,7 @@ class Predictor:
         self, path: str, engine: engines.EngineName, precision: Precision
     ) -> engines.Engine:
         threads = self._torch_threads or torch.get_num_threads()
-        rows = max(1, self._sub_batch_tokens // 16)
+        rows = self._calibration_rows or max(1, self._sub_batch_tokens // 16)
         selected = engines.select_engine(
             engine,
             precision,

@@ -293,3 +293,65 @@ def test_engine_tag_names_are_owned_by_serving_tags():
     assert tags.engine_tag("openvino-bf16", "agreement") == "raylift.engine.openvino-bf16.agreement"
     with pytest.raises(ValueError, match="known: verdict"):
         tags.engine_tag("openvino-bf16", "speed")
+
+
+def test_torch_bf16_runs_on_bf16_linear_weights_made_once_with_autocast_logits(checkpoint):
+    """torch-bf16 casts the Linear weights once (autocast re-casts them on every call) and gives
+    plain autocast's logits; the fp32 model is left as it was, and only Linear tensors are
+    copied (embeddings and layer norms are shared)."""
+    import torch
+
+    _skip_without_bf16("bf16")
+    predictor = _predictor(checkpoint, engine="torch", precision="bf16")
+    runner = predictor.engine
+    model = runner.model
+    ids, mask = engines.probe_batch(model.config.vocab_size, rows=3, width=9)
+    mask[1, 6:] = 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    got = next(runner.forward([(ids, mask)]))
+    np.testing.assert_array_equal(got, expected.logits.float().numpy())
+
+    copy = runner._bf16_model
+    assert copy is not None and next(runner.forward([(ids, mask)])) is not None
+    assert runner._bf16_model is copy  # made once, reused by later calls
+    linear = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the fp32 model untouched
+    original = {p.data_ptr() for p in model.parameters()}
+    for module in copy.modules():
+        for tensor in module.parameters(recurse=False):
+            assert (tensor.data_ptr() in original) != isinstance(module, torch.nn.Linear)
+
+
+def test_a_linear_weight_tied_to_an_embedding_stays_fp32_and_shared():
+    import torch
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=True)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    copy = engines.bf16_linear_copy(model)
+    assert copy.head.weight is copy.embed.weight is model.embed.weight
+    assert copy.head.bias.dtype == torch.bfloat16 and model.head.bias.dtype == torch.float32
+
+
+def test_auto_calibrates_on_the_rows_it_is_told(staged, monkeypatch):
+    """Serve times engines on the few texts its batches hold, batch scoring on a full budget."""
+    directory, _ = staged
+    shapes = []
+    fastest = engines._fastest
+
+    def record(opened, probe):
+        shapes.append(probe[0].shape)
+        return fastest(opened, probe)
+
+    monkeypatch.setattr(engines, "CALIBRATION_S", 0.05)
+    monkeypatch.setattr(engines, "_fastest", record)
+    _predictor(directory, engine="auto", precision="auto", calibration_rows=3)
+    _predictor(directory, engine="auto", precision="auto", sub_batch_tokens=512)
+    assert shapes == [(3, 16), (32, 16)]

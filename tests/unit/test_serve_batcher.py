@@ -1,0 +1,110 @@
+"""The online endpoint's text batcher (serving.app._TextBatcher), without Ray: batches form
+when the model is free from every text waiting, a lone text waits at most the configured time,
+and a failing or cancelled request touches no other batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.app import _TextBatcher
+
+
+class Model:
+    """Records each batch; answers after `seconds` (the model thread's work), or raises."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds = seconds
+        self.batches: list[list[str]] = []
+        self.fail_on: str | None = None
+
+    async def __call__(self, texts: list[str], predictors: list) -> list[dict]:
+        self.batches.append(list(texts))
+        await asyncio.sleep(self.seconds)
+        if self.fail_on in texts:
+            raise RuntimeError("model broke")
+        return [{"label": text.upper(), "by": p} for text, p in zip(texts, predictors, strict=True)]
+
+
+def test_texts_arriving_while_a_batch_runs_ride_together_in_the_next():
+    async def scenario():
+        model = Model(0.05)
+        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        first = asyncio.create_task(batcher.submit("a", 1))
+        await asyncio.sleep(0.01)  # "a" runs alone: the model was idle and no wait is set
+        later = [asyncio.create_task(batcher.submit(t, 2)) for t in "bcdef"]
+        answers = await asyncio.gather(first, *later)
+        return model.batches, answers
+
+    batches, answers = asyncio.run(scenario())
+    assert batches == [["a"], list("bcdef")]
+    assert [a["label"] for a in answers] == list("ABCDEF")
+    assert [a["by"] for a in answers] == [1, 2, 2, 2, 2, 2]
+
+
+def test_max_batch_size_caps_a_batch_and_the_rest_follow():
+    async def scenario():
+        model = Model(0.01)
+        batcher = _TextBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.0)
+        await asyncio.gather(*(batcher.submit(t, 0) for t in "abcdefg"))
+        return model.batches
+
+    assert asyncio.run(scenario()) == [list("abc"), list("def"), ["g"]]
+
+
+def test_a_lone_text_waits_for_company_at_most_the_wait():
+    async def scenario(wait_s: float):
+        model = Model(0.0)
+        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=wait_s)
+        first = asyncio.create_task(batcher.submit("a", 0))
+        await asyncio.sleep(0.03)
+        await asyncio.gather(first, batcher.submit("b", 0))
+        return model.batches
+
+    assert asyncio.run(scenario(0.3)) == [["a", "b"]]  # "b" came within the wait
+    assert asyncio.run(scenario(0.0)) == [["a"], ["b"]]  # no wait: "a" did not wait for it
+
+
+def test_reconfigure_changes_a_running_batcher():
+    async def scenario():
+        model = Model(0.01)
+        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        await batcher.submit("a", 0)
+        batcher.configure(2, 0.0)
+        await asyncio.gather(*(batcher.submit(t, 0) for t in "bcd"))
+        return model.batches
+
+    assert asyncio.run(scenario()) == [["a"], ["b", "c"], ["d"]]
+
+
+def test_a_failing_batch_fails_its_requests_only():
+    async def scenario():
+        model = Model(0.02)
+        model.fail_on = "bad"
+        batcher = _TextBatcher(model, max_batch_size=2, batch_wait_timeout_s=0.0)
+        tasks = [asyncio.create_task(batcher.submit(t, 0)) for t in ("ok", "bad", "fine")]
+        return await asyncio.gather(*tasks, return_exceptions=True), model.batches
+
+    answers, batches = asyncio.run(scenario())
+    assert batches == [["ok", "bad"], ["fine"]]
+    assert isinstance(answers[0], RuntimeError) and isinstance(answers[1], RuntimeError)
+    assert answers[2]["label"] == "FINE"
+
+
+def test_a_request_cancelled_while_waiting_is_left_out_of_its_batch():
+    async def scenario():
+        model = Model(0.05)
+        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        running = asyncio.create_task(batcher.submit("a", 0))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(batcher.submit("gone", 0))
+        kept = asyncio.create_task(batcher.submit("kept", 0))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(running, kept)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return model.batches
+
+    assert asyncio.run(scenario()) == [["a"], ["kept"]]
