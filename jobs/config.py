@@ -545,6 +545,13 @@ class ServeConfig(_Strict):
         description="Inference runtime. auto: the fastest variant that passed the registration "
         "gate, by a short calibration here (torch when the version has no engine artifacts).",
     )
+    calibration_texts: int = Field(
+        8,
+        ge=1,
+        description="Texts per batch that engine=auto times the offered engines on when a "
+        "replica loads a version: about the batch a loaded replica runs (single-text requests "
+        "from 16 clients ran in batches of about 8). Batch scoring times a full token budget.",
+    )
     autoscaling: AutoscalingConfig = Field(
         default_factory=AutoscalingConfig, description="Serve autoscaling."
     )
