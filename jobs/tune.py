@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster import init_ray
-from cluster.storage import delete_folder, read_json, write_json
+from cluster.storage import delete_folder, filesystem_uri, read_json, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
 from jobs.finetune import build_trainer, checkpoint_folder, loop_inputs, registrable_directory
@@ -513,7 +513,7 @@ def _register_winner(
         winner_run_id=winner.run_id,
         winner_params=winner.params,
         metrics=metrics,
-        checkpoint_path=row["checkpoint_path"],
+        checkpoint_path=filesystem_uri(fs, row["checkpoint_path"]),  # s3://... on S3
         trials=trials,
     )
 
