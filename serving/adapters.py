@@ -21,6 +21,13 @@ LoRA adapter over this replica's base, or has another task or head size (409). T
 own version keeps its merged, engine-selected Predictor; this pool runs the others on torch in
 fp32, on the replica's one model thread (loads and frees too, so the model is never changed
 under a forward pass).
+
+A causal-lm base generates instead: the OpenAI routes (`serving.openai_api`) pick a version
+with the request's `model` field (`name/3`, `name@alias`), and prompts for different adapters
+decode in one batch (`serving.generation.stream_together`, peft's `adapter_names=`), each
+formatted with its own version's tokenizer and prompt template. `AdapterRouter.servable` lists
+what the `model` field can name: the registry's LoRA versions over the same base and task, and
+their aliases.
 """
 
 from __future__ import annotations
@@ -86,10 +93,13 @@ class Adapter:
     version: str
     labels: list[str]
     max_length: int
+    tokenizer: Any = field(default=None, repr=False)  # its own (a causal-lm adapter's)
+    template: str = "auto"  # how its training formatted prompts (causal-lm)
     users: int = 0
     evicted: bool = False
     counted: bool = False  # its first request was counted as the cache miss
     freed: bool = field(default=False, repr=False)
+    _generator: Any = field(default=None, repr=False)
 
     @property
     def model_version(self) -> str:
@@ -180,6 +190,12 @@ class AdapterPool:
             labels=list(meta.labels),
             max_length=_clamp_max_length(meta.max_length, self._max_positions_cfg),
         )
+        if self.generative:
+            from jobs.modeling import load_tokenizer
+
+            # Its prompts are formatted as its training formatted them (jobs.instruct).
+            adapter.tokenizer = load_tokenizer(path, self._trust_remote_code)
+            adapter.template = meta.instruct.template if meta.instruct else "auto"
         started = time.perf_counter()
         self._model_thread.submit(self._attach, path, adapter.name).result()
         self.loads += 1
@@ -294,14 +310,63 @@ class AdapterPool:
 
     # -- inference -------------------------------------------------------------------------
 
+    @property
+    def generative(self) -> bool:
+        """Whether the base generates text (causal-lm): known once the base is loaded."""
+        from serving.generation import is_generative
+
+        return self._task is not None and is_generative(self._task)
+
+    def generator(self, adapter: Adapter, limits: Any) -> Any:
+        """The Generator of `adapter` over the shared model, under `limits` (the deployment's
+        serve.generation), built on first use; None when the base classifies."""
+        if not self.generative:
+            return None
+        if adapter._generator is None or adapter._generator.limits is not limits:
+            from serving.generation import Generator
+            from serving.predictor import _position_limit
+
+            adapter._generator = Generator(
+                self._model,
+                adapter.tokenizer,
+                limits,
+                position_limit=_position_limit(self._max_positions_cfg),
+                template=adapter.template,
+                adapter_name=adapter.name,
+            )
+        return adapter._generator
+
+    def generate_stream(
+        self, generators: Sequence[Any], prompts: Sequence[Sequence[int]], params: Sequence[Any]
+    ) -> Any:
+        """Decode steps (`serving.generation.stream_together`) of prompts for several adapters
+        in one batch; iterate it on the model thread."""
+        from serving.generation import stream_together
+
+        def steps() -> Any:
+            self._apply_threads()
+            yield from stream_together(generators, prompts, params)
+
+        return steps()
+
+    def _apply_threads(self) -> None:
+        import torch
+
+        if self._torch_threads and torch.get_num_threads() != self._torch_threads:
+            torch.set_num_threads(self._torch_threads)
+
     def predict(self, adapters: Sequence[Adapter], texts: Sequence[str]) -> list[dict[str, Any]]:
         """Answers for `texts[i]` by `adapters[i]`, in one forward pass (on the model thread)."""
         import torch
 
         from serving.predictor import NON_FINITE_REASON
 
-        if self._torch_threads and torch.get_num_threads() != self._torch_threads:
-            torch.set_num_threads(self._torch_threads)
+        if self.generative:
+            raise TypeError(
+                f"{self._model_name!r} generates text: ask /v1/completions or "
+                "/v1/chat/completions with the version in the model field"
+            )
+        self._apply_threads()
         ids: list[list[int]] = [[] for _ in texts]
         for adapter, rows in _group(adapters):
             encoded = self._tokenizer(
@@ -368,6 +433,40 @@ def _same_base(one: str, other: str | None) -> bool:
         return False
 
 
+def _servable(model_name: str, home_version: str, tracking_uri: str | None) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    from serving import tags
+    from serving.registry import configure_tracking
+
+    if tracking_uri:
+        configure_tracking(tracking_uri)
+    client = MlflowClient()
+    versions = {
+        str(v.version): v.tags or {} for v in client.search_model_versions(f"name = '{model_name}'")
+    }
+    home = versions.get(home_version, {})
+    task, base = home.get(tags.TASK), home.get(tags.BASE_MODEL)
+    adapters = sorted(
+        (
+            number
+            for number, found in versions.items()
+            if number != home_version
+            and found.get(tags.METHOD) in ("lora", "qlora")
+            and found.get(tags.TASK) == task
+            and task is not None
+            and _same_base(found.get(tags.BASE_MODEL, ""), base)
+        ),
+        key=int,
+    )
+    named = {home_version, *adapters}
+    aliases = client.get_registered_model(model_name).aliases or {}
+    return {
+        "versions": adapters,
+        "aliases": {a: str(v) for a, v in sorted(aliases.items()) if str(v) in named},
+    }
+
+
 def _home_meta(home_uri: str, tracking_uri: str | None, trust_remote_code: bool) -> Any:
     """raylift.json of the deployment's version (only that file is downloaded)."""
     from jobs.modeling import read_checkpoint_meta
@@ -414,6 +513,7 @@ class AdapterRouter:
         self._hits_metric, self._misses_metric = hits, misses
         self._alias_ttl_s = alias_ttl_s
         self._aliases: dict[str, tuple[str, float]] = {}
+        self._servable: tuple[str, dict[str, Any], float] | None = None
         # What Serve's LRU holds, least recently used first (mirrored: its cache is private).
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
         self.max_adapters = max_adapters
@@ -486,6 +586,25 @@ class AdapterRouter:
 
     def release(self, adapter: Adapter) -> None:
         self._pool.release(adapter)
+
+    async def servable(self, home_version: str) -> dict[str, Any]:
+        """What a request can name besides the deployment's version `home_version`, from the
+        registry (re-read after alias_ttl_s): {"versions": [...], "aliases": {alias: version}}.
+        A version counts when its lineage tags say it is a LoRA adapter with the task and base
+        of `home_version` (loading it still checks its files); an alias when it names one of
+        them or `home_version`."""
+        cached = self._servable
+        if (
+            cached is not None
+            and cached[0] == home_version
+            and time.monotonic() - cached[2] < self._alias_ttl_s
+        ):
+            return cached[1]
+        found = await asyncio.to_thread(
+            _servable, self._pool._model_name, home_version, self._pool._tracking_uri
+        )
+        self._servable = (home_version, found, time.monotonic())
+        return found
 
     def stats(self) -> dict[str, Any]:
         resident = [v for v, a in self._resident.items() if not a.evicted]

@@ -2,15 +2,30 @@
 
     POST /v1/chat/completions   messages -> an assistant message (or SSE chunks with stream)
     POST /v1/completions        prompt (a string or a list of them) -> completions (or SSE)
-    GET  /v1/models             the model this app serves, as OpenAI lists models
+    GET  /v1/models             what the `model` field can name, as OpenAI lists models
 
 `OpenAIRoutes` is a mixin of `serving.app.ModelServer`: its routes use the replica's bearer
 token check (serve.auth_token_env), its Predictor (loaded, followed and swapped as the app's
 docstring says) and its model thread. A version that classifies answers these routes with a
 400 naming the routes it does answer.
 
+The `model` field picks the version, as the registry's `models:/` URIs name them:
+- `<served name>` (e.g. `ticket-router`): the deployment's version (the one
+  serve.model_uri names, by default @production), or the version in Serve's
+  `serve_multiplexed_model_id` header, as on the predict route;
+- `<served name>/<version>` (`ticket-router/3`): that registry version;
+- `<served name>@<alias>` (`ticket-router@challenger`): the version the alias names now.
+A version other than the deployment's is a LoRA adapter on the replica's one copy of the base
+(`serving.adapters`: Serve's multiplexing LRU, serve.max_adapters_per_replica), and prompts for
+different adapters decode in one batch. An unknown version or alias is a 404
+(`model_not_found`), a version that is not a LoRA adapter over this base, or has another task,
+a 409 (`model_not_compatible`) naming why; the replica serves on. GET /v1/models lists the
+served name, then each registered LoRA version over the same base and task (`name/N`) and each
+alias naming one (`name@alias`), with `parent` set to the served name (as vLLM lists adapters)
+and `version` to the registry version.
+
 Requests are checked before any work, against serve.generation (`GenerationConfig`): an
-unknown parameter, a `model` other than the served name (404), max_tokens over
+unknown parameter, a `model` this endpoint cannot serve (404, 409), max_tokens over
 generation.max_new_tokens_limit, a prompt over generation.max_prompt_tokens, too many prompts
 or stop sequences, an unsupported feature (logprobs, echo, tools) each get an OpenAI error body,
 `{"error": {"message", "type", "param", "code"}}`, with a 4xx status, and the replica serves on.
@@ -20,8 +35,8 @@ prompt and choice, `n`) for up to serve.batch_wait_timeout_s, and the batch deco
 (`serving.generation`: length-sorted, left-padded, KV cache). Each decode step hands every
 prompt its new text, so a streaming client gets its tokens as they are generated. Every
 response carries usage (prompt, completion and total tokens); a stream sends it in a last chunk
-with no choices, before `data: [DONE]`. `system_fingerprint` is the registry version that
-answered.
+with no choices, before `data: [DONE]`. A response's `model` is the request's `model` field;
+`system_fingerprint` (`version-3`) the registry version that answered.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves these routes' annotations inside
@@ -29,9 +44,10 @@ answered.
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -41,9 +57,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from ray import serve
 
+from serving.adapters import Adapter, AdapterError
 from serving.generation import Delta, GenerationRequestError, SamplingParams
 
 __all__ = ["OpenAIRoutes", "openai_router"]
+
+log = logging.getLogger(__name__)
 
 openai_router = APIRouter(tags=["openai"])
 _bearer = HTTPBearer(auto_error=False, description="Needed when serve.auth_token_env is set.")
@@ -59,7 +78,11 @@ class _Common(BaseModel):
     # Unknown parameters are refused, as OpenAI does: a typo must not be silently ignored.
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr = Field(..., description="The served model name (GET /v1/models).")
+    model: StrictStr = Field(
+        ...,
+        description="The served name (its current version), name/<version> or name@<alias> "
+        "for a LoRA version over the same base (GET /v1/models).",
+    )
     max_tokens: int | None = Field(None, description="Tokens to generate per choice.")
     temperature: float | None = Field(None, description="0 is greedy; at most 2.")
     top_p: float | None = Field(None, description="Nucleus sampling mass, in (0, 1].")
@@ -121,7 +144,8 @@ class OpenAIError(Exception):
 class _Item:
     """One prompt and choice of a request: what @serve.batch collects."""
 
-    predictor: Any
+    owner: Any  # the deployment's Predictor, or a serving.adapters.Adapter
+    generator: Any  # the owner's Generator, which encoded `ids`
     ids: list[int]
     params: SamplingParams
 
@@ -137,17 +161,35 @@ def _body_doc(kind: type) -> dict[str, Any]:
 
 class OpenAIRoutes:
     """Mixin of serving.app.ModelServer: uses its `_authorize`, `_label`, `_serving`,
-    `_served_name`, `_config` (ServeConfig) and `_model_thread`."""
+    `_served_name`, `_config` (ServeConfig), `_model_thread` and `_adapters` (an
+    serving.adapters.AdapterRouter)."""
 
     @openai_router.get("/v1/models")
     async def openai_models(self, request: Request, credentials: Credentials) -> Any:
         try:
             self._label(request)
             self._authorize(credentials)
+            predictor = await self._serving(request)
         except HTTPException as exc:
             return _from_http(exc).response()
-        entry = {"id": self._served_name, "object": "model", "created": 0, "owned_by": "raylift"}
-        return {"object": "list", "data": [entry]}
+        home = predictor.model_version
+        data = [_model_entry(self._served_name, home, None)]
+        if home.isdigit():  # a registered version: its adapters may be named too
+            try:
+                found = await self._adapters.servable(home)
+            except Exception as exc:  # registry unreachable: list what this replica serves
+                log.warning("could not list the registry's versions of %s: %s", home, exc)
+                found = {"versions": [], "aliases": {}}
+            parent = self._served_name
+            data += [
+                _model_entry(f"{parent}/{version}", version, parent)
+                for version in found["versions"]
+            ]
+            data += [
+                _model_entry(f"{parent}@{alias}", version, parent)
+                for alias, version in found["aliases"].items()
+            ]
+        return {"object": "list", "data": data}
 
     @openai_router.post("/v1/chat/completions", openapi_extra=_body_doc(ChatRequest))
     async def chat_completions(self, request: Request, credentials: Credentials) -> Any:
@@ -158,25 +200,35 @@ class OpenAIRoutes:
         return await self._openai(request, credentials, CompletionRequest)
 
     async def _openai(self, request: Request, credentials: Any, kind: type) -> Any:
+        adapter = None
         try:
             self._label(request)
             self._authorize(credentials)
             body = await self._openai_body(request, kind)
             predictor = await self._serving(request)
-            items = self._openai_items(body, predictor)
+            adapter = await self._openai_adapter(body.model, predictor, request)
+            answering = adapter if adapter is not None else predictor
+            items = self._openai_items(body, answering)
         except HTTPException as exc:
+            self._openai_release(adapter)
             return _from_http(exc).response()
         except OpenAIError as exc:
+            self._openai_release(adapter)
             return exc.response()
         self._openai_batching()
         prompt_tokens = sum(len(item.ids) for item in items[:: body.n])
-        answer = _Answer(body, self._served_name, predictor.model_version, prompt_tokens)
+        answer = _Answer(body, body.model, answering.model_version, prompt_tokens)
         streams = [self._generation_batch(item) for item in items]
         if body.stream:
             return StreamingResponse(
-                _sse(answer, streams), media_type="text/event-stream", headers=_NO_BUFFERING
+                _sse(answer, streams, lambda: self._openai_release(adapter)),
+                media_type="text/event-stream",
+                headers=_NO_BUFFERING,
             )
-        deltas = await asyncio.gather(*(_collect(stream) for stream in streams))
+        try:
+            deltas = await asyncio.gather(*(_collect(stream) for stream in streams))
+        finally:
+            self._openai_release(adapter)
         return answer.whole(deltas)
 
     async def _openai_body(self, request: Request, kind: type) -> Any:
@@ -196,28 +248,55 @@ class OpenAIRoutes:
                     400, f"unknown parameter {param!r}", param, "unknown_parameter"
                 ) from None
             raise OpenAIError(400, f"{param}: {error['msg']}", param, "invalid_value") from None
-        if body.model != self._served_name:
-            raise OpenAIError(
-                404,
-                f"the model {body.model!r} does not exist here; this endpoint serves "
-                f"{self._served_name!r} (GET /v1/models)",
-                "model",
-                "model_not_found",
-            )
+        _named(body.model, self._served_name)  # another model: a 404 before any work
         _refuse_unsupported(body)
         return body
 
-    def _openai_items(self, body: Any, predictor: Any) -> list[_Item]:
-        generator = predictor.generator
+    async def _openai_adapter(self, model: str, predictor: Any, request: Request) -> Any:
+        """The Adapter the `model` field names (held: release it), or None for the deployment's
+        own version. `name` is the deployment's version (or the version in Serve's
+        serve_multiplexed_model_id header), `name/3` version 3, `name@alias` the alias's."""
+        version, alias = _named(model, self._served_name)
+        if version is None and alias is None:
+            version = serve.get_multiplexed_model_id() or None
+        if version is not None and version.isdigit():
+            version = str(int(version))
+        try:
+            if alias is not None:
+                version = await self._adapters.alias_version(self._served_name, alias)
+            if version is None or version == predictor.model_version:
+                return None
+            adapter = await self._adapters.adapter(version)
+        except AdapterError as exc:
+            request.state.model_version = version or ""
+            code = "model_not_found" if exc.status == 404 else "model_not_compatible"
+            raise OpenAIError(exc.status, exc.detail, "model", code) from None
+        except Exception as exc:  # the registry is unreachable: this request only
+            log.warning("could not look up %r: %s", model, exc)
+            raise OpenAIError(
+                503, f"the model registry could not be read: {exc}", "model", None
+            ) from None
+        request.state.model_version = adapter.model_version
+        return adapter
+
+    def _openai_release(self, adapter: Any) -> None:
+        if adapter is not None:
+            self._adapters.release(adapter)
+
+    def _openai_items(self, body: Any, answering: Any) -> list[_Item]:
+        limits = self._config.generation
+        if isinstance(answering, Adapter):
+            generator = answering.pool.generator(answering, limits)
+        else:
+            generator = answering.generator
         if generator is None:
             raise OpenAIError(
                 400,
-                f"{self._served_name!r} version {predictor.model_version} classifies texts; it "
+                f"{self._served_name!r} version {answering.model_version} classifies texts; it "
                 f"does not generate. Use POST /v1/models/{self._served_name}/predict",
                 "model",
                 "model_not_generative",
             )
-        limits = self._config.generation
         prompts = _prompts(body)
         if len(prompts) * body.n > limits.max_prompts_per_request:
             raise OpenAIError(
@@ -234,7 +313,7 @@ class OpenAIRoutes:
                 for i in range(body.n):
                     params = _sampling(body, limits, seed_offset=j * body.n + i)
                     generator.check(ids, params, param)
-                    items.append(_Item(predictor, ids, params))
+                    items.append(_Item(answering, generator, ids, params))
             except GenerationRequestError as exc:
                 raise OpenAIError(400, str(exc), exc.param, exc.code) from None
         return items
@@ -252,13 +331,18 @@ class OpenAIRoutes:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _generation_batch(self, items: list[_Item]) -> AsyncIterator[list[Any]]:
         """Generate a batch of prompts; each step yields, per prompt, its Deltas of that step
-        (StopIteration once the prompt has finished)."""
+        (StopIteration once the prompt has finished). Prompts for the deployment's version
+        decode together, and so do prompts for any of the adapters (one pass, peft's
+        adapter_names)."""
         loop = asyncio.get_running_loop()
         done: set[int] = set()
-        for predictor, rows in _by_predictor(items):
-            steps = predictor.generate_stream(
-                [items[i].ids for i in rows], [items[i].params for i in rows]
-            )
+        for owner, rows in _by_owner(items):
+            ids = [items[i].ids for i in rows]
+            params = [items[i].params for i in rows]
+            if isinstance(owner, Adapter):
+                steps = owner.pool.generate_stream([items[i].generator for i in rows], ids, params)
+            else:
+                steps = owner.generate_stream(ids, params)
             while True:
                 step = await loop.run_in_executor(self._model_thread, next, steps, None)
                 if step is None:
@@ -340,12 +424,38 @@ def _sampling(body: Any, limits: Any, seed_offset: int) -> SamplingParams:
     )
 
 
-def _by_predictor(items: list[_Item]) -> list[tuple[Any, list[int]]]:
-    """Positions of a batch's prompts per Predictor (two only while a swap is under way)."""
+def _by_owner(items: list[_Item]) -> list[tuple[Any, list[int]]]:
+    """Positions of a batch's prompts per Predictor (two only while a swap is under way); the
+    prompts for adapters form one group, whatever their adapter (they share one model)."""
     groups: dict[int, tuple[Any, list[int]]] = {}
     for i, item in enumerate(items):
-        groups.setdefault(id(item.predictor), (item.predictor, []))[1].append(i)
+        key = id(item.owner.pool) if isinstance(item.owner, Adapter) else id(item.owner)
+        groups.setdefault(key, (item.owner, []))[1].append(i)
     return list(groups.values())
+
+
+def _named(model: str, served: str) -> tuple[str | None, str | None]:
+    """(version, alias) that the `model` field names: (None, None) for the served name."""
+    if model == served:
+        return None, None
+    for separator, kind in (("/", "version"), ("@", "alias")):
+        prefix = f"{served}{separator}"
+        if model.startswith(prefix) and model != prefix:
+            rest = model[len(prefix) :]
+            return (rest, None) if kind == "version" else (None, rest)
+    raise OpenAIError(
+        404,
+        f"the model {model!r} does not exist here; this endpoint serves {served!r}, a version "
+        f"of it as {served}/<version> or an alias as {served}@<alias> (GET /v1/models)",
+        "model",
+        "model_not_found",
+    )
+
+
+def _model_entry(model_id: str, version: str, parent: str | None) -> dict[str, Any]:
+    """One model of GET /v1/models; `parent` is the served name for an adapter version."""
+    entry = {"id": model_id, "object": "model", "created": 0, "owned_by": "raylift"}
+    return {**entry, "root": model_id.split("@")[0], "parent": parent, "version": version}
 
 
 async def _collect(stream: AsyncIterator[list[Delta]]) -> list[Delta]:
@@ -409,9 +519,13 @@ class _Answer:
         return {**self._head(True), "choices": [choice]}
 
 
-async def _sse(answer: _Answer, streams: list[AsyncIterator[list[Delta]]]) -> AsyncIterator[str]:
+async def _sse(
+    answer: _Answer,
+    streams: list[AsyncIterator[list[Delta]]],
+    on_done: Callable[[], None] = lambda: None,
+) -> AsyncIterator[str]:
     """Server-sent events: a chunk per choice per step with text, its finishing chunk, then a
-    usage chunk and `data: [DONE]`."""
+    usage chunk and `data: [DONE]`; `on_done` runs when the stream ends (or the client goes)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[list[Delta]]) -> None:
@@ -448,6 +562,7 @@ async def _sse(answer: _Answer, streams: list[AsyncIterator[list[Delta]]]) -> As
     finally:
         for task in tasks:
             task.cancel()
+        on_done()
 
 
 def _event(payload: dict[str, Any]) -> str:

@@ -260,3 +260,74 @@ def test_bf16_autocast_generates(llama):
     assert all(1 <= c.completion_tokens <= 6 and c.finish_reason for c in done)
     assert str(next(model.parameters()).dtype) == "torch.float32"  # autocast: weights stay
     assert any(c.text for c in done)
+
+
+def test_prompts_for_different_adapters_decode_together(llama):
+    """Rows of Generators over one PeftModel, each with its adapter (or none: the base), decode
+    in one batch and give what each adapter gives alone."""
+    import copy
+
+    import peft
+    import torch
+
+    from serving.generation import stream_together
+
+    model, tokenizer = llama
+    lora = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    torch.manual_seed(1)
+    shared = peft.get_peft_model(copy.deepcopy(model), lora, adapter_name="one")
+    torch.manual_seed(2)
+    shared.add_adapter("two", lora)
+    shared.eval()
+    limits = GenerationConfig()
+    owners = {
+        name: Generator(shared, tokenizer, limits, position_limit=256, adapter_name=name)
+        for name in ("one", "two", None)
+    }
+    picked = ["one", "two", None, "one", "two"]
+    prompts = _encode(owners["one"])
+    params = [_greedy(8)] * len(prompts)
+
+    texts: dict[int, str] = {}
+    for step in stream_together([owners[p] for p in picked], prompts, params):
+        for delta in step:
+            texts[delta.index] = texts.get(delta.index, "") + delta.text
+
+    alone = {}
+    for name in ("one", "two"):
+        shared.set_adapter(name)
+        alone[name] = Generator(shared, tokenizer, limits).generate(prompts, params)
+    alone[None] = _generator(llama).generate(prompts, params)  # the untouched base
+    assert [texts[i] for i in range(len(prompts))] == [
+        alone[p][i].text for i, p in enumerate(picked)
+    ]
+    assert [c.text for c in alone["one"]] != [c.text for c in alone["two"]]
+    with pytest.raises(ValueError, match="different models"):
+        list(stream_together([owners["one"], _generator(llama)], prompts[:2], params[:2]))
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        ("ticket-router", (None, None)),
+        ("ticket-router/3", ("3", None)),
+        ("ticket-router@challenger", (None, "challenger")),
+        ("ticket-router/abc", ("abc", None)),  # the router answers 404: not a version number
+    ],
+)
+def test_the_model_field_names_a_version_or_an_alias(model, named):
+    from serving.openai_api import _named
+
+    assert _named(model, "ticket-router") == named
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "ticket-router/", "ticket-router@", "ticket-routerx"])
+def test_a_model_field_naming_another_model_is_an_openai_404(model):
+    from serving.openai_api import OpenAIError, _named
+
+    with pytest.raises(OpenAIError) as refused:
+        _named(model, "ticket-router")
+    assert (refused.value.status, refused.value.param) == (404, "model")
+    assert "ticket-router/<version>" in refused.value.message
