@@ -1,13 +1,18 @@
 """The causal-LM lifecycle with a tiny random Llama: load an instruction table → finetune (QLoRA,
 ZeRO-2, two Ray Train workers) → register → promote on val_perplexity (min) → serve, asked
 through the official `openai` client (plain and streaming chat) → batch generation
-(`raylift score`) into a completions table — real Ray, Iceberg, MLflow, DeepSpeed, peft."""
+(`raylift score`) into a completions table — real Ray, Iceberg, MLflow, DeepSpeed, peft.
+
+Every file of the run is on object storage: a local S3 server (moto, tests/s3_server.py) holds
+the instruction file, the Iceberg warehouse, the Ray Train checkpoints and the MLflow artifacts,
+reached through the standard AWS environment variables; only the two SQLite databases (the
+catalog and MLflow's) are local files."""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +21,7 @@ from jobs import finetune, load, promote, score, warehouse
 from jobs.config import validate_mapping
 from serving import tags
 from tests.helpers import load_prompts_table, make_ticket_rows, make_tiny_llama
+from tests.s3_server import export_s3_env, running_s3_server
 
 openai = pytest.importorskip("openai")
 
@@ -27,21 +33,38 @@ PROMPTS = "support.prompts"
 COMPLETIONS = "support.completions"
 QUARANTINE = "support.prompts_quarantine"
 MESSAGES = [{"role": "user", "content": "card arrived late"}]
+BUCKET = "raylift-e2e"
+# Set now, at import: every Ray process of the session must start with it (tests/s3_server.py).
+S3 = export_s3_env()
+LOCAL_FILES = {"tiny-llama", "catalog.db", "mlflow.db"}  # all the run keeps on local disk
 
 
-def _instruction_table(path: Path, rows: int) -> Path:
-    """A ticket as the prompt, its intent as the response (BANKING77 turned into instructions)."""
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["prompt", "response"])
-        writer.writeheader()
-        for row in make_ticket_rows(rows, INTENTS, seed=3):
-            writer.writerow({"prompt": row["text"], "response": row["category"]})
-    return path
+def _instruction_table(server, key: str, rows: int) -> str:
+    """A ticket as the prompt, its intent as the response (BANKING77 turned into instructions),
+    uploaded as a CSV object; its s3:// URI."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["prompt", "response"])
+    writer.writeheader()
+    for row in make_ticket_rows(rows, INTENTS, seed=3):
+        writer.writerow({"prompt": row["text"], "response": row["category"]})
+    server.client().put_object(Bucket=BUCKET, Key=key, Body=text.getvalue().encode())
+    return f"s3://{BUCKET}/{key}"
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("causal-lm-lifecycle")
+def s3():
+    with running_s3_server(S3) as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("causal-lm-lifecycle")
+
+
+@pytest.fixture(scope="module")
+def config(s3, root):
     base = make_tiny_llama(root / "tiny-llama")
     return validate_mapping(
         {
@@ -52,8 +75,8 @@ def config(tmp_path_factory):
                 "method": "qlora",
                 "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
             },
-            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": str(root / "wh")},
-            "data": {"source": str(_instruction_table(root / "instr.csv", 64)), "inbox_rows": 0},
+            "catalog": {"uri": f"sqlite:///{root}/catalog.db", "warehouse": f"s3://{BUCKET}/wh"},
+            "data": {"source": _instruction_table(s3, "data/instr.csv", 64), "inbox_rows": 0},
             "train": {
                 "num_workers": 2,
                 "epochs": 1,
@@ -61,10 +84,11 @@ def config(tmp_path_factory):
                 "learning_rate": 2e-2,
                 "zero_stage": 2,
                 "precision": "fp32",
-                "checkpoint_dir": str(root / "checkpoints"),
+                "checkpoint_dir": f"s3://{BUCKET}/checkpoints",
             },
             "registry": {
                 "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "artifact_location": f"s3://{BUCKET}/mlartifacts",
                 "experiment": "instruct-e2e",
                 "model_name": MODEL,
                 "build_engines": False,
@@ -102,10 +126,13 @@ def trained(ray_session, config):
     return finetune.main(config)
 
 
-def test_finetune_logs_perplexity_and_registers_a_loadable_version_with_lineage(trained, config):
+def test_finetune_logs_perplexity_and_registers_a_loadable_version_with_lineage(
+    trained, config, s3, root
+):
     from mlflow import MlflowClient
 
     from jobs.modeling import load_checkpoint
+    from serving.registry import resolve_model
 
     assert trained.version == "1"
     client = MlflowClient(config.registry.tracking_uri)
@@ -126,16 +153,31 @@ def test_finetune_logs_perplexity_and_registers_a_loadable_version_with_lineage(
     assert version.tags[tags.METHOD] == "qlora" and version.tags[tags.TASK] == "causal-lm"
     assert len(version.tags[tags.CONFIG_HASH]) == 12 and version.tags[tags.GIT_SHA]
 
-    files = {p.name for p in Path(trained.checkpoint_path).iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "raylift.json"} <= files
-    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
-    loaded = load_checkpoint(trained.checkpoint_path)
+    # Checkpoints, the run's state file, the registered copy and the tables are in the bucket.
+    assert trained.checkpoint_path.startswith(f"s3://{BUCKET}/checkpoints/")
+    best = trained.checkpoint_path.removeprefix(f"s3://{BUCKET}/")
+    keys = s3.keys(BUCKET, f"{best}/")
+    files = {key.removeprefix(f"{best}/") for key in keys} - {""}
+    model_files = {name for name in files if "/" not in name}  # state/: what --resume needs
+    assert {"adapter_model.safetensors", "adapter_config.json", "raylift.json"} <= model_files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in model_files)
+    assert any(name.startswith("state/") for name in files)
+    run_folder = best.rpartition("/")[0]
+    assert f"{run_folder}/{finetune._STATE_FILE}" in s3.keys(BUCKET, run_folder)
+    assert version.source.startswith(f"s3://{BUCKET}/mlartifacts/")
+    registered = _names(s3.keys(BUCKET, f"{version.source.removeprefix(f's3://{BUCKET}/')}/"))
+    assert {"adapter_model.safetensors", "raylift.json"} <= registered
+    table = s3.keys(BUCKET, _table_prefix(config, config.data.table))
+    assert any(k.endswith(".parquet") for k in table) and any(k.endswith(".avro") for k in table)
+    assert {p.name for p in root.iterdir()} == LOCAL_FILES  # nothing else on local disk
+
+    loaded = load_checkpoint(resolve_model(trained.checkpoint_path).path)  # downloaded
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     assert loaded.meta.labels == [] and loaded.meta.instruct.template == "chat"
     assert loaded.meta.method == "qlora"
 
 
-def test_promote_serve_through_openai_then_batch_generation(trained, config, tmp_path):
+def test_promote_serve_through_openai_then_batch_generation(trained, config, s3, root, tmp_path):
     from ray import serve
 
     from serving import app
@@ -196,3 +238,18 @@ def test_promote_serve_through_openai_then_batch_generation(trained, config, tmp
         assert row["prompt_tokens"] == want["prompt_tokens"][key]
     quarantined = catalog.load_table(QUARANTINE).scan().to_arrow()
     assert quarantined["ticket_id"].to_pylist() == [1]
+    for written in (COMPLETIONS, QUARANTINE):  # the scoring job's data files are objects too
+        data_files = s3.keys(BUCKET, f"{_table_prefix(config, written)}data/")
+        assert any(key.endswith(".parquet") for key in data_files), written
+    assert {p.name for p in root.iterdir()} == LOCAL_FILES
+
+
+def _names(keys: list[str]) -> set[str]:
+    return {key.rpartition("/")[2] for key in keys}
+
+
+def _table_prefix(config, table: str) -> str:
+    """The key prefix of `table`'s files in the bucket (its Iceberg location)."""
+    location = warehouse.load_catalog(config.catalog).load_table(table).location()
+    assert location.startswith(f"s3://{BUCKET}/wh/"), location
+    return f"{location.removeprefix(f's3://{BUCKET}/')}/"
