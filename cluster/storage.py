@@ -25,6 +25,7 @@ __all__ = [
     "is_remote",
     "iceberg_s3_properties",
     "read_json",
+    "upload_folder",
     "worker_visible_uri",
     "write_json",
 ]
@@ -177,3 +178,17 @@ def download_folder(uri: str, target: str | Path) -> Path:
         path, str(target), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
     )
     return target
+
+
+def upload_folder(local: str | Path, uri: str) -> None:
+    """Copy the local folder `local` and everything in it to `uri` (object storage, or a path)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(
+        str(Path(local).resolve()),
+        path,
+        source_filesystem=pyarrow.fs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )

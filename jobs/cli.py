@@ -178,7 +178,9 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run", metavar="RUN", help="MLflow run id: a tune parent run or a finetune run."
     )
-    parser.add_argument("--out", help="Folder for report.html and its plots.")
+    parser.add_argument(
+        "--out", help="Folder for report.html and its plots: a local path or an s3:// URI."
+    )
     _optional_config_arguments(parser)
 
 

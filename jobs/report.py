@@ -18,12 +18,14 @@ import datetime
 import html
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cluster.storage import is_object_storage, upload_folder
 from jobs.config import LifecycleConfig
 from serving import registry, tags
 
@@ -115,21 +117,25 @@ def main(config: LifecycleConfig, run_id: str, out: str | None = None) -> Report
     search = _load_search(client, config, run_id)
     winner = _winner_trial(search)
     confusion = _evaluate_winner(client, config, search) if search.version else None
-    directory = Path(out) if out else report_dir(config, run_id)
-    directory.mkdir(parents=True, exist_ok=True)
-    figures = _draw(directory, search, winner, confusion)
-    page = directory / "report.html"
-    page.write_text(_page(config, search, winner, confusion, figures))
-    log.info("report of %s run %s: %s", search.kind, run_id, page)
+    remote = out if out and is_object_storage(out) else None  # drawn here, then uploaded
+    with tempfile.TemporaryDirectory(prefix="raylift-report-") as staging:
+        directory = Path(staging if remote else out or report_dir(config, run_id))
+        directory.mkdir(parents=True, exist_ok=True)
+        figures = _draw(directory, search, winner, confusion)
+        (directory / "report.html").write_text(_page(config, search, winner, confusion, figures))
+        if remote:
+            upload_folder(directory, remote)
+    where = remote.rstrip("/") if remote else str(directory)
+    log.info("report of %s run %s: %s/report.html", search.kind, run_id, where)
     return ReportResult(
-        html=str(page),
+        html=f"{where}/report.html",
         run_id=run_id,
         kind=search.kind,
         trials=len(search.trials),
         winner_trial_id=winner.trial_id if winner else None,
         winner_version=str(search.version.version) if search.version else None,
         validation_rows=confusion.rows if confusion else None,
-        figures=[str(directory / f) for f in figures],
+        figures=[f"{where}/{f}" for f in figures],
     )
 
 

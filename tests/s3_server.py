@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["S3Env", "S3Server", "export_s3_env", "running_s3_server"]
+__all__ = ["S3Env", "S3Server", "export_s3_env", "running_s3_server", "unset_aws_env"]
 
 _HOST = "127.0.0.1"
 _START_TIMEOUT_S = 60.0
@@ -42,6 +42,12 @@ class S3Env:
     def endpoint(self) -> str:
         return f"http://{_HOST}:{self.port}"
 
+    @classmethod
+    def on_a_free_port(cls) -> S3Env:
+        with socket.socket() as probe:
+            probe.bind((_HOST, 0))
+            return cls(port=probe.getsockname()[1])
+
     def variables(self) -> dict[str, str]:
         return {
             "AWS_ACCESS_KEY_ID": "raylift-test",
@@ -58,17 +64,22 @@ def export_s3_env() -> S3Env:
     process; call it at import of the test module (see the module docstring)."""
     global _exported
     if _exported is None:
-        _exported = S3Env(port=_free_port())
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
+        _exported = S3Env.on_a_free_port()
+        for name in (
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_DEFAULT_REGION",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+        ):
             os.environ.pop(name, None)  # would win over the variables set here
         os.environ.update(_exported.variables())
     return _exported
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((_HOST, 0))
-        return probe.getsockname()[1]
+def unset_aws_env(monkeypatch) -> None:
+    """Remove every AWS variable that would win over S3Env.variables() (`monkeypatch`: pytest's)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @dataclass

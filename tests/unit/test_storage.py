@@ -141,3 +141,64 @@ def test_an_experiment_keeps_its_artifact_location_and_a_different_one_is_refuse
         ValueError, match=r"registry\.artifact_location='s3://b/mla'.*new experiment"
     ):
         registry.configure_tracking(tracking, "e", artifact_location="s3://b/mla")
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A bucket on a local moto S3 server, this module's processes pointed at it (no Ray)."""
+    from tests.s3_server import S3Env, running_s3_server, unset_aws_env
+
+    env = S3Env.on_a_free_port()
+    with pytest.MonkeyPatch.context() as patch, running_s3_server(env) as server:
+        unset_aws_env(patch)
+        for name, value in env.variables().items():
+            patch.setenv(name, value)
+        yield server, server.create_bucket("unit")
+
+
+def test_run_state_and_folders_round_trip_through_s3(s3_bucket, tmp_path):
+    from cluster.storage import (
+        delete_folder,
+        download_folder,
+        read_json,
+        upload_folder,
+        write_json,
+    )
+
+    server, bucket = s3_bucket
+    run = f"s3://{bucket}/ckpt/run-1"
+    assert read_json(run, "state.json") is None
+    write_json(run, "state.json", {"finished": False})
+    assert read_json(run, "state.json") == {"finished": False}
+    (tmp_path / "report" / "figs").mkdir(parents=True)
+    (tmp_path / "report" / "report.html").write_text("<html/>")
+    (tmp_path / "report" / "figs" / "a.png").write_bytes(b"png")
+    upload_folder(tmp_path / "report", f"{run}/report")
+    assert [k for k in server.keys(bucket, "ckpt/") if not k.endswith("/")] == [
+        "ckpt/run-1/report/figs/a.png",
+        "ckpt/run-1/report/report.html",
+        "ckpt/run-1/state.json",
+    ]
+    copy = download_folder(f"{run}/report", tmp_path / "copy")
+    assert (copy / "figs" / "a.png").read_bytes() == b"png"
+    delete_folder(run)
+    assert server.keys(bucket, "ckpt/run-1") == []
+
+
+def test_a_table_loads_from_an_s3_file_into_an_s3_warehouse(s3_bucket, tmp_path):
+    from jobs import warehouse
+    from jobs.config import CatalogConfig
+
+    server, bucket = s3_bucket
+    body = b"text,label\ncard arrived,card\nrefund please,refund\n"
+    server.client().put_object(Bucket=bucket, Key="in/tickets.csv", Body=body)
+    cfg = CatalogConfig(uri=f"sqlite:///{tmp_path}/catalog.db", warehouse=f"s3://{bucket}/wh")
+    load = {"text_column": "text", "label_column": "label", "key_column": "id"}
+    warehouse.load_table_from_file(cfg, "ns.tickets", f"s3://{bucket}/in/tickets.csv", **load)
+    rows = warehouse.load_catalog(cfg).load_table("ns.tickets").scan().to_arrow()
+    assert rows["text"].to_pylist() == ["card arrived", "refund please"]
+    files = server.keys(bucket, "wh/")
+    assert any(k.endswith(".parquet") for k in files) and any(k.endswith(".json") for k in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.db"]  # only the catalog
+    with pytest.raises(FileNotFoundError, match=r"data\.source s3://unit/in/missing\.csv"):
+        warehouse.load_table_from_file(cfg, "ns.x", f"s3://{bucket}/in/missing.csv", **load)
