@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import pytest
 
 from serving import tags
+from tests.helpers import SERVE_PORT as PORT
 from tests.helpers import make_lora_checkpoint
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
-PORT = 8125
 MODEL = "swap-router"
 REPLICAS = 2
 SWITCH_BOUND_S = 30.0  # from the alias move to every replica answering with the new version
@@ -156,8 +156,7 @@ def endpoint(lifecycle):
     readiness = _poll_readyz(url)
     _replica_versions(url, want=REPLICAS)  # every replica loaded
     yield url, readiness
-    serve.delete(MODEL)
-    serve.shutdown()
+    serve.delete(MODEL)  # Serve itself stays up for the next module (tests.helpers.SERVE_PORT)
 
 
 def _poll_readyz(url: str, timeout_s: float = 120) -> list[tuple[int, str]]:

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.helpers import SERVE_PORT as PORT
 from tests.integration.test_serve_app import _config as serve_app_config
 from tests.unit.test_predictor import LABELS, NAN_WORD, make_fragile_checkpoint
 
-PORT = 8124
 MODEL = "limits-router"
 QUEUED = "queue-router"
 MAX_BODY = 64 * 1024
@@ -45,6 +45,9 @@ def endpoint(ray_session, tmp_path_factory):
     from serving.app import build_app, deploy
 
     checkpoint = make_fragile_checkpoint(tmp_path_factory.mktemp("limits"))
+    # request_timeout_s is one value per Serve instance: a Serve an earlier module left running
+    # would keep its own (serve.start only warns), so start one with this module's.
+    serve.shutdown()
     # One text fills a batch and one request fills the replica: a request whose body has not
     # arrived holds the only slot, the next waits in the queue, the one after gets the 503.
     tiny_queue = _config(
