@@ -158,13 +158,13 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
     return validate_mapping(config)
 
 
-# A minimal Llama-3-like chat template: each turn is "<|role|> content <|end|>", and the
-# generation prompt is "<|assistant|>". Word-level, so every marker is one token.
 # One HTTP port for the Serve apps the integration tests deploy: a module deletes its apps and
 # leaves Serve running for the next (a Serve start and shutdown cost about 3 s each here); a
 # module that needs other HTTP options (test_serve_limits' request timeout) restarts it.
 SERVE_PORT = 8123
 
+# A minimal Llama-3-like chat template: each turn is "<|role|> content <|end|>", and the
+# generation prompt is "<|assistant|>". Word-level, so every marker is one token.
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
