@@ -95,7 +95,9 @@ def test_a_failing_worker_ends_the_mlflow_run_failed_and_leaves_it_resumable(
 
     from mlflow import MlflowClient
 
-    _write_rows(tmp_path / "t.csv", make_ticket_rows(40, ["a", "b"]))
+    # Few rows (one validation row per class): the worker fails while building the model,
+    # before it reads any data.
+    _write_rows(tmp_path / "t.csv", make_ticket_rows(20, ["a", "b"]))
     config = _config(
         tmp_path,
         tiny_bert,
