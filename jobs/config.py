@@ -263,6 +263,14 @@ class TrainConfig(_Strict):
         "(GPU, CPUs with AVX512-BF16/AMX), else fp32.",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    shm_allreduce: bool = Field(
+        False,
+        description="CPU workers only: DeepSpeed's shared-memory allreduce between the ranks of "
+        "one node instead of gloo's. DeepSpeed compiles it (C++, 20-70 s, needs a compiler) "
+        "the first time each machine loads it, unless the image prebuilt it "
+        "(DS_BUILD_SHM_COMM=1 pip install deepspeed); worth it for many ranks per node "
+        "with large gradients (full fine-tuning), not for LoRA or one worker per node.",
+    )
     length_window: int = Field(
         8, ge=1, description="Batches whose rows are sorted by length together (bucketing)."
     )

@@ -17,6 +17,7 @@ trained and carries on. Registration never takes state/ (jobs.finetune.registrab
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -291,11 +292,31 @@ def deepspeed_config(train: TrainConfig, precision: str) -> dict[str, Any]:
     }
 
 
+def _choose_cpu_allreduce(shm: bool) -> None:
+    """gloo's allreduce between CPU ranks unless train.shm_allreduce: DeepSpeed otherwise
+    JIT-compiles its shared-memory op in each fresh worker whose build cache is cold or was
+    built by another ninja (20-70 s of C++ on 2 cores). DeepSpeed reads this table when its
+    communication backend starts; GPU ranks use NCCL either way."""
+    import deepspeed.ops
+
+    usable = _shm_op_probed()
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = shm and usable
+
+
+@functools.cache
+def _shm_op_probed() -> bool:
+    """Whether DeepSpeed found its shared-memory op usable here (read before it is changed)."""
+    import deepspeed.ops
+
+    return bool(deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", False))
+
+
 def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world_size: int):
     import deepspeed
     from transformers import get_linear_schedule_with_warmup
 
     train = config.train
+    _choose_cpu_allreduce(train.shm_allreduce)
     precision = resolve_precision(train.precision, train.use_gpu)
     model = build_model(config.model, task, inputs.labels, precision, zero_stage=train.zero_stage)
     steps_per_epoch = math.ceil(inputs.train_rows / world_size / train.batch_size)
