@@ -25,8 +25,10 @@ data_wait_fraction) and wall times are printed beside them.
 
 Ray's own CPU is sampled from /proc with psutil (every SAMPLE_S, each process of the local Ray
 this test process started, classified by its process title), over the window from the first to
-the last training step of a run. CPU used meanwhile by processes outside that tree is printed:
-large means the machine was shared.
+the last training step of a run and over the whole run. "Ray's own" is every process but the
+training workers, the Ray Data tasks (read, split, tokenize: the work itself) and the driver. CPU
+used meanwhile by processes outside that tree is printed beside every figure: large means the
+machine was shared.
 """
 
 from __future__ import annotations
@@ -161,12 +163,15 @@ _WORKER_TITLES = {
     "SplitCoordinator": "Ray Data split coordinators",
     "IDLE": "idle workers",
 }
+DATA_TASKS = "Ray Data tasks (read, split, tokenize)"  # the work itself, not Ray's overhead
+_DATA_TASK_PREFIXES = ("Read", "MapBatches", "Map", "Filter")
 _SCRIPTS = (
     ("dashboard/agent.py", "dashboard agent"),
     ("runtime_env/agent/main.py", "runtime_env agent"),
     ("dashboard/dashboard.py", "dashboard"),
     ("log_monitor.py", "log monitor"),
     ("autoscaler/_private/monitor.py", "autoscaler monitor"),
+    ("_private/workers/", "workers starting (before their ray:: title)"),
 )
 DRIVER = "driver (this process)"
 WORKERS = _WORKER_TITLES["RayTrainWorker"]
@@ -181,6 +186,8 @@ def _kind(proc: psutil.Process) -> str:
     words = " ".join(proc.cmdline()).split()
     title = re.match(r"ray::([\w-]+)", words[0]) if words else None
     if title:  # Ray Data tasks and other actors: by their name
+        if title.group(1).startswith(_DATA_TASK_PREFIXES):
+            return DATA_TASKS
         return _WORKER_TITLES.get(title.group(1), f"ray::{title.group(1)}")
     script = " ".join(words[:3])  # the interpreter, maybe -u, the script: not its arguments
     for marker, kind in _SCRIPTS:
@@ -263,8 +270,6 @@ def _machine_busy_s() -> float:
 @dataclass
 class Steady:
     rows_per_s: float  # all workers together: rows / time over the steady steps
-    median_rows_per_s: float  # all workers together, each at its median rows/s per step: less
-    # moved by a few steps slowed by another process on the machine
     step_s: float  # median interval between step ends, per worker
     compute_s: float  # median forward + backward + optimizer step
     wait_share: float  # fetch time / interval time, steady steps
@@ -407,7 +412,7 @@ def _worker_records(config: LifecycleConfig) -> list[dict]:
 def _steady(records: list[dict]) -> Steady:
     """Steady-state figures over every worker's record (see the module's docstring)."""
     rows, seconds, waited, intervals, compute = 0, 0.0, 0.0, [], []
-    rates, medians = [], []
+    rates = []
     for record in records:
         save_spans = [(end - took, end) for _, end, took in record["saves"]]
         waits_by_epoch: dict[int, list[float]] = defaultdict(list)
@@ -416,7 +421,7 @@ def _steady(records: list[dict]) -> Steady:
         steps_by_epoch: dict[int, list[list]] = defaultdict(list)
         for step in record["steps"]:
             steps_by_epoch[step[0]].append(step)
-        index, worker_rows, worker_s, step_rates = 0, 0, 0.0, []
+        index, worker_rows, worker_s = 0, 0, 0.0
         for epoch in sorted(steps_by_epoch):
             steps = steps_by_epoch[epoch]
             for i, (_, end, took, n) in enumerate(steps):
@@ -434,14 +439,11 @@ def _steady(records: list[dict]) -> Steady:
                 waited += waits_by_epoch[epoch][i]
                 intervals.append(interval)
                 compute.append(took)
-                step_rates.append(n / interval)
         rows += worker_rows
         seconds += worker_s
         rates.append(worker_rows / worker_s if worker_s else 0.0)
-        medians.append(statistics.median(step_rates))
     return Steady(
         rows_per_s=sum(rates),  # workers run side by side: their rates add up
-        median_rows_per_s=sum(medians),
         step_s=statistics.median(intervals),
         compute_s=statistics.median(compute),
         wait_share=waited / seconds,
@@ -671,10 +673,9 @@ def _cpu_kind() -> str:
 
 def _fmt_steady(label: str, steady: Steady, other_cores: float, per: str = "") -> str:
     return (
-        f"  {label:32} {steady.rows_per_s:6.1f} rows/s (at the median step "
-        f"{steady.median_rows_per_s:6.1f}); step {1000 * steady.step_s:5.0f} ms{per}, compute "
-        f"{1000 * steady.compute_s:5.0f} ms, data wait {100 * steady.wait_share:4.1f}%; "
-        f"others on the machine {other_cores:.2f} cores"
+        f"  {label:32} {steady.rows_per_s:6.1f} rows/s; median step {1000 * steady.step_s:4.0f} "
+        f"ms{per}, compute {1000 * steady.compute_s:4.0f} ms, data wait "
+        f"{100 * steady.wait_share:4.1f}%; others on the machine {other_cores:.2f} cores"
     )
 
 
@@ -682,7 +683,6 @@ def test_ray_train_against_plain_torch_loop(bench_ray, root):
     plain = _plain_loop(_config(root, "plain", 1), THREADS[1])
     ray1 = _ray_run(root, "ray-1w", 1)
     ratio = ray1.steady.rows_per_s / plain.steady.rows_per_s
-    median_ratio = ray1.steady.median_rows_per_s / plain.steady.median_rows_per_s
     lines = [
         f"\ntraining throughput: MiniLM-L6 LoRA r=32 (minilm_quality.yaml), {plain.train_rows} "
         f"BANKING77 training rows x {EPOCHS} epochs, batch 32, {_cpu_kind()}",
@@ -692,8 +692,7 @@ def test_ray_train_against_plain_torch_loop(bench_ray, root):
         _fmt_steady(
             f"Ray Train + DeepSpeed, 1 x {ray1.threads} thr", ray1.steady, ray1.other_cores
         ),
-        f"  Ray Train / plain loop: {ratio:.2f}x steady samples/s, {median_ratio:.2f}x at the "
-        "median step (target >= 0.9)",
+        f"  Ray Train / plain loop: {ratio:.2f}x steady samples/s (target >= 0.9)",
         f"  whole epochs: Ray loop's own train_rows_per_s "
         f"{', '.join(f'{r:.1f}' for r in ray1.epoch_rows_per_s)}; plain loop "
         f"{plain.train_rows * EPOCHS / plain.train_s:.1f} rows/s over its {plain.train_s:.1f} s",
@@ -708,7 +707,6 @@ def test_ray_train_against_plain_torch_loop(bench_ray, root):
     _RESULTS["plain_loop"] = plain
     _RESULTS["ray_1_worker"] = ray1
     _RESULTS["ray_vs_plain_steady"] = ratio
-    _RESULTS["ray_vs_plain_median_step"] = median_ratio
     # The same rows and the same math: equal row counts, and losses that agree.
     assert ray1.train_rows == plain.train_rows
     assert len(ray1.train_loss) == EPOCHS and all(math.isfinite(v) for v in ray1.train_loss)
@@ -726,8 +724,7 @@ def test_two_workers_against_one(bench_ray, root):
             f"2 workers x {ray2.threads} thread(s)", ray2.steady, ray2.other_cores, " per worker"
         ),
         f"  2 workers / 1 worker: {ray2.steady.rows_per_s / ray1.steady.rows_per_s:.2f}x steady "
-        f"samples/s ({ray2.steady.median_rows_per_s / ray1.steady.median_rows_per_s:.2f}x at the "
-        f"median step); whole epochs {_floats(ray2.epoch_rows_per_s)} vs "
+        f"samples/s; whole epochs {_floats(ray2.epoch_rows_per_s)} vs "
         f"{_floats(ray1.epoch_rows_per_s)} rows/s; wall {ray2.wall_s:.1f} vs {ray1.wall_s:.1f} s",
     ]
     print("\n".join(lines))
@@ -777,7 +774,7 @@ def _cpu_table(runs: dict[str, RayRun], whole_run: bool = False) -> str:
         if max(values) >= 0.005:
             lines.append(f"  {kind[:34]:34}" + "".join(f"{v:16.3f}" for v in values))
     totals = {
-        "Ray's own (all but workers, driver)": [_ray_own(c) for c, _, _ in columns.values()],
+        "Ray's own (no workers/data/driver)": [_ray_own(c) for c, _, _ in columns.values()],
         "whole local Ray + driver": [tree for _, tree, _ in columns.values()],
         "other processes on the machine": [other for _, _, other in columns.values()],
     }
@@ -860,8 +857,9 @@ def _settings(settings: dict[str, Any]) -> str:
 
 
 def _ray_own(cores: dict[str, float]) -> float:
-    """Cores of Ray's own processes: all but the training workers and the driver."""
-    return sum(v for k, v in cores.items() if k not in (WORKERS, DRIVER))
+    """Cores of Ray's own processes: all but the training workers, the data tasks and the
+    driver."""
+    return sum(v for k, v in cores.items() if k not in (WORKERS, DATA_TASKS, DRIVER))
 
 
 def test_killed_worker_time_lost(bench_ray, root):
