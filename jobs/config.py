@@ -520,8 +520,13 @@ class ServeConfig(_Strict):
     model_uri: str | None = Field(
         None, description="Model to serve; models:/<model_name>@<promote.alias> by default."
     )
-    max_batch_size: int = Field(64, ge=1, description="@serve.batch max_batch_size (texts).")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait.")
+    max_batch_size: int = Field(64, ge=1, description="Most texts one model batch holds.")
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        description="How long a text may wait for others to share its batch when the model "
+        "is free; only after a batch that held several texts (a lone client never waits).",
+    )
     max_texts_per_request: int = Field(64, ge=1, description="More texts get a 413.")
     max_text_chars: int = Field(2000, ge=1, description="Longer texts get a 422.")
     max_body_bytes: int = Field(
@@ -552,6 +557,12 @@ class ServeConfig(_Strict):
         "auto",
         description="Inference runtime. auto: the fastest variant that passed the registration "
         "gate, by a short calibration here (torch when the version has no engine artifacts).",
+    )
+    access_log: bool = Field(
+        True,
+        description="Serve's log line per request in each replica (`CALL ... OK 12ms`). "
+        "raylift_requests_total and the latency histogram count requests either way; Serve's "
+        "logging held about 3% of a busy replica's profile samples (2 cores, 16 clients).",
     )
     calibration_texts: int = Field(
         8,

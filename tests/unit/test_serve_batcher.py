@@ -53,17 +53,23 @@ def test_max_batch_size_caps_a_batch_and_the_rest_follow():
     assert asyncio.run(scenario()) == [list("abc"), list("def"), ["g"]]
 
 
-def test_a_lone_text_waits_for_company_at_most_the_wait():
+def test_a_text_waits_for_company_only_after_a_batch_that_had_some():
     async def scenario(wait_s: float):
         model = Model(0.0)
         batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=wait_s)
+        began = asyncio.get_running_loop().time()
+        await batcher.submit("alone", 0)  # a lone client: no wait at all
+        alone_s = asyncio.get_running_loop().time() - began
+        await asyncio.gather(batcher.submit("x", 0), batcher.submit("y", 0))  # company
         first = asyncio.create_task(batcher.submit("a", 0))
         await asyncio.sleep(0.03)
         await asyncio.gather(first, batcher.submit("b", 0))
-        return model.batches
+        return model.batches, alone_s
 
-    assert asyncio.run(scenario(0.3)) == [["a", "b"]]  # "b" came within the wait
-    assert asyncio.run(scenario(0.0)) == [["a"], ["b"]]  # no wait: "a" did not wait for it
+    batches, alone_s = asyncio.run(scenario(0.3))
+    assert alone_s < 0.2 and batches == [["alone"], ["x", "y"], ["a", "b"]]  # "b" was waited for
+    batches, _ = asyncio.run(scenario(0.0))
+    assert batches == [["alone"], ["x", "y"], ["a"], ["b"]]  # no wait: "a" did not wait for it
 
 
 def test_reconfigure_changes_a_running_batcher():
