@@ -137,7 +137,11 @@ def stop_worker(cluster: LocalCluster, pid: int) -> list[int]:
 
 def stop_node(pid: int, grace_s: float = 15) -> list[int]:
     """Stop one node (`ray start --block` pid) and every process it started; their pids."""
-    pids = _process_tree(pid)
+    return _stop_processes(_process_tree(pid), grace_s)
+
+
+def _stop_processes(pids: list[int], grace_s: float) -> list[int]:
+    """SIGTERM, up to `grace_s` to exit, then SIGKILL; `pids`."""
     for member in pids:
         _signal(member, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -154,9 +158,9 @@ def stop(cluster: LocalCluster | str | Path) -> list[int]:
     """Stop the worker nodes, then the head; every pid stopped (none is left alive)."""
     if not isinstance(cluster, LocalCluster):
         cluster = LocalCluster.load(cluster)
-    stopped = []
-    for pid in [*cluster.worker_pids, cluster.head_pid]:
-        stopped += stop_node(pid)
+    # Every node at once: each may take seconds to wind down, and they do so side by side.
+    nodes = [*cluster.worker_pids, cluster.head_pid]
+    stopped = _stop_processes([p for pid in nodes for p in _process_tree(pid)], grace_s=15)
     stopped += stop_node_leftovers(cluster)
     deadline = time.monotonic() + 10  # SIGKILL is delivered, not waited for
     while (left := [pid for pid in stopped if _alive(pid)]) and time.monotonic() < deadline:
