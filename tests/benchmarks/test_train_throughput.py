@@ -163,7 +163,7 @@ _WORKER_TITLES = {
     "SplitCoordinator": "Ray Data split coordinators",
     "IDLE": "idle workers",
 }
-DATA_TASKS = "Ray Data tasks (read, split, tokenize)"  # the work itself, not Ray's overhead
+DATA_TASKS = "Ray Data tasks (the data work)"  # read, split, tokenize: not Ray's overhead
 _DATA_TASK_PREFIXES = ("Read", "MapBatches", "Map", "Filter")
 _SCRIPTS = (
     ("dashboard/agent.py", "dashboard agent"),
@@ -171,7 +171,7 @@ _SCRIPTS = (
     ("dashboard/dashboard.py", "dashboard"),
     ("log_monitor.py", "log monitor"),
     ("autoscaler/_private/monitor.py", "autoscaler monitor"),
-    ("_private/workers/", "workers starting (before their ray:: title)"),
+    ("_private/workers/", "workers starting up"),  # before they take a ray:: title
 )
 DRIVER = "driver (this process)"
 WORKERS = _WORKER_TITLES["RayTrainWorker"]
