@@ -786,8 +786,10 @@ def _cpu_table(runs: dict[str, RayRun], whole_run: bool = False) -> str:
 # Settings tried against Ray's own CPU while a run trains (see test_ray_overhead_settings).
 # Measured here (1 worker, AVX512-BF16, 2 cores), Ray's own CPU while training: default 0.214
 # cores; prestart, event stats and the preemption watcher off 0.193; metrics and task events off
-# as well 0.181. Not made the default: metrics export is what Serve's /metrics needs, task events
-# what `ray list tasks` and the dashboard show, and the rest saves about 1% of the machine.
+# as well 0.181 (in a later run 0.228 -> 0.197 while training, 0.548 -> 0.528 over the whole
+# run; steady samples/s within the run-to-run spread). Not made init_ray's default: metrics
+# export is what Serve's /metrics needs, task events what `ray list tasks` and the dashboard
+# show, and the rest saves about 1% of the machine.
 LEAN_RAY = {
     "env": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},  # no preemption on a local Ray
     "init": {
