@@ -242,8 +242,18 @@ def _wait_port(port: int, timeout_s: float = 120) -> None:
 
 
 def _plain_endpoint(checkpoint: str, scratch: Path, texts: list[str]) -> list[Level]:
+    from jobs.modeling import load_checkpoint
+
+    # A plain Hugging Face directory of the same model, as a user would have it.
+    loaded = load_checkpoint(checkpoint)
+    loaded.model.save_pretrained(scratch / "plain-model")
+    loaded.tokenizer.save_pretrained(scratch / "plain-model")
     (scratch / "plain_server.py").write_text(_PLAIN_SERVER)
-    env = {**os.environ, "BENCH_MODEL_DIR": checkpoint, "PYTHONPATH": str(scratch)}
+    env = {
+        **os.environ,
+        "BENCH_MODEL_DIR": str(scratch / "plain-model"),
+        "PYTHONPATH": str(scratch),
+    }
     command = [sys.executable, "-m", "uvicorn", "plain_server:app", "--port", str(PLAIN_PORT)]
     command += ["--host", "127.0.0.1", "--log-level", "warning"]
     server = subprocess.Popen(command, env=env, cwd=scratch)
