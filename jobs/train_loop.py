@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -262,9 +263,23 @@ def _configure_worker(train: TrainConfig) -> None:
     torch.set_num_threads(train.torch_threads or max(1, math.ceil(train.cpus_per_worker)))
     if not train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _quiet_ray_train_checkpoint_lines()
     random.seed(train.seed)
     np.random.seed(train.seed)
     torch.manual_seed(train.seed)
+
+
+def _quiet_ray_train_checkpoint_lines() -> None:
+    """Ray Train logs two INFO lines per checkpoint from every rank ("Checkpoint successfully
+    created at ...", "Reporting training result N: TrainingReport(...)"); the loop logs its own
+    one line per checkpoint (size, save time), so theirs go to WARNING. Their loggers are named
+    after Ray's internal modules (one by its file path): if Ray moves them, nothing is quieted."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def deepspeed_config(train: TrainConfig, precision: str) -> dict[str, Any]:
