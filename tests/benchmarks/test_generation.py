@@ -236,7 +236,8 @@ async def _first_tokens(url: str, clients: int, prompts: list[str]) -> tuple[lis
                         first = time.perf_counter() - began
                     if not chunk["choices"]:
                         usage = chunk["usage"]
-            assert first is not None and usage is not None
+            assert first is not None, "the stream ended without a chunk of text"
+            assert usage and 0 < usage["completion_tokens"] <= TTFT_TOKENS, usage
             return first, usage["completion_tokens"]
 
         async def worker(k: int) -> None:
