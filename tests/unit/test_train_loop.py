@@ -17,6 +17,7 @@ from jobs.train_loop import (
     TARGETS,
     TrainProgress,
     _belongs_to,
+    _choose_cpu_allreduce,
     _load_rng,
     _load_trainable_weights,
     _mid_epoch_checkpoint_due,
@@ -95,6 +96,7 @@ def _engine(base: str, method: str, stage: int, seed: int):
     config = ModelConfig(base=base, method=method, lora={"target_modules": ["query", "value"]})
     model = build_model(config, get_task("sequence-classification"), ["a", "b", "c"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _choose_cpu_allreduce(False)  # as _setup_engine does: gloo, no C++ op compiled
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
