@@ -137,13 +137,15 @@ def stop_worker(cluster: LocalCluster, pid: int) -> list[int]:
 
 def stop_node(pid: int, grace_s: float = 15) -> list[int]:
     """Stop one node (`ray start --block` pid) and every process it started; their pids."""
-    return _stop_processes(_process_tree(pid), grace_s)
+    return _stop_processes(_process_tree(pid), [pid], grace_s)
 
 
-def _stop_processes(pids: list[int], grace_s: float) -> list[int]:
-    """SIGTERM, up to `grace_s` to exit, then SIGKILL; `pids`."""
+def _stop_processes(pids: list[int], nodes: list[int], grace_s: float) -> list[int]:
+    """SIGINT to the `ray start --block` processes among `pids` (`nodes`; it is their Ctrl-C:
+    they stop their node's processes; SIGTERM they sit out, with their GCS, for the whole
+    grace), SIGTERM to the rest, up to `grace_s` to exit, then SIGKILL; `pids`."""
     for member in pids:
-        _signal(member, signal.SIGTERM)
+        _signal(member, signal.SIGINT if member in nodes else signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
@@ -160,7 +162,7 @@ def stop(cluster: LocalCluster | str | Path) -> list[int]:
         cluster = LocalCluster.load(cluster)
     # Every node at once: each may take seconds to wind down, and they do so side by side.
     nodes = [*cluster.worker_pids, cluster.head_pid]
-    stopped = _stop_processes([p for pid in nodes for p in _process_tree(pid)], grace_s=15)
+    stopped = _stop_processes([p for pid in nodes for p in _process_tree(pid)], nodes, 15)
     stopped += stop_node_leftovers(cluster)
     deadline = time.monotonic() + 10  # SIGKILL is delivered, not waited for
     while (left := [pid for pid in stopped if _alive(pid)]) and time.monotonic() < deadline:
