@@ -313,7 +313,9 @@ def test_torch_bf16_runs_on_bf16_linear_weights_made_once_with_autocast_logits(c
     np.testing.assert_array_equal(got, expected.logits.float().numpy())
 
     copy = runner._bf16_model
-    assert copy is not None and next(runner.forward([(ids, mask)])) is not None
+    assert isinstance(copy, torch.nn.Module) and copy is not model  # the bf16 copy, made
+    again = next(runner.forward([(ids, mask)]))
+    np.testing.assert_array_equal(again, got)  # the second call gives the same logits
     assert runner._bf16_model is copy  # made once, reused by later calls
     linear = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
