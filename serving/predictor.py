@@ -32,11 +32,14 @@ One bad row never fails the batch it rides in:
 
 A causal-lm checkpoint generates instead (`serving.generation`): `generate` for Serve, and
 `__call__` writes a completion per prompt row (`completion`, `finish_reason`, token counts and
-`error` for a prompt the limits refuse), under the `generation` limits.
+`error` for a prompt the limits refuse), under the `generation` limits; `score_responses`
+gives each instruction row's response log-likelihood as training's eval counts it (promotion
+re-evaluates perplexity with it, jobs.reevaluate).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -269,6 +272,72 @@ class Predictor:
             for label, score, ok in zip(labels.tolist(), scores.tolist(), usable, strict=True)
         ]
 
+    def score_responses(
+        self,
+        prompts: Sequence[Any],
+        responses: Sequence[Any],
+        systems: Sequence[Any] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per instruction row of a causal-lm version: (summed negative log-likelihood of its
+        response tokens given the prompt, in nats; response tokens scored), exactly as
+        training's evaluation counts them, so sum(nll) / sum(tokens) is its val_loss.
+
+        Each row is formatted and masked as training formatted it (jobs.instruct.encode_example
+        with this version's template and max_length), rows are sorted by length into
+        sub-batches of at most `sub_batch_tokens` padded tokens and padded on the right with an
+        attention mask (jobs.instruct.collate, as the train loop's eval pads): a row's figure
+        does not depend on the rows batched with it. Not left-padded as generation is: a
+        left-padded row's positions would start after its padding. A row without a usable
+        prompt or response gets NaN and 0 tokens."""
+        from jobs import instruct
+
+        self._require_generator()
+        self._apply_threads()
+        prompts, responses = list(prompts), list(responses)
+        systems = list(systems) if systems is not None else [None] * len(prompts)
+        if not len(prompts) == len(responses) == len(systems):
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(responses)} responses and {len(systems)} system "
+                "messages: give one of each per row"
+            )
+        nll = np.full(len(prompts), np.nan, dtype=np.float64)
+        tokens = np.zeros(len(prompts), dtype=np.int64)
+        rows = np.flatnonzero(usable_mask(prompts) & usable_mask(responses))
+        if not len(rows):
+            return nll, tokens
+        template = instruct.resolve_template(
+            self._tokenizer, self._meta.instruct.template if self._meta.instruct else "auto"
+        )
+        encoded = [
+            instruct.encode_example(
+                self._tokenizer,
+                prompts[i],
+                responses[i],
+                systems[i] if isinstance(systems[i], str) and systems[i] else None,
+                template=template,
+                max_length=self._max_length,
+            )
+            for i in rows
+        ]
+        lengths = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=len(rows))
+        order = np.argsort(lengths, kind="stable")
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if self._engine.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            for chunk in _sub_batches(order, lengths, self._sub_batch_tokens):
+                batch = instruct.collate(
+                    [encoded[i][0] for i in chunk], [encoded[i][1] for i in chunk], self._pad_id
+                )
+                labels = batch.pop("labels")
+                logits = self._model(**batch).logits
+                chunk_nll, chunk_tokens = _response_nll(logits, labels)
+                nll[rows[chunk]] = chunk_nll
+                tokens[rows[chunk]] = chunk_tokens
+        return nll, tokens
+
     # -- loading --------------------------------------------------------------------------
 
     def _load(self, path: str) -> None:
@@ -456,3 +525,17 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray | N
     if min(lengths) == width:
         return ids, None
     return ids, (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
+
+
+def _response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, jobs.instruct.token_nll: (summed nats, tokens scored) of next-token prediction
+    over the labels that are not -100."""
+    from jobs.instruct import IGNORE_INDEX
+
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(shifted.device, torch.long)
+    nll = torch.nn.functional.cross_entropy(
+        shifted.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    scored = targets != IGNORE_INDEX
+    return nll.double().sum(dim=1).numpy(), scored.sum(dim=1).numpy()
