@@ -5,25 +5,40 @@ and reached through pyarrow with the standard AWS environment variables of each 
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_REGION, and
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for a server other than AWS. Credentials never go in a
 config: every node (or pod) holds them in its environment.
+
+Folders whose content never changes (a base model on S3, a registered version's checkpoint) are
+downloaded once per node into a cache (`cache_dir()`: RAYLIFT_CACHE_DIR, else
+~/.cache/raylift) and reused by every process there (`cached_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CACHE_DIR_ENV",
     "S3_ENDPOINT_ENV",
+    "cache_dir",
+    "cached_folder",
     "delete_folder",
     "download_folder",
     "filesystem_uri",
+    "folder_digest",
     "is_object_storage",
     "is_remote",
     "iceberg_s3_properties",
+    "list_files",
     "read_json",
     "upload_folder",
     "worker_visible_uri",
@@ -38,6 +53,12 @@ _REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _OBJECT_STORAGE = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
 
 SQLITE_PREFIX = "sqlite:///"
+
+CACHE_DIR_ENV = "RAYLIFT_CACHE_DIR"
+_DEFAULT_CACHE_DIR = "~/.cache/raylift"
+_SOURCE_FILE = "source.txt"  # beside each cached folder: the URI it was downloaded from
+
+log = logging.getLogger(__name__)
 
 # `s3://`, `gs://`, `abfs://`, `http://`, `postgresql://`, MLflow's `models:/` and `runs:/`.
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
@@ -161,9 +182,10 @@ def filesystem_uri(filesystem: Any, path: str) -> str:
     return f"{scheme}://{path.lstrip('/')}" if scheme else path
 
 
-def download_folder(uri: str, target: str | Path) -> Path:
+def download_folder(uri: str, target: str | Path, exclude: tuple[str, ...] = ()) -> Path:
     """Copy the folder `uri` (object storage, or a local path) to the local `target`; return
-    `target`. A FileNotFoundError names the URI when there is nothing there."""
+    `target`. Files whose name ends with one of `exclude` are left out. A FileNotFoundError
+    names the URI when there is nothing there."""
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
@@ -174,10 +196,56 @@ def download_folder(uri: str, target: str | Path) -> Path:
             raise FileNotFoundError(f"{uri} holds no files")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    pyarrow.fs.copy_files(
-        path, str(target), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
-    )
+    local = pyarrow.fs.LocalFileSystem()
+    if not exclude:
+        pyarrow.fs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=local)
+        return target
+    for name in _relative_files(fs, path):
+        if not name.endswith(exclude):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(
+                f"{path}/{name}",
+                str(target / name),
+                source_filesystem=fs,
+                destination_filesystem=local,
+            )
     return target
+
+
+def list_files(uri: str) -> list[str]:
+    """The files under the folder `uri` (object storage, or a local path), as sorted paths
+    relative to it; empty when there is nothing there."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return _relative_files(fs, path)
+
+
+def folder_digest(uri: str) -> str | None:
+    """A digest of the folder `uri`'s listing (each file's path, size and modification time):
+    it changes when a file under it is written again. None when there is nothing there."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
+    listing = sorted(
+        f"{info.path} {info.size} {info.mtime_ns}"
+        for info in fs.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.File
+    )
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest() if listing else None
+
+
+def _relative_files(fs: Any, path: str) -> list[str]:
+    import pyarrow.fs
+
+    selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
+    prefix = path.rstrip("/") + "/"
+    return sorted(
+        info.path.removeprefix(prefix)
+        for info in fs.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.File
+    )
 
 
 def upload_folder(local: str | Path, uri: str) -> None:
@@ -192,3 +260,91 @@ def upload_folder(local: str | Path, uri: str) -> None:
         source_filesystem=pyarrow.fs.LocalFileSystem(),
         destination_filesystem=fs,
     )
+
+
+# --- this node's cache of downloaded folders -----------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where this node keeps downloaded folders: RAYLIFT_CACHE_DIR, else ~/.cache/raylift."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or _DEFAULT_CACHE_DIR).expanduser()
+
+
+def cached_folder(
+    uri: str,
+    kind: str,
+    *,
+    key: str,
+    fetch: Callable[[str, Path], Any] | None = None,
+    version: str = "",
+) -> Path:
+    """A local copy of the folder `uri`, downloaded once per node and then reused.
+
+    For folders whose content never changes under one name: a base model, a registered
+    version's artifacts; `version` (e.g. a listing's sizes and times) goes into the name where
+    the URI alone does not pin the content. The copy is `cache_dir()/kind/<hash>/<last part of
+    uri>`. `fetch(uri, folder)` fills `folder` (default: `download_folder`). It runs into a
+    temporary folder beside, renamed into place once complete, under a file lock: processes of
+    one node (two training ranks, a replica and a batch actor) wait for one download and never
+    see half a folder. `key` names the config key in errors.
+    """
+    _refuse_keys_in_uri(uri, key)
+    name = uri.rstrip("/").rpartition("/")[2] or "folder"
+    digest = hashlib.sha256(f"{uri.rstrip('/')}\n{version}".encode()).hexdigest()[:20]
+    entry = cache_dir() / kind / digest
+    if not entry.is_dir():  # renamed into place only when complete: no lock to read it
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(entry.parent / f"{digest}.lock"):
+            if not entry.is_dir():
+                _download_entry(uri, entry, name, fetch or download_folder)
+    return entry / name
+
+
+def _download_entry(uri: str, entry: Path, name: str, fetch: Callable[[str, Path], Any]) -> None:
+    """Fill `entry/name` from `uri` through a temporary folder (the caller holds the lock)."""
+    for stale in entry.parent.glob(f".{entry.name}.*"):  # left by a process that died
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    started = time.perf_counter()
+    try:
+        fetch(uri, scratch / name)
+        (scratch / _SOURCE_FILE).write_text(f"{uri}\n")
+        os.rename(scratch, entry)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in (entry / name).rglob("*") if f.is_file())
+    log.info(
+        "cache: %s -> %s (%.1f MB in %.1f s)",
+        uri,
+        entry / name,
+        size / 1e6,
+        time.perf_counter() - started,
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# `s3://KEY:SECRET@bucket/...`: pyarrow accepts keys in the URI; raylift never does.
+_KEYS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
+
+
+def _refuse_keys_in_uri(uri: str, key: str) -> None:
+    """A URI with credentials in it would end up in cache paths, logs and checkpoint metadata."""
+    if _KEYS_IN_URI.match(uri):
+        scheme, _, rest = uri.partition("://")
+        raise ValueError(
+            f"{key}={scheme}://***@{rest.partition('@')[2]} holds credentials; remove them from "
+            "the URI and set the standard AWS environment variables (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY) on every node instead"
+        )

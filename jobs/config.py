@@ -185,8 +185,10 @@ class LoraConfig(_Strict):
 class ModelConfig(_Strict):
     base: str = Field(
         "all-MiniLM-L6-v2",
-        description="Pretrained model: a local directory, a shipped name (all-MiniLM-L6-v2) "
-        "or a hub id already in the local cache.",
+        description="Pretrained model: a local directory, a folder on object storage "
+        "(s3://bucket/models/x: safetensors only, downloaded once per node into "
+        "RAYLIFT_CACHE_DIR), a shipped name (all-MiniLM-L6-v2) or a hub id already in the "
+        "local cache.",
     )
     method: Literal["lora", "qlora", "full", "frozen"] = Field(
         "lora",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cluster.storage import cached_folder, download_folder, is_object_storage, list_files
 from jobs.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointMeta,
@@ -53,8 +54,16 @@ _SHIPPED_MODELS = {
 }
 
 
+# Weights that load through pickle (torch.load) and so could run code: never downloaded.
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def resolve_base_model(name: str) -> str:
-    """A local directory, a shipped model name, or a hub id already in the local HF cache."""
+    """A local directory for model.base: a local directory itself, a folder on object storage
+    (`s3://bucket/models/x`, downloaded once per node: cluster.storage.cached_folder), a
+    shipped model name, or a hub id already in the local HF cache."""
+    if is_object_storage(name):
+        return str(cached_folder(name, "models", key="model.base", fetch=_download_base))
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
@@ -70,9 +79,29 @@ def resolve_base_model(name: str) -> str:
     except Exception as exc:
         shipped = ", ".join(sorted(_SHIPPED_MODELS))
         raise FileNotFoundError(
-            f"model.base={name!r} is not a directory, a shipped model ({shipped}) or a hub id "
-            "in the local Hugging Face cache; point model.base at a model directory"
+            f"model.base={name!r} is not a directory, a folder on object storage (s3://...), a "
+            f"shipped model ({shipped}) or a hub id in the local Hugging Face cache; point "
+            "model.base at a model directory"
         ) from exc
+
+
+def _download_base(uri: str, target: Path) -> None:
+    """Download the base model folder at `uri`, its safetensors weights only; a folder with
+    pickled weights alone is refused before anything is downloaded."""
+    files = list_files(uri)
+    if not files:
+        raise FileNotFoundError(
+            f"model.base={uri!r} holds no files; upload a model folder there (config.json, "
+            "*.safetensors, the tokenizer's files) or fix the URI"
+        )
+    if not any(name.endswith(".safetensors") for name in files):
+        pickled = [name for name in files if name.endswith(_PICKLED_WEIGHTS)]
+        found = f"only pickled weights ({', '.join(pickled[:4])})" if pickled else "no weights"
+        raise ValueError(
+            f"model.base={uri!r} holds {found}: raylift loads safetensors only; save the model "
+            "with save_pretrained(folder, safe_serialization=True) and upload that folder"
+        )
+    download_folder(uri, target, exclude=_PICKLED_WEIGHTS)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -263,7 +292,7 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
 
     directory = Path(directory)
     meta = read_checkpoint_meta(directory, trust_remote_code)
-    task = get_task(meta.task)
+    task = get_task(meta.task, peft_needed=False)  # peft only where an adapter is merged
     refuse_remote_code(directory, trust_remote_code)  # before transformers reads its config
     auto = getattr(transformers, task.auto_model)
     if (directory / "adapter_config.json").is_file():

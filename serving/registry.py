@@ -5,16 +5,27 @@ holds a version without its checkpoint. `resolve_model` turns `models:/name@alia
 `models:/name/3`, a local checkpoint directory or one on object storage (`s3://bucket/ckpt`) into
 a local path plus its registry identity. Artifacts go where the experiment says (its
 artifact_location: registry.artifact_location, e.g. `s3://bucket/mlartifacts`).
+
+A checkpoint that is not on local disk is downloaded once per node into cluster.storage's cache
+(`cached_folder`) and reused by the next load: a registered version's artifacts never change, so
+its artifact URI names the copy; a folder on object storage is named by its URI and listing.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import download_folder, is_object_storage, worker_visible_uri
+from cluster.storage import (
+    cached_folder,
+    folder_digest,
+    is_object_storage,
+    is_remote,
+    worker_visible_uri,
+)
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
@@ -198,7 +209,16 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     import mlflow
 
     version = _registry_version(match, uri, tracking_uri)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=version.source)
+    if is_remote(version.source):
+        copy = cached_folder(
+            version.source,
+            "checkpoints",
+            key="registry.artifact_location",
+            fetch=_download_artifacts,
+        )
+        path = str(copy)
+    else:  # MLflow hands back the file store's own folder: nothing is copied
+        path = mlflow.artifacts.download_artifacts(artifact_uri=version.source)
     return ResolvedModel(path=path, name=match["name"], version=str(version.version), uri=uri)
 
 
@@ -214,19 +234,28 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> ResolvedVersio
 
 
 def _download_checkpoint(uri: str) -> str:
-    """A local copy of the checkpoint folder at `uri`, in a folder named as the URI's last part
-    (what a model without a registry name is called)."""
-    import tempfile
-
-    name = uri.rstrip("/").rpartition("/")[2] or "checkpoint"
-    target = Path(tempfile.mkdtemp(prefix="raylift-model-")) / name
-    try:
-        return str(download_folder(uri, target))
-    except FileNotFoundError:
+    """The cached local copy of the checkpoint folder at `uri`, in a folder named as the URI's
+    last part (what a model without a registry name is called). Anyone may write new files
+    under the same URI, so the copy is named by the URI and its listing (names, sizes, times):
+    a changed folder is downloaded again."""
+    listed = folder_digest(uri)
+    if listed is None:
         raise FileNotFoundError(
             f"model URI {uri!r} holds no files: name a checkpoint folder (raylift.json and the "
             "weights), or a registry version models:/<name>/<version>"
-        ) from None
+        )
+    return str(cached_folder(uri, "checkpoints", key="model URI", version=listed))
+
+
+def _download_artifacts(source: str, target: Path) -> None:
+    """MLflow's download of the artifact folder `source` (any store MLflow reaches: s3://,
+    mlflow-artifacts:/ through a tracking server) into the new folder `target`."""
+    import mlflow
+
+    scratch = target.parent / ".mlflow"
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch))
+    Path(downloaded).rename(target)
+    shutil.rmtree(scratch)
 
 
 def _parse_models_uri(uri: str) -> re.Match[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,8 +17,19 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # (2 cores, AVX512-BF16): 105 s at the default, 79 s at 0.25 s. A slow poll is an error only
 # after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so polling often is safe.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Base models and checkpoints downloaded from object storage (cluster.storage.cached_folder)
+# go to this session's folder, not ~/.cache/raylift; set at import, so every Ray process
+# started later inherits it, and removed at the session's end.
+_CACHE_DIR = tempfile.mkdtemp(prefix="raylift-test-cache-")
+os.environ.setdefault("RAYLIFT_CACHE_DIR", _CACHE_DIR)
 
 from tests.helpers import make_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_the_download_cache():
+    yield
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

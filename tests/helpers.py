@@ -70,7 +70,7 @@ def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
 
     from jobs.checkpoint import AdapterMeta, CheckpointMeta
     from jobs.config import ModelConfig
-    from jobs.modeling import build_model, load_tokenizer, save_checkpoint
+    from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
     from jobs.tasks import get_task
 
     torch.manual_seed(0)
@@ -88,7 +88,8 @@ def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
         max_length=32,
         text_column="text",
     )
-    return str(save_checkpoint(model, load_tokenizer(base), directory, meta))
+    tokenizer = load_tokenizer(resolve_base_model(base))  # base: a folder, or on s3://
+    return str(save_checkpoint(model, tokenizer, directory, meta))
 
 
 def make_full_checkpoint(

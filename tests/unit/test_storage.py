@@ -202,3 +202,235 @@ def test_a_table_loads_from_an_s3_file_into_an_s3_warehouse(s3_bucket, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.db"]  # only the catalog
     with pytest.raises(FileNotFoundError, match=r"data\.source s3://unit/in/missing\.csv"):
         warehouse.load_table_from_file(cfg, "ns.x", f"s3://{bucket}/in/missing.csv", **load)
+
+
+# --- this node's download cache: base models and checkpoints from object storage -------------
+
+
+def _slow_fetch(uri: str, target) -> None:
+    """A download that takes a while and counts itself (in the source folder's `fetches`)."""
+    import time
+    from pathlib import Path
+
+    from cluster.storage import download_folder
+
+    source = Path(uri.removeprefix("file://"))
+    with (source.parent / "fetches").open("a") as count:
+        count.write("1\n")
+    time.sleep(0.5)  # the other process asks meanwhile
+    download_folder(uri, target)
+
+
+def _cached_in_a_process(uri: str, cache: str) -> str:
+    import os
+
+    from cluster.storage import cached_folder
+
+    os.environ["RAYLIFT_CACHE_DIR"] = cache
+    return str(cached_folder(uri, "models", key="model.base", fetch=_slow_fetch))
+
+
+def _model_folder(path):
+    (path / "sub").mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "sub" / "weights.safetensors").write_bytes(b"w" * 1000)
+    return path
+
+
+def test_cached_folder_downloads_once_into_place_and_leaves_nothing_half_written(
+    tmp_path, monkeypatch
+):
+    from cluster import storage
+
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    uri = _model_folder(tmp_path / "src" / "minilm").as_uri()
+    fetched = []
+
+    def fetch(source, target):
+        fetched.append(source)
+        storage.download_folder(source, target)
+
+    first = storage.cached_folder(uri, "models", key="model.base", fetch=fetch)
+    again = storage.cached_folder(uri, "models", key="model.base", fetch=fetch)
+    assert first == again and fetched == [uri]  # downloaded once, then reused
+    assert first.name == "minilm" and first.parent.parent == tmp_path / "cache" / "models"
+    assert (first / "sub" / "weights.safetensors").stat().st_size == 1000
+    assert (first.parent / "source.txt").read_text() == f"{uri}\n"
+    assert storage.cached_folder(uri, "models", key="k", version="v2") != first  # a new copy
+
+    def broken(source, target):
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        raise OSError("connection reset")
+
+    other = _model_folder(tmp_path / "src" / "other").as_uri()
+    with pytest.raises(OSError, match="connection reset"):
+        storage.cached_folder(other, "models", key="model.base", fetch=broken)
+    entries = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    assert not [e for e in entries if e.startswith(".")]  # the half download is gone
+    assert len([e for e in entries if not e.endswith(".lock")]) == 2  # the two complete ones
+    copy = storage.cached_folder(other, "models", key="model.base", fetch=fetch)
+    assert (copy / "config.json").is_file() and fetched == [uri, other]
+
+
+def test_two_processes_of_one_node_wait_for_one_download(tmp_path):
+    import multiprocessing
+
+    uri = _model_folder(tmp_path / "src" / "minilm").as_uri()
+    cache = str(tmp_path / "cache")
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        paths = pool.starmap(_cached_in_a_process, [(uri, cache), (uri, cache)])
+    assert paths[0] == paths[1]
+    assert (tmp_path / "src" / "fetches").read_text() == "1\n"  # one download for both
+    assert (tmp_path / "cache" / "models").is_dir()
+
+
+def test_credentials_in_a_uri_are_refused_and_never_echoed(tmp_path, monkeypatch):
+    from cluster.storage import cached_folder
+
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(
+        ValueError, match=r"model\.base=s3://\*\*\*@bucket/m holds credentials"
+    ) as e:
+        cached_folder("s3://AKIAKEY:s3cr3t@bucket/m", "models", key="model.base")
+    assert "s3cr3t" not in str(e.value) and "AKIAKEY" not in str(e.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_cache_folder_comes_from_the_environment(tmp_path, monkeypatch):
+    from cluster.storage import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAYLIFT_CACHE_DIR")
+    assert cache_dir() == tmp_path / ".cache" / "raylift"
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", "~/elsewhere")
+    assert cache_dir() == tmp_path / "elsewhere"
+
+
+def test_a_base_model_on_s3_is_downloaded_once_per_node_without_pickled_files(
+    s3_bucket, tiny_bert, tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from cluster import storage
+    from jobs import modeling
+
+    server, bucket = s3_bucket
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    storage.upload_folder(tiny_bert, f"s3://{bucket}/models/tiny-bert")
+    server.client().put_object(Bucket=bucket, Key="models/tiny-bert/pytorch_model.bin", Body=b"x")
+    downloads = []
+    real = storage.download_folder
+    monkeypatch.setattr(
+        modeling, "download_folder", lambda *a, **k: downloads.append(a) or real(*a, **k)
+    )
+
+    path = Path(modeling.resolve_base_model(f"s3://{bucket}/models/tiny-bert"))
+    assert modeling.resolve_base_model(f"s3://{bucket}/models/tiny-bert/") == str(path)
+    assert len(downloads) == 1 and path.is_relative_to(tmp_path / "cache")
+    local = sorted(p.name for p in Path(tiny_bert).iterdir())
+    assert sorted(p.name for p in path.iterdir()) == local  # the .bin was left behind
+    assert not any(p.name.endswith(".bin") for p in path.iterdir())
+    tokenizer = modeling.load_tokenizer(str(path))
+    assert (
+        tokenizer("card arrived")["input_ids"]
+        == modeling.load_tokenizer(tiny_bert)("card arrived")["input_ids"]
+    )
+
+
+def test_a_base_on_s3_with_only_pickled_weights_is_refused_before_any_download(
+    s3_bucket, tmp_path, monkeypatch
+):
+    from jobs.modeling import resolve_base_model
+
+    server, bucket = s3_bucket
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("config.json", "pytorch_model.bin"):
+        server.client().put_object(Bucket=bucket, Key=f"models/pickled/{name}", Body=b"{}")
+    with pytest.raises(
+        ValueError,
+        match=r"model\.base='s3://unit/models/pickled' holds only "
+        r"pickled weights \(pytorch_model\.bin\): raylift loads safetensors only",
+    ):
+        resolve_base_model(f"s3://{bucket}/models/pickled")
+    with pytest.raises(FileNotFoundError, match=r"model\.base='s3://unit/models/none' holds no"):
+        resolve_base_model(f"s3://{bucket}/models/none")
+    cached = list((tmp_path / "cache" / "models").iterdir())
+    assert [p for p in cached if not p.name.endswith(".lock")] == []  # nothing kept
+
+
+def test_a_lora_checkpoint_over_a_base_on_s3_loads_from_s3_into_the_cache_once(
+    s3_bucket, tiny_bert, tmp_path, monkeypatch
+):
+    """meta.base_model = s3://...: what Ray Data actors and Serve replicas load (Predictor)."""
+    import glob
+    import shutil
+
+    import torch
+
+    from cluster.storage import upload_folder
+    from jobs.modeling import read_checkpoint_meta, write_checkpoint_meta
+    from serving.predictor import Predictor
+    from serving.registry import resolve_model
+    from tests.helpers import make_lora_checkpoint
+
+    server, bucket = s3_bucket
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    base = f"s3://{bucket}/models/tiny-bert"
+    upload_folder(tiny_bert, base)
+    local = make_lora_checkpoint(tiny_bert, tmp_path / "local" / "tiny", ["a", "b", "c"])
+    on_s3 = shutil.copytree(local, tmp_path / "s3copy" / "tiny")
+    meta = read_checkpoint_meta(on_s3)
+    write_checkpoint_meta(on_s3, meta.model_copy(update={"base_model": base}))
+    upload_folder(on_s3, f"s3://{bucket}/ckpt/tiny")
+    before = set(glob.glob("/tmp/raylift-model-*"))
+
+    texts = ["card arrived late", "refund pending"]
+    remote = Predictor(f"s3://{bucket}/ckpt/tiny", precision="fp32")
+    expected = Predictor(local, precision="fp32")
+    got, want = remote({"text": texts}), expected({"text": texts})
+    assert list(got["label"]) == list(want["label"])
+    assert torch.allclose(torch.tensor(got["score"]), torch.tensor(want["score"]), atol=1e-6)
+    assert remote.model_name == "tiny"
+
+    resolved = resolve_model(f"s3://{bucket}/ckpt/tiny")
+    assert resolve_model(f"s3://{bucket}/ckpt/tiny").path == resolved.path  # reused
+    assert resolved.path.startswith(str(tmp_path / "cache" / "checkpoints"))
+    assert set(glob.glob("/tmp/raylift-model-*")) == before  # nothing left per load
+    kinds = {p.name: len(list(p.glob("*/"))) for p in (tmp_path / "cache").iterdir()}
+    assert kinds == {"checkpoints": 1, "models": 1}
+    # A folder written again under the same URI is a new copy, not the stale one.
+    server.client().put_object(Bucket=bucket, Key="ckpt/tiny/note.txt", Body=b"v2")
+    assert resolve_model(f"s3://{bucket}/ckpt/tiny").path != resolved.path
+
+
+def test_raylift_report_writes_its_page_and_plots_to_s3(s3_bucket, tmp_path, monkeypatch):
+    """`raylift report RUN --out s3://...` end to end, on a finetune run MLflow holds."""
+    import mlflow
+
+    from jobs.cli import main as raylift
+
+    server, bucket = s3_bucket
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(tracking)
+    experiment = mlflow.create_experiment("reports", artifact_location=str(tmp_path / "mla"))
+    with mlflow.start_run(experiment_id=experiment, run_name="one-run") as run:
+        mlflow.log_params({"train.learning_rate": "0.001", "model.method": "lora"})
+        for epoch, accuracy in enumerate([0.4, 0.7, 0.8], start=1):
+            mlflow.log_metrics({"val_accuracy": accuracy, "val_loss": 1 - accuracy}, step=epoch)
+    monkeypatch.chdir(tmp_path)
+    out = f"s3://{bucket}/reports/{run.info.run_id}"
+
+    code = raylift(["report", run.info.run_id, "--out", out, f"registry.tracking_uri={tracking}"])
+
+    assert code == 0
+    keys = server.keys(bucket, f"reports/{run.info.run_id}/")
+    names = {key.rpartition("/")[2] for key in keys}
+    assert {"report.html", "curves.png"} <= names
+    body = server.client().get_object(Bucket=bucket, Key=f"reports/{run.info.run_id}/report.html")
+    page = body["Body"].read().decode()
+    assert "one-run" in page and 'src="curves.png"' in page
+    assert "No model version was registered" in page
+    png = server.client().get_object(Bucket=bucket, Key=f"reports/{run.info.run_id}/curves.png")
+    assert png["Body"].read().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # nothing staged here
