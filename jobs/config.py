@@ -736,12 +736,19 @@ class TuneConfig(_Strict):
         description="Metric trials are ranked by (reported every epoch); promote.metric if unset.",
     )
     mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximized.")
-    scheduler: Literal["asha", "fifo"] = Field(
-        "asha", description="asha: stop weak trials early; fifo: every trial runs every epoch."
+    scheduler: Literal["asha", "sha", "fifo"] = Field(
+        "asha",
+        description="asha: stop weak trials early, each decision alone as a trial reaches a "
+        "rung (Ray's ASHA: best when many trials run at once); sha: synchronous successive "
+        "halving, trials pause at each rung until all have reached it, then the best "
+        "1/reduction_factor go on (best when the cluster runs few trials at once: the first "
+        "trials at an ASHA rung have no peers and always go on); fifo: every trial runs every "
+        "epoch.",
     )
     asha: AshaConfig = Field(
         default_factory=AshaConfig,
-        description="ASHA settings; its max_t is train.epochs (epochs are its time unit).",
+        description="Rungs of asha and sha (grace_period · reduction_factor^k epochs); max_t is "
+        "train.epochs (epochs are the time unit).",
     )
     searcher: Literal["random", "optuna"] = Field(
         "random",
@@ -964,7 +971,7 @@ def search_space_errors(config: LifecycleConfig) -> list[str]:
     """
     errors = []
     grace, epochs = config.tune.asha.grace_period, config.train.epochs
-    if config.tune.scheduler == "asha" and grace > epochs:
+    if config.tune.scheduler in ("asha", "sha") and grace > epochs:
         errors.append(
             f"  tune.asha.grace_period: {grace} is more than train.epochs={epochs} (ASHA's "
             "max_t); lower it, or raise train.epochs"

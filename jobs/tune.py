@@ -263,13 +263,25 @@ def _param_space(config: LifecycleConfig) -> dict[str, Any]:
     return {_OVERRIDES: space}
 
 
-def _scheduler(config: LifecycleConfig):
+def _scheduler(config: LifecycleConfig, concurrent: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if config.tune.scheduler == "fifo":
         return FIFOScheduler()
-    # Time is counted in epochs (the "epoch" metric train_func reports), not in Tune iterations,
-    # so a trial restarted from scratch is judged by the epochs it really trained.
+    # Time is counted in epochs (the "epoch" metric train_func reports), not in Tune iterations:
+    # a trial that continues its Train run after a pause or a failure reports the epochs it
+    # really trained.
+    if config.tune.scheduler == "sha":
+        from jobs.halving import SyncHalving
+
+        return SyncHalving(
+            time_attr="epoch",
+            max_t=config.train.epochs,
+            grace_period=config.tune.asha.grace_period,
+            reduction_factor=config.tune.asha.reduction_factor,
+            num_trials=config.tune.num_samples,
+            max_running=concurrent,
+        )
     return ASHAScheduler(
         time_attr="epoch",
         max_t=config.train.epochs,
@@ -282,7 +294,12 @@ def _search_alg(config: LifecycleConfig, concurrent: int):
     """What samples the trials, at most `concurrent` at once. The cap goes on the search
     algorithm: Tune ignores max_concurrent_trials (with a warning) beside a BasicVariantGenerator,
     and 4 tiny trials then all ran at once. Both kinds are saved in the experiment and restored
-    by --resume (Tuner.restore) with what they had sampled and learned."""
+    by --resume (Tuner.restore) with what they had sampled and learned.
+
+    Under scheduler sha the scheduler caps the running trials instead: a searcher counts paused
+    trials as live, and a rung that waits for every trial would never see the last ones."""
+    if config.tune.scheduler == "sha":
+        concurrent = config.tune.num_samples
     if config.tune.searcher == "optuna":
         return _optuna_search(config, concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -338,7 +355,7 @@ def _tuner(
             metric=setup.metric,
             mode=setup.mode,
             num_samples=config.tune.num_samples,
-            scheduler=_scheduler(config),
+            scheduler=_scheduler(config, concurrent),
             search_alg=_search_alg(config, concurrent),
             time_budget_s=config.tune.time_budget_s,
         ),
@@ -360,14 +377,21 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     config = with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(setup.tracking_uri)
-    run_id = _start_trial_run(client, setup, trial_id, config, overrides)
+    # A trial started again (after the sha scheduler paused it at a rung, after a failure, or
+    # by --resume) continues its own MLflow run and its own Train run: a trainer of the same
+    # name resumes from the latest checkpoint (engine state, epoch, data position), and
+    # train_func reports the epochs that follow it.
+    earlier = _trial_runs(client, setup, trial_id).get(trial_id)
+    if earlier:
+        run_id = earlier[0].info.run_id
+        log.info("trial %s: continuing run %s from its latest checkpoint", trial_id, run_id)
+    else:
+        run_id = _start_trial_run(client, setup, trial_id, config, overrides)
     meta = {**setup.lineage, tags.CONFIG_HASH: config_hash(config), tags.TUNE_TRIAL_ID: trial_id}
     trainer = build_trainer(
         config,
         data,
         loop_inputs(config, data, meta, run_id),
-        # One Train run per attempt: train_func starts at epoch 1, so a restarted trial must not
-        # pick up the checkpoints of its dead attempt.
         name=f"{trial_id}-{run_id[:8]}",
         storage_path=setup.train_storage,
         metric=setup.metric,
@@ -401,15 +425,14 @@ def _start_trial_run(
 # --- after the search -------------------------------------------------------------------------
 
 
-def _trial_runs(client, setup: _TrialSetup) -> dict[str, list[Any]]:
-    """trial id → its nested runs, newest first (a resumed trial has one per attempt)."""
+def _trial_runs(client, setup: _TrialSetup, trial_id: str | None = None) -> dict[str, list[Any]]:
+    """trial id → its nested runs, newest first (one trial, or every trial of the search)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    runs = client.search_runs(
-        [setup.mlflow_experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{setup.parent_run_id}'",
-        max_results=10_000,
-    )
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{setup.parent_run_id}'"
+    if trial_id is not None:
+        query += f" and tags.`{tags.TUNE_TRIAL_ID}` = '{trial_id}'"
+    runs = client.search_runs([setup.mlflow_experiment_id], filter_string=query, max_results=10_000)
     by_trial: dict[str, list[Any]] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
         by_trial.setdefault(run.data.tags.get(tags.TUNE_TRIAL_ID, ""), []).append(run)

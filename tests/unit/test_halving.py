@@ -1,0 +1,147 @@
+"""The synchronous successive-halving scheduler's decisions, driven the way Tune drives it.
+
+The real search (paused trials continuing their Train runs) is tests/integration/test_tune.py;
+here a stand-in for Tune's controller holds trials with the fields the scheduler reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from jobs.halving import SyncHalving, rungs
+
+
+@dataclass(eq=False)
+class _Trial:
+    trial_id: str
+    status: str = Trial.PENDING
+    is_saving: bool = False
+    last_result: dict = field(default_factory=dict)
+
+    def set_status(self, status):
+        self.status = status
+
+
+class _Controller:
+    def __init__(self, trials):
+        self.trials = trials
+        self.stopped: list[str] = []
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        trial.status = Trial.TERMINATED
+        self.stopped.append(trial.trial_id)
+
+
+def _scheduler(num_trials=4, max_running=1, factor=2, max_t=4, mode="max") -> SyncHalving:
+    scheduler = SyncHalving(
+        time_attr="epoch",
+        max_t=max_t,
+        grace_period=1,
+        reduction_factor=factor,
+        num_trials=num_trials,
+        max_running=max_running,
+    )
+    scheduler.set_search_properties("val_accuracy", mode)
+    return scheduler
+
+
+def _add(scheduler, controller, trials):
+    for trial in trials:
+        scheduler.on_trial_add(controller, trial)
+        assert trial.status in (Trial.PAUSED, Trial.TERMINATED)  # only started when chosen
+
+
+def _report(scheduler, controller, trial, epoch, value):
+    trial.status = Trial.RUNNING
+    decision = scheduler.on_trial_result(controller, trial, {"epoch": epoch, "val_accuracy": value})
+    trial.status = {TrialScheduler.PAUSE: Trial.PAUSED, TrialScheduler.STOP: Trial.TERMINATED}.get(
+        decision, Trial.RUNNING
+    )
+    return decision
+
+
+def test_rungs_are_grace_times_powers_of_the_factor_below_max_t():
+    assert rungs(1, 3, 9) == [1, 3]
+    assert rungs(1, 2, 4) == [1, 2]
+    assert rungs(2, 3, 27) == [2, 6, 18]
+    assert rungs(1, 1.5, 4) == [1, 2, 3]  # rounded, no rung twice
+    assert rungs(4, 2, 4) == []
+
+
+def test_each_rung_waits_for_every_trial_then_keeps_the_best_half():
+    trials = [_Trial(f"t{i}") for i in range(4)]
+    controller = _Controller(trials)
+    scheduler = _scheduler()
+    _add(scheduler, controller, trials)
+    scores = {"t0": 0.2, "t1": 0.9, "t2": 0.5, "t3": 0.7}
+
+    for trial in trials:  # one at a time, each paused at epoch 1 until all four are there
+        assert scheduler.choose_trial_to_run(controller) is trial
+        decision = _report(scheduler, controller, trial, 1, scores[trial.trial_id])
+        if trial.trial_id != "t3":
+            assert decision == TrialScheduler.PAUSE
+    # the last to arrive decides: t1 and t3 go on, t0 and t2 (paused) are stopped
+    assert decision == TrialScheduler.CONTINUE  # t3 is in the best half and keeps running
+    assert sorted(controller.stopped) == ["t0", "t2"]
+    assert scheduler.choose_trial_to_run(controller) is None  # t3 runs; one at a time
+
+    assert _report(scheduler, controller, trials[3], 2, 0.8) == TrialScheduler.PAUSE
+    assert scheduler.choose_trial_to_run(controller) is trials[1]  # the kept, paused one
+    assert _report(scheduler, controller, trials[1], 2, 0.6) == TrialScheduler.STOP
+    assert scheduler.choose_trial_to_run(controller) is trials[3]
+    assert _report(scheduler, controller, trials[3], 3, 0.85) == TrialScheduler.CONTINUE
+    assert scheduler.stopped == 3
+
+
+def test_min_mode_keeps_the_lowest_and_a_failed_trial_does_not_block_a_rung():
+    trials = [_Trial(f"t{i}") for i in range(3)]
+    controller = _Controller(trials)
+    scheduler = _scheduler(num_trials=3, factor=3, max_t=3, mode="min")
+    _add(scheduler, controller, trials)
+    _report(scheduler, controller, trials[0], 1, 2.0)
+    trials[1].status = Trial.ERROR  # failed before epoch 1, retries spent
+    scheduler.on_trial_error(controller, trials[1])
+    assert scheduler.choose_trial_to_run(controller) is trials[2]
+    assert _report(scheduler, controller, trials[2], 1, 1.0) == TrialScheduler.CONTINUE
+    assert controller.stopped == ["t0"]
+
+
+def test_nothing_is_decided_before_the_searcher_created_every_trial():
+    trials = [_Trial("t0")]
+    controller = _Controller(trials)
+    scheduler = _scheduler(num_trials=2, factor=2, max_t=2)
+    _add(scheduler, controller, trials)
+    assert _report(scheduler, controller, trials[0], 1, 0.5) == TrialScheduler.PAUSE
+    assert scheduler.choose_trial_to_run(controller) is None  # waits at its rung
+    trials.append(_Trial("t1"))
+    _add(scheduler, controller, trials[1:])
+    assert scheduler.choose_trial_to_run(controller) is trials[1]
+    assert _report(scheduler, controller, trials[1], 1, 0.4) == TrialScheduler.STOP
+    assert scheduler.choose_trial_to_run(controller) is trials[0]
+
+
+@pytest.mark.parametrize("restored_status", [Trial.PENDING, Trial.PAUSED])
+def test_a_restored_search_rebuilds_its_rungs_from_the_trials_last_results(restored_status):
+    # tune --resume after the driver died: rung 1 was decided (t0 went past it) and kept t0 and
+    # t3 (t3 still waits there to be continued); t1 and t2 were stopped at it; t0 waits at
+    # rung 2 for t3.
+    trials = [
+        _Trial("t0", restored_status, last_result={"epoch": 2, "val_accuracy": 0.7}),
+        _Trial("t1", Trial.TERMINATED, last_result={"epoch": 1, "val_accuracy": 0.1}),
+        _Trial("t2", Trial.TERMINATED, last_result={"epoch": 1, "val_accuracy": 0.2}),
+        _Trial("t3", restored_status, last_result={"epoch": 1, "val_accuracy": 0.6}),
+    ]
+    controller = _Controller(trials)
+    scheduler = _scheduler(num_trials=4, factor=2, max_t=4)  # rungs 1, 2
+    _add(scheduler, controller, trials)
+    assert scheduler.choose_trial_to_run(controller) is trials[3]  # t0 must wait for it
+    assert _report(scheduler, controller, trials[3], 2, 0.9) == TrialScheduler.CONTINUE
+    assert controller.stopped == ["t0"]
+    assert scheduler.choose_trial_to_run(controller) is None  # t3 runs, nothing else is left
