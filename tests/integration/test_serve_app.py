@@ -1,7 +1,9 @@
 """The Serve app on the shared Ray: answers, every 4xx, batching across requests, bearer auth
 (and the token nowhere in Ray's REST API), its Prometheus metrics, and schema-driven fuzzing.
 
-One deployment carries them all: each Serve deploy costs 10-15 s of the suite on 2 cores."""
+One deployment carries them all: each Serve deploy costs 10-15 s of the suite on 2 cores. The
+token-protected app serves its model from object storage: a LoRA checkpoint on a local S3
+server (moto, tests/s3_server.py) whose base model is on S3 too, as serve.model_uri=s3://..."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.helpers import SERVE_PORT as PORT
 from tests.helpers import make_lora_checkpoint
+from tests.s3_server import export_s3_env, running_s3_server
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 MODEL = "tiny-router"
@@ -24,6 +27,9 @@ SECURED = "secured-router"
 TOKEN_ENV = "RAYLIFT_TEST_SERVE_TOKEN"
 TOKEN = "not-a-real-secret-7b1e2c"
 DASHBOARD = "http://127.0.0.1:8265"
+BUCKET = "raylift-serve"
+# Set now, at import: every Ray process of the session must start with it (tests/s3_server.py).
+S3 = export_s3_env()
 
 
 def _make_checkpoint(tiny_bert: str, directory) -> str:
@@ -49,8 +55,23 @@ def _config(model_name: str, **serve):
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session, tiny_bert, tmp_path_factory):
-    """Base URL of the app `deploy` started; a second, token-protected app under /secured."""
+def s3_checkpoint(tiny_bert, tmp_path_factory):
+    """(s3:// URI, local copy) of a LoRA checkpoint whose base model is on S3 as well."""
+    from cluster.storage import upload_folder
+
+    with running_s3_server(S3) as server:
+        server.create_bucket(BUCKET)
+        base = f"s3://{BUCKET}/models/tiny-bert"
+        upload_folder(tiny_bert, base)
+        local = _make_checkpoint(base, tmp_path_factory.mktemp("s3-serve") / "tiny-s3")
+        upload_folder(local, f"s3://{BUCKET}/checkpoints/tiny-s3")
+        yield f"s3://{BUCKET}/checkpoints/tiny-s3", local
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session, tiny_bert, tmp_path_factory, s3_checkpoint):
+    """Base URL of the app `deploy` started; a second, token-protected app under /secured,
+    serving the checkpoint on S3."""
     from ray import serve
 
     from serving.app import build_app, deploy
@@ -58,7 +79,7 @@ def endpoint(ray_session, tiny_bert, tmp_path_factory):
     checkpoint = _make_checkpoint(tiny_bert, tmp_path_factory.mktemp("serve") / "tiny")
     with pytest.MonkeyPatch.context() as env:
         env.setenv(TOKEN_ENV, TOKEN)
-        secured = build_app(_config(SECURED, auth_token_env=TOKEN_ENV), model_uri=checkpoint)
+        secured = build_app(_config(SECURED, auth_token_env=TOKEN_ENV), model_uri=s3_checkpoint[0])
     # Start the secured app without waiting, so both replicas load their model at once.
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     target = serve.RunTarget(secured, name=SECURED, route_prefix="/secured")
@@ -273,6 +294,31 @@ def _ray_auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def test_a_checkpoint_on_s3_is_served_as_a_local_predictor_answers(client, s3_checkpoint):
+    """serve.model_uri=s3://...: the replica downloaded the checkpoint and its base (also on S3)
+    into the node's cache (RAYLIFT_CACHE_DIR) and answers as the same checkpoint loaded here."""
+    from serving.predictor import Predictor
+
+    uri, local = s3_checkpoint
+    texts = ["card arrived late", "lost stolen pin blocked"]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    response = client.post(
+        f"/secured/v1/models/{SECURED}/predict", json={"texts": texts}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = Predictor(local, precision="fp32")({"text": texts})
+    assert body["model_name"] == "tiny-s3" and body["model_version"] == "local"
+    assert [p["label"] for p in body["predictions"]] == list(expected["label"])
+    scores = [p["score"] for p in body["predictions"]]
+    assert scores == pytest.approx(list(expected["score"]), abs=1e-5)
+    info = client.get(f"/secured/v1/models/{SECURED}", headers=headers).json()
+    assert info["model_uri"] == uri
+    cache = Path(os.environ["RAYLIFT_CACHE_DIR"])
+    assert [p.name for p in cache.glob("checkpoints/*/tiny-s3")] == ["tiny-s3"]
+    assert [p.name for p in cache.glob("models/*/tiny-bert")] == ["tiny-bert"]
+
+
 def test_the_token_is_nowhere_in_rays_rest_api(client):
     import httpx
 
@@ -285,6 +331,7 @@ def test_the_token_is_nowhere_in_rays_rest_api(client):
     assert SECURED in response.text and MODEL in response.text  # the apps are described,
     assert "ray_actor_options" in response.text  # runtime_env and all, where the token was
     assert TOKEN not in response.text
+    assert S3.variables()["AWS_SECRET_ACCESS_KEY"] not in response.text  # nor the S3 keys
     # and the digest-only replica still tells a right token from a wrong one
     url = f"/secured/v1/models/{SECURED}"
     assert client.get(url).status_code == 401
