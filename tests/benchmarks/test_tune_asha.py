@@ -1,8 +1,14 @@
-"""Tune: ASHA against a full-budget search (scheduler fifo) of the same trials. Both run
-`jobs.tune.main` on configs/banking77/minilm_tune.yaml (MiniLM-L6 LoRA, the same search space,
-seed and ASHA settings) over a stratified sample of BANKING77, with fewer and shorter trials so
-both searches fit about 15 minutes on 2 cores. Run by `make bench`; prints a table and ratios and
-writes them to .raylift/bench/tune_asha.json; asserts nothing about time.
+"""Tune: early stopping against a full-budget search (scheduler fifo) of the same trials. ASHA
+(Ray's asynchronous scheduler), sha (jobs.halving: synchronous successive halving) and fifo each
+run `jobs.tune.main` on configs/banking77/minilm_tune.yaml (MiniLM-L6 LoRA, the same search
+space, seed and rung settings: grace 1, reduction factor 3) over a stratified sample of
+BANKING77, 9 trials of at most 9 epochs, so that there are rungs at epochs 1 and 3 and the
+three searches fit about 40 minutes on 2 cores. Run by `make bench`; prints a table and ratios
+and writes them to .raylift/bench/tune_asha.json; asserts nothing about time.
+
+Why sha: the embedded Ray of a 2-core machine runs one trial at a time, and asynchronous ASHA
+lets a trial go on when it is in the top third of the trials that reached the rung *so far*:
+the first ones always go on. sha waits at each rung for every trial.
 
 Target (DESIGN.md): ASHA's best trial within 1 point of the full-budget best, with <= 40% of
 the full-budget compute.
@@ -37,8 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs/banking77/minilm_tune.yaml"
 REPORT = REPO / ".raylift/bench/tune_asha.json"
 PER_CLASS = 26  # rows of each of the 77 intents: 2,002 rows, ~400 of them held out (0.2)
-TRIALS = 6
-EPOCHS = 4  # ASHA's rungs (grace 1, reduction factor 3 as in the config) at epochs 1 and 3
+TRIALS = 9
+EPOCHS = 9  # rungs (grace 1, reduction factor 3 as in the config) at epochs 1 and 3
 MAX_LENGTH = 32  # BANKING77 texts average 16 tokens
 SEED = 17
 SAMPLE_S = 0.5
@@ -57,6 +63,10 @@ class SearchRun:
     best: float
     stopped: int
     trials: list[dict]
+
+    @property
+    def cores_wall_s(self) -> float:
+        return self.wall_s * CORES
 
 
 def _stratified_csv(path: Path) -> Path:
@@ -89,6 +99,7 @@ def _config(root: Path, scheduler: str) -> LifecycleConfig:
             "tune.num_samples": TRIALS,
             "tune.scheduler": scheduler,
             "tune.seed": SEED,
+            "tune.time_budget_s": None,
             "registry.tracking_uri": f"sqlite:///{root}/mlflow.db",
             "registry.experiment": "bench-tune",
             "registry.model_name": f"bench-tune-{scheduler}",
@@ -186,37 +197,61 @@ def _key(params: dict) -> tuple:
     return tuple(sorted(params.items()))
 
 
-def _report(asha: SearchRun, full: SearchRun, cpu_kind: str) -> str:
-    by_params = {_key(t["params"]): t for t in asha.trials}
+def _report(runs: dict[str, SearchRun], cpu_kind: str) -> str:
+    full = runs["fifo"]
+    early = [name for name in runs if name != "fifo"]
+    by_params = {name: {_key(t["params"]): t for t in runs[name].trials} for name in early}
     lines = [
-        f"\ntune: ASHA vs full-budget search (fifo), {TRIALS} trials x {EPOCHS} epochs, "
+        f"\ntune: early stopping vs full-budget search (fifo), {TRIALS} trials x {EPOCHS} epochs, "
         f"MiniLM-L6 LoRA, BANKING77 stratified {PER_CLASS * 77:,} rows (0.2 held out), "
         f"max_length {MAX_LENGTH}, {CORES} cores {cpu_kind}",
         f"  {'lr':>8} {'head lr':>8} {'r':>3} {'alpha':>5} | full: epochs  best | "
-        "asha: epochs  best",
+        + " | ".join(f"{name}: epochs  best" for name in early),
     ]
     for t in full.trials:
-        p, a = t["params"], by_params[_key(t["params"])]
+        p = t["params"]
+        cells = [
+            f"{by_params[name][_key(p)]['epochs_trained']:>{len(name) + 8}} "
+            f"{by_params[name][_key(p)]['best']:.4f}"
+            for name in early
+        ]
         lines.append(
             f"  {p['train.learning_rate']:8.2e} {p['train.head_learning_rate']:8.2e} "
             f"{p['model.lora.r']:>3} {p['model.lora.alpha']:>5} | "
-            f"{t['epochs_trained']:>12} {t['best']:.4f} | {a['epochs_trained']:>12} {a['best']:.4f}"
+            f"{t['epochs_trained']:>12} {t['best']:.4f} | " + " | ".join(cells)
         )
-    target = "  (target <= 0.40)"
     rows = [
-        ("trial-epochs trained", full.trial_epochs, asha.trial_epochs, "d", target),
-        ("CPU-s (local Ray)", full.cpu_s, asha.cpu_s, ".0f", target),
-        (f"wall s x {CORES} cores", full.wall_s * CORES, asha.wall_s * CORES, ".0f", ""),
+        ("trial-epochs trained", "trial_epochs", "d", "  (target <= 0.40)"),
+        ("CPU-s (local Ray)", "cpu_s", ".0f", "  (target <= 0.40)"),
+        (f"wall s x {CORES} cores", "cores_wall_s", ".0f", ""),
     ]
-    lines.append(f"  {'':22} {'full':>8} {'asha':>8}  asha/full")
-    for name, f, a, fmt, note in rows:
-        lines.append(f"  {name:22} {f:>8{fmt}} {a:>8{fmt}}  {a / f:.2f}{note}")
-    lines += [
-        f"  best val_accuracy      {full.best:8.4f} {asha.best:8.4f}  asha - full "
-        f"{100 * (asha.best - full.best):+.2f} points (target >= -1)",
-        f"  ASHA stopped {asha.stopped} of {TRIALS} trials; CPU-s of other processes on the "
-        f"machine meanwhile: {full.other_cpu_s:.0f} (full), {asha.other_cpu_s:.0f} (asha)",
-    ]
+    lines.append(
+        f"  {'':22} {'full':>8} "
+        + " ".join(f"{name:>8}" for name in early)
+        + "  "
+        + "  ".join(f"{name}/full" for name in early)
+    )
+    for label, attr, fmt, note in rows:
+        values = {name: getattr(run, attr) for name, run in runs.items()}
+        ratios = "  ".join(f"{values[name] / values['fifo']:>{len(name) + 5}.2f}" for name in early)
+        lines.append(
+            f"  {label:22} {values['fifo']:>8{fmt}} "
+            + " ".join(f"{values[name]:>8{fmt}}" for name in early)
+            + f"  {ratios}{note}"
+        )
+    lines.append(
+        f"  best val_accuracy      {full.best:8.4f} "
+        + " ".join(f"{runs[name].best:8.4f}" for name in early)
+        + "  "
+        + "  ".join(f"{name} {100 * (runs[name].best - full.best):+.2f} pts" for name in early)
+        + "  (target >= -1)"
+    )
+    lines.append(
+        "  stopped early: "
+        + ", ".join(f"{name} {runs[name].stopped} of {TRIALS}" for name in early)
+        + "; CPU-s of other processes on the machine meanwhile: "
+        + ", ".join(f"{name} {run.other_cpu_s:.0f}" for name, run in runs.items())
+    )
     return "\n".join(lines)
 
 
@@ -233,15 +268,15 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-def test_asha_against_full_budget_search(ray_session, root):
+def test_early_stopping_against_full_budget_search(ray_session, root):
     tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
     # the CPU count is only right if the local Ray lives under this process
     assert any("raylet" in p.name() for p in tree), "Ray was not started by this process"
-    # ASHA first: the second search would find the file cache warm
-    asha = _search(_config(root, "asha"))
-    full = _search(_config(root, "fifo"))
-    report = _report(asha, full, _cpu_kind())
+    # the early-stopping searches first: the last search finds the file cache warm
+    runs = {name: _search(_config(root, name)) for name in ("sha", "asha", "fifo")}
+    report = _report(runs, _cpu_kind())
     print(report)
+    full = runs["fifo"]
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(
         json.dumps(
@@ -251,21 +286,29 @@ def test_asha_against_full_budget_search(ray_session, root):
                 "rows": PER_CLASS * 77,
                 "trials": TRIALS,
                 "epochs": EPOCHS,
-                "asha": asdict(asha),
-                "full": asdict(full),
-                "best_diff_points": 100 * (asha.best - full.best),
-                "trial_epochs_ratio": asha.trial_epochs / full.trial_epochs,
-                "cpu_s_ratio": asha.cpu_s / full.cpu_s,
+                "runs": {name: asdict(run) for name, run in runs.items()},
+                "ratios": {
+                    name: {
+                        "best_diff_points": 100 * (run.best - full.best),
+                        "trial_epochs": run.trial_epochs / full.trial_epochs,
+                        "cpu_s": run.cpu_s / full.cpu_s,
+                    }
+                    for name, run in runs.items()
+                    if name != "fifo"
+                },
             },
             indent=2,
         )
     )
-    for run in (asha, full):
+    for run in runs.values():
         assert len(run.trials) == TRIALS
         assert all(t["status"] == "TERMINATED" for t in run.trials), run.trials
-    # the same seed samples the same trials: the comparison is of schedulers only
-    assert sorted(_key(t["params"]) for t in asha.trials) == sorted(
-        _key(t["params"]) for t in full.trials
-    )
+        # the same seed samples the same trials: the comparison is of schedulers only
+        assert sorted(_key(t["params"]) for t in run.trials) == sorted(
+            _key(t["params"]) for t in full.trials
+        )
     assert full.stopped == 0 and all(t["epochs_trained"] == EPOCHS for t in full.trials)
-    assert asha.stopped >= 1, "ASHA stopped no trial"
+    assert runs["asha"].stopped >= 1, "ASHA stopped no trial"
+    # sha keeps floor(9/3) = 3 trials at epoch 1 and 1 at epoch 3: 9 + 3*2 + 1*6 epochs
+    assert runs["sha"].stopped == TRIALS - 1
+    assert runs["sha"].trial_epochs_seen == 21

@@ -285,3 +285,45 @@ def test_resume_after_the_driver_is_killed_keeps_the_finished_trials(
             assert _client(config).get_run(trial.run_id).info.status == "FINISHED"
     versions = _client(config).search_model_versions(f"name='{config.registry.model_name}'")
     assert len(versions) == 1
+
+
+def test_sha_pauses_every_trial_at_the_rung_and_the_kept_one_continues_its_run(
+    ray_session, tmp_path, tiny_bert
+):
+    # 3 trials, 2 at a time, one rung at epoch 1 (factor 3): all three reach epoch 1 before the
+    # best one trains epoch 2, and that one continues its own Train run and MLflow run.
+    halving = {
+        "name": "tune-sha",
+        "train.epochs": 2,
+        "tune.num_samples": 3,
+        "tune.scheduler": "sha",
+        "tune.asha.reduction_factor": 3,
+    }
+    config = with_overrides(_config(tmp_path, tiny_bert), halving)
+    load.main(config)
+    result = tune.main(config)
+
+    by_epochs = sorted(result.trials, key=lambda t: t.epochs)
+    assert [t.epochs for t in by_epochs] == [1, 1, 2], result.trials
+    assert [t.stopped_early for t in by_epochs] == [True, True, False]
+    winner = by_epochs[-1]
+    assert result.winner_trial_id == winner.trial_id
+    client = _client(config)
+    runs = _runs_by_trial(config, result.parent_run_id)
+    assert {trial_id: len(r) for trial_id, r in runs.items()} == {
+        t.trial_id: 1 for t in result.trials
+    }  # a paused trial continued its run rather than opening another
+    history = {t.trial_id: client.get_metric_history(t.run_id, "val_loss") for t in result.trials}
+    assert [m.step for m in history[winner.trial_id]] == [1, 2]  # no epoch trained twice
+    rung_reached = {trial_id: h[0].timestamp for trial_id, h in history.items()}
+    second_epoch = history[winner.trial_id][1].timestamp
+    assert max(rung_reached.values()) < second_epoch  # synchronous: nobody went on early
+    # The winner reached the rung before the last trial did, so it was paused and started
+    # again: its epoch 2 continued the Train run that holds its epoch-1 checkpoint.
+    assert rung_reached[winner.trial_id] < max(rung_reached.values())
+    train_run = (
+        Path(tune._experiment_path(config)) / "train" / (f"{winner.trial_id}-{winner.run_id[:8]}")
+    )
+    assert {"epoch001-end", "epoch002-end"} <= {p.name for p in train_run.iterdir()}
+    winner_row = client.get_run(winner.run_id).data.metrics
+    assert winner_row["val_loss"] == history[winner.trial_id][1].value
