@@ -4,15 +4,18 @@ through the official `openai` client (plain and streaming chat) → batch genera
 (`raylift score`) into a completions table — real Ray, Iceberg, MLflow, DeepSpeed, peft.
 
 Every file of the run is on object storage: a local S3 server (moto, tests/s3_server.py) holds
-the instruction file, the Iceberg warehouse, the Ray Train checkpoints and the MLflow artifacts,
-reached through the standard AWS environment variables; only the two SQLite databases (the
-catalog and MLflow's) are local files."""
+the base model (model.base=s3://...), the instruction file, the Iceberg warehouse, the Ray Train
+checkpoints and the MLflow artifacts, reached through the standard AWS environment variables;
+only the two SQLite databases (the catalog and MLflow's) are local files, besides the node's
+download cache (RAYLIFT_CACHE_DIR) where the base is copied once for every process."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +39,7 @@ MESSAGES = [{"role": "user", "content": "card arrived late"}]
 BUCKET = "raylift-e2e"
 # Set now, at import: every Ray process of the session must start with it (tests/s3_server.py).
 S3 = export_s3_env()
-LOCAL_FILES = {"tiny-llama", "catalog.db", "mlflow.db"}  # all the run keeps on local disk
+LOCAL_FILES = {"catalog.db", "mlflow.db"}  # all the run keeps on local disk (but the cache)
 
 
 def _instruction_table(server, key: str, rows: int) -> str:
@@ -64,8 +67,11 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def config(s3, root):
-    base = make_tiny_llama(root / "tiny-llama")
+def config(s3, root, tmp_path_factory):
+    from cluster.storage import upload_folder
+
+    base = f"s3://{BUCKET}/models/tiny-llama"
+    upload_folder(make_tiny_llama(tmp_path_factory.mktemp("base") / "tiny-llama"), base)
     return validate_mapping(
         {
             "name": "instruct-e2e",
@@ -170,6 +176,11 @@ def test_finetune_logs_perplexity_and_registers_a_loadable_version_with_lineage(
     table = s3.keys(BUCKET, _table_prefix(config, config.data.table))
     assert any(k.endswith(".parquet") for k in table) and any(k.endswith(".avro") for k in table)
     assert {p.name for p in root.iterdir()} == LOCAL_FILES  # nothing else on local disk
+    # The driver, the tokenizing tasks and both ranks shared one copy of the base: one folder,
+    # no half-written one left beside it.
+    models = Path(os.environ["RAYLIFT_CACHE_DIR"]) / "models"
+    assert [p.name for p in models.glob("*/tiny-llama")] == ["tiny-llama"]
+    assert not [p for p in models.iterdir() if p.name.startswith(".")]
 
     loaded = load_checkpoint(resolve_model(trained.checkpoint_path).path)  # downloaded
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
