@@ -292,10 +292,11 @@ def cached_folder(
     name = uri.rstrip("/").rpartition("/")[2] or "folder"
     digest = hashlib.sha256(f"{uri.rstrip('/')}\n{version}".encode()).hexdigest()[:20]
     entry = cache_dir() / kind / digest
-    if not entry.is_dir():  # renamed into place only when complete: no lock to read it
+    if not (entry / name).is_dir():  # renamed into place only when complete: no lock to read
         entry.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(entry.parent / f"{digest}.lock"):
-            if not entry.is_dir():
+            if not (entry / name).is_dir():
+                shutil.rmtree(entry, ignore_errors=True)  # a copy someone emptied by hand
                 _download_entry(uri, entry, name, fetch or download_folder)
     return entry / name
 

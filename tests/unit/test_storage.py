@@ -240,6 +240,8 @@ def _model_folder(path):
 def test_cached_folder_downloads_once_into_place_and_leaves_nothing_half_written(
     tmp_path, monkeypatch
 ):
+    import shutil
+
     from cluster import storage
 
     monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
@@ -257,6 +259,9 @@ def test_cached_folder_downloads_once_into_place_and_leaves_nothing_half_written
     assert (first / "sub" / "weights.safetensors").stat().st_size == 1000
     assert (first.parent / "source.txt").read_text() == f"{uri}\n"
     assert storage.cached_folder(uri, "models", key="k", version="v2") != first  # a new copy
+    shutil.rmtree(first)  # a copy emptied by hand is downloaded again, not returned missing
+    assert storage.cached_folder(uri, "models", key="model.base", fetch=fetch) == first
+    assert first.is_dir() and fetched == [uri, uri]
 
     def broken(source, target):
         target.mkdir(parents=True)
@@ -270,7 +275,7 @@ def test_cached_folder_downloads_once_into_place_and_leaves_nothing_half_written
     assert not [e for e in entries if e.startswith(".")]  # the half download is gone
     assert len([e for e in entries if not e.endswith(".lock")]) == 2  # the two complete ones
     copy = storage.cached_folder(other, "models", key="model.base", fetch=fetch)
-    assert (copy / "config.json").is_file() and fetched == [uri, other]
+    assert (copy / "config.json").is_file() and fetched == [uri, uri, other]
 
 
 def test_two_processes_of_one_node_wait_for_one_download(tmp_path):
