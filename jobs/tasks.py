@@ -63,18 +63,25 @@ def register_task(task: Task) -> Task:
 
 
 @functools.cache
-def _check_libraries(name: str) -> None:
-    """The Hugging Face class and peft task type a task names exist (once per process).
+def _check_libraries(name: str, peft_needed: bool) -> None:
+    """The Hugging Face class and (if `peft_needed`) peft task type a task names exist (once
+    per process).
 
     Checked when a task is first fetched for modelling, not at registration: importing peft
-    costs about 4 s, which `raylift validate` (it only needs the task names) should not pay.
+    costs about 4 s, which `raylift validate` (it only needs the task names) should not pay,
+    nor should a scoring actor or replica loading a checkpoint (an adapter checkpoint imports
+    peft to merge; its task type comes from adapter_config.json, not from the task): there it
+    was 3-5 s of each actor's start.
     """
-    import peft
     import transformers
 
     task = _TASKS[name]
     if not hasattr(transformers, task.auto_model):
         raise ValueError(f"task {task.name!r}: transformers has no {task.auto_model}")
+    if not peft_needed:
+        return
+    import peft
+
     if not hasattr(peft.TaskType, task.peft_task_type):
         raise ValueError(f"task {task.name!r}: peft.TaskType has no {task.peft_task_type}")
 
@@ -106,10 +113,12 @@ def _check_eval_state(task: Task) -> None:
         raise ValueError(f"task {task.name!r}: eval_state must start at zero (it is summed)")
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, *, peft_needed: bool = True) -> Task:
+    """The registered task `name`; `peft_needed=False` (loading a checkpoint for inference)
+    skips the check of its peft task type, and with it the import of peft."""
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}")
-    _check_libraries(name)
+    _check_libraries(name, peft_needed)
     return _TASKS[name]
 
 
