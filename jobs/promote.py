@@ -6,7 +6,8 @@ The gates: the metric's floor (or ceiling, promote.mode=min), the allow-list of 
 regression against the current alias and no slice dropping more than promote.max_slice_drop.
 The candidate and the incumbent are always compared on the same rows: their stored figures
 when both were evaluated on the same table snapshot and split, else both are evaluated again on
-the candidate's validation rows (jobs.reevaluate), which per-slice figures always need. Every
+the candidate's validation rows (jobs.reevaluate: a classifier's accuracy and macro-F1, a causal
+LM's val_loss and val_perplexity), which per-slice figures always need. Every
 gate's verdict, value, threshold and time is tagged on the candidate. Right before the alias
 moves, the incumbent is read again: if another promote moved it meanwhile, this one refuses.
 """
@@ -231,20 +232,12 @@ def _reevaluated(config: LifecycleConfig, candidate: Any, incumbent: Any) -> Com
     from jobs import reevaluate
 
     metric = config.promote.metric
-    if metric not in reevaluate.REEVALUATED_METRICS:
-        from jobs.tasks import is_generative
-
-        # Re-evaluation scores classifiers; a causal LM's perplexity is compared only on the
-        # rows both versions were evaluated on when trained.
-        fix = (
-            "train the candidate on the same table snapshot and split as the alias (pin "
-            "data.snapshot_id to the alias's iceberg snapshot tag)"
-            if is_generative(config.task.type)
-            else f"set promote.metric to one of {', '.join(reevaluate.REEVALUATED_METRICS)}"
-        )
+    measured = reevaluate.reevaluated_metrics(config.task.type)  # causal-lm: loss, perplexity
+    if metric not in measured:
         raise GateRefused(
             f"@{config.promote.alias} (version {incumbent.version}) was evaluated on other rows "
-            f"or per slice, and promote.metric={metric} cannot be measured again; {fix}"
+            f"or per slice, and promote.metric={metric} cannot be measured again; set "
+            f"promote.metric to one of {', '.join(measured)}"
         )
     try:
         rows = reevaluate.EvalRows.from_tags(candidate.tags)
@@ -269,6 +262,7 @@ def _record_reevaluation(config: LifecycleConfig, version: str, rows: str, evalu
         **{f"slice.{n}": tags.format_metric(v) for n, v in evaluation.slices.items()},
         "rows": rows,
         "row_count": str(evaluation.rows),
+        **({"token_count": str(evaluation.tokens)} if evaluation.tokens is not None else {}),
         "at": _now(),
     }
     _set_tags(config, version, {tags.reevaluated_tag(k): v for k, v in figures.items()})

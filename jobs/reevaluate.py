@@ -10,6 +10,21 @@ tags) exactly as training built it, and runs every version over those rows throu
       → map_batches(Predictor actors, models:/name/N) → (true label, prediction) pairs
       → accuracy, macro-F1, per-slice accuracy
 
+A causal LM (task.type causal-lm) is scored instead of asked: its validation instructions
+(prompt, response, optional system column; the same usable-row rule and seeded split by key as
+training) go through `ResponseScorer` actors, each a Predictor whose `score_responses` formats,
+masks and pads every row as training's eval does and returns its response tokens' summed
+negative log-likelihood and their count; the driver sums both over the rows:
+
+    read_table(@snapshot) → usable instructions → SplitFilter(keep="validation")
+      → map_batches(ResponseScorer actors, models:/name/N) → (nll, tokens) per row
+      → val_loss = Σnll / Σtokens, val_perplexity = exp(val_loss)
+
+so a version re-evaluated on its own split gets the val_loss and val_perplexity its training
+reported for that epoch (same rows, template, truncation and loss mask; tested). A QLoRA version
+is measured as it is served, its adapter merged into the unquantized base, so its figure is not
+the one its training measured on the 4-bit base; both versions are still measured alike.
+
 The driver asks the registry for each version's number only; the actors download the artifacts.
 """
 
@@ -32,23 +47,37 @@ if TYPE_CHECKING:
     import ray.data
 
 __all__ = [
+    "CAUSAL_LM_METRICS",
     "REEVALUATED_METRICS",
     "EvalRows",
     "Evaluation",
+    "ResponseScorer",
     "predictions",
     "reevaluate",
+    "reevaluated_metrics",
     "slice_accuracy",
 ]
 
 log = logging.getLogger(__name__)
 
-# What a re-evaluation measures; a promote.metric outside these cannot be compared on new rows.
+# What a re-evaluation measures (classifiers, causal LMs); a promote.metric outside these cannot
+# be compared on new rows.
 REEVALUATED_METRICS = ("val_accuracy", "val_macro_f1")
+CAUSAL_LM_METRICS = ("val_loss", "val_perplexity")
 
 # The true label travels beside the prediction under a name the Predictor never writes (it
 # writes `label`, which is also a common name for the label column).
 _TRUE_LABEL = "_raylift_true_label"
 _SPLIT = re.compile(r"^fraction=(?P<fraction>[0-9.eE+-]+),seed=(?P<seed>-?\d+)$")
+# A causal LM's rows all belong to one split group (jobs.training_data), carried in this column.
+_SPLIT_GROUP = "_raylift_split_group"
+
+
+def reevaluated_metrics(task_type: str) -> tuple[str, ...]:
+    """The metrics a re-evaluation measures for a task."""
+    from jobs.tasks import is_generative  # imports torch: not at module import
+
+    return CAUSAL_LM_METRICS if is_generative(task_type) else REEVALUATED_METRICS
 
 
 @dataclass(frozen=True)
@@ -89,9 +118,10 @@ class Evaluation:
     """One version's figures on one set of rows."""
 
     rows: int
-    metrics: dict[str, float]  # val_accuracy, val_macro_f1
+    metrics: dict[str, float]  # val_accuracy, val_macro_f1; causal-lm: val_loss, val_perplexity
     slices: dict[str, float] = field(default_factory=dict)  # slice → accuracy
     slice_rows: dict[str, int] = field(default_factory=dict)
+    tokens: int | None = None  # causal-lm: the response tokens scored
 
 
 def reevaluate(
@@ -106,6 +136,9 @@ def reevaluate(
         registry.resolve_version(f"models:/{name}/{v}", config.registry.tracking_uri)
         for v in versions
     ]
+    if reevaluated_metrics(config.task.type) == CAUSAL_LM_METRICS:
+        instructions = _validation_instructions(config, rows)
+        return {str(m.version): _score_responses(config, instructions, m) for m in pinned}
     validation = _validation_rows(config, rows)
     return {
         str(model.version): _evaluate(config, validation, model, config.promote.slices)
@@ -127,19 +160,22 @@ def predictions(
     return _predict(config, _validation_rows(config, rows), model)
 
 
-def _validation_rows(config: LifecycleConfig, rows: EvalRows) -> ray.data.Dataset:
-    """The validation side of `rows`, rebuilt the way jobs.training_data built it."""
-    from jobs.training_data import scan_training_rows, trainable_rows
-
-    task = config.task
-    pinned = config.model_copy(
+def _pinned(config: LifecycleConfig, rows: EvalRows) -> LifecycleConfig:
+    return config.model_copy(
         update={
             "data": config.data.model_copy(
                 update={"table": rows.table, "snapshot_id": rows.snapshot_id}
             )
         }
     )
-    scanned = scan_training_rows(pinned)
+
+
+def _validation_rows(config: LifecycleConfig, rows: EvalRows) -> ray.data.Dataset:
+    """The validation side of `rows`, rebuilt the way jobs.training_data built it."""
+    from jobs.training_data import scan_training_rows, trainable_rows
+
+    task = config.task
+    scanned = scan_training_rows(_pinned(config, rows))
     thresholds = warehouse.split_thresholds(scanned.keys, scanned.labels, rows.fraction, rows.seed)
     keep = warehouse.SplitFilter(
         thresholds, task.key_column, task.label_column, keep="validation", seed=rows.seed
@@ -160,6 +196,122 @@ def _validation_rows(config: LifecycleConfig, rows: EvalRows) -> ray.data.Datase
             fn_kwargs={"text_column": task.text_column, "label_column": task.label_column},
             batch_format="pyarrow",
         )
+    )
+
+
+def _validation_instructions(config: LifecycleConfig, rows: EvalRows) -> ray.data.Dataset:
+    """The validation instructions of `rows` (key, prompt, response and system columns), rebuilt
+    the way jobs.training_data built a causal LM's: the scan's usable rows, one split group."""
+    from jobs.training_data import scan_training_rows
+
+    task = config.task
+    scanned = scan_training_rows(_pinned(config, rows))
+    thresholds = warehouse.split_thresholds(scanned.keys, scanned.labels, rows.fraction, rows.seed)
+    if len(thresholds) != 1:  # jobs.training_data puts every instruction in one group
+        raise ValueError(f"expected one split group of instructions, found {sorted(thresholds)}")
+    (group,) = thresholds
+    keep = warehouse.SplitFilter(
+        thresholds, task.key_column, _SPLIT_GROUP, keep="validation", seed=rows.seed
+    )
+    columns = [task.key_column, task.prompt_column, task.response_column]
+    columns += [task.system_column] if task.system_column else []
+    return (
+        warehouse.read_table(
+            config.catalog, rows.table, snapshot_id=rows.snapshot_id, columns=columns
+        )
+        .map_batches(
+            _usable_instructions,
+            fn_kwargs={
+                "prompt_column": task.prompt_column,
+                "response_column": task.response_column,
+                "group": group,
+            },
+            batch_format="pyarrow",
+        )
+        .map_batches(keep, batch_format="pyarrow")
+        .select_columns(columns)
+    )
+
+
+def _usable_instructions(
+    batch: pa.Table, *, prompt_column: str, response_column: str, group: str
+) -> pa.Table:
+    """Training's rule (jobs.training_data.trainable_instructions), each row in split `group`."""
+    from jobs.training_data import trainable_instructions
+
+    kept = trainable_instructions(
+        batch, prompt_column=prompt_column, response_column=response_column
+    ).select(batch.column_names)
+    return kept.append_column(_SPLIT_GROUP, pa.array([group] * kept.num_rows, pa.string()))
+
+
+class ResponseScorer:
+    """Ray Data UDF: each instruction row's response NLL (nats) and token count, by a
+    Predictor's `score_responses` (one Predictor per actor, loaded once)."""
+
+    def __init__(
+        self,
+        *,
+        prompt_column: str,
+        response_column: str,
+        system_column: str | None,
+        **predictor: object,
+    ):
+        from serving.predictor import Predictor
+
+        self._predictor = Predictor(**predictor)
+        self._columns = (prompt_column, response_column, system_column)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompt, response, system = self._columns
+        nll, tokens = self._predictor.score_responses(
+            batch[prompt].tolist(),
+            batch[response].tolist(),
+            batch[system].tolist() if system else None,
+        )
+        return {"nll": nll, "tokens": tokens}
+
+
+def _score_responses(
+    config: LifecycleConfig, rows: ray.data.Dataset, model: registry.ResolvedVersion
+) -> Evaluation:
+    """val_loss and val_perplexity of `model` on `rows`, token-weighted as training's eval."""
+    import ray.data
+
+    from jobs.instruct import perplexity_metrics
+
+    score, task = config.score, config.task
+    scored = rows.map_batches(
+        ResponseScorer,
+        fn_constructor_kwargs={
+            "prompt_column": task.prompt_column,
+            "response_column": task.response_column,
+            "system_column": task.system_column,
+            # The scoring job's Predictor settings (score.*), as the classifier path uses them.
+            "model_uri": model.uri,
+            "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
+            "precision": score.precision,
+            "engine": score.engine,
+            "torch_threads": score.torch_threads,
+            "trust_remote_code": config.model.trust_remote_code,
+            "generation_config": score.generation,
+        },
+        batch_size=score.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=score.concurrency),
+        num_cpus=score.num_cpus,
+        udf_modifying_row_count=False,
+    )
+    nll, tokens, count = 0.0, 0, 0
+    for batch in scored.iter_batches(batch_format="numpy"):
+        nll += float(np.sum(batch["nll"], dtype=np.float64))
+        tokens += int(np.sum(batch["tokens"]))
+        count += len(batch["tokens"])
+    figures = perplexity_metrics(nll, tokens)
+    return Evaluation(
+        rows=count,
+        metrics={"val_loss": figures["loss"], "val_perplexity": figures["perplexity"]},
+        tokens=tokens,
     )
 
 

@@ -341,12 +341,14 @@ def test_finetune_keeps_the_lowest_perplexity_epoch_when_promote_mode_is_min():
     assert _best_checkpoint(result, "val_perplexity", "max")[0] == "epoch1"
 
 
-def test_promote_against_an_alias_on_other_rows_says_how_to_compare_perplexity():
+def test_promote_against_an_alias_on_other_rows_needs_the_candidates_rows_to_reevaluate():
     from types import SimpleNamespace
 
     from jobs.promote import GateRefused, _reevaluated
 
+    # Perplexity is measured again (tests/integration/test_promote_reevaluate_causal_lm.py),
+    # on the candidate's split: a candidate without lineage tags names no rows to measure on.
     config = validate_mapping(_causal())
     candidate, incumbent = SimpleNamespace(version=2, tags={}), SimpleNamespace(version=1, tags={})
-    with pytest.raises(GateRefused, match="val_perplexity cannot be measured again; train the"):
+    with pytest.raises(GateRefused, match="cannot tell which rows the version was evaluated on"):
         _reevaluated(config, candidate, incumbent)

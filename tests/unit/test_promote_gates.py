@@ -137,3 +137,21 @@ def test_metric_values_round_trip():
     assert tags.read_metric(written, "val_accuracy") == pytest.approx(0.912346)
     assert tags.read_metric(written, "val_loss") is None
     assert tags.format_metric(float("nan")) == "nan"
+
+
+def test_perplexity_regresses_upwards_on_the_comparison_figures():
+    config = _config(min_value=None, mode="min", metric="val_perplexity", max_value=50.0)
+    stored = {tags.metric_tag("val_perplexity"): "3.0"}  # looks good; the shared rows decide
+    worse = evaluate_gates(config, stored, _compare(12.5, 12.0))
+    assert [c.gate for c in worse if not c.passed] == ["regression"]
+    assert worse[-1].threshold == "12.005000" and "val_perplexity=12.5000 vs" in worse[-1].line
+    assert _passed(evaluate_gates(config, stored, _compare(11.0, 12.0)))
+
+
+def test_every_metric_a_causal_lm_may_promote_on_can_be_measured_again():
+    from jobs.config import _CAUSAL_LM_METRICS
+    from jobs.reevaluate import REEVALUATED_METRICS, reevaluated_metrics
+
+    assert set(_CAUSAL_LM_METRICS) <= set(reevaluated_metrics("causal-lm"))
+    assert reevaluated_metrics("causal-lm") == ("val_loss", "val_perplexity")
+    assert reevaluated_metrics("sequence-classification") == REEVALUATED_METRICS

@@ -128,6 +128,73 @@ def test_other_rows_are_never_skipped_a_metric_that_cannot_be_remeasured_is_refu
     assert _version_tags(config, other)[verdict] == "refused"
 
 
+def test_a_causal_lm_on_other_rows_is_gated_on_the_perplexity_measured_again(
+    tracking_uri, tmp_path, monkeypatch
+):
+    """The wiring around jobs.reevaluate (which needs Ray: the real measurement is
+    tests/integration/test_promote_reevaluate_causal_lm.py): both versions measured on the
+    candidate's rows, the figures tagged on both, the gate in mode min decided by them."""
+    from jobs import reevaluate
+
+    config = validate_mapping(
+        {
+            "name": "promote-lm",
+            "task": {"type": "causal-lm"},
+            "registry": {"tracking_uri": tracking_uri, "model_name": "lm-other-rows"},
+            "promote": {"metric": "val_perplexity", "mode": "min", "max_value": 100.0},
+        }
+    )
+    measured = {}  # version → perplexity on the candidate's rows
+    asked = []
+
+    def fake_reevaluate(cfg, versions, rows):
+        asked.append((versions, rows))
+        return {
+            v: reevaluate.Evaluation(
+                rows=7,
+                metrics={"val_loss": 0.0, "val_perplexity": measured[v]},
+                tokens=40,
+            )
+            for v in versions
+        }
+
+    monkeypatch.setattr(reevaluate, "reevaluate", fake_reevaluate)
+
+    def register(perplexity: float, marker: str, snapshot: str) -> str:
+        checkpoint = tmp_path / marker
+        checkpoint.mkdir()
+        lineage = {**SAME_ROWS, tags.ICEBERG_SNAPSHOT_ID: snapshot}
+        with tracking.tracked_run(config, lineage) as run_id:
+            metrics = {"val_perplexity": perplexity, "val_loss": 0.0}
+            return tracking.register(config, run_id, checkpoint, lineage, metrics)
+
+    first = register(5.0, "v1", "1")
+    promote.main(config, version=first)
+    # Stored 9.0 against the incumbent's stored 5.0 would refuse; on the same rows it is better.
+    better = register(9.0, "v2", "2")
+    measured.update({first: 12.0, better: 8.0})
+    result = promote.main(config, version=better)
+    assert asked == [([better, first], reevaluate.EvalRows("support.tickets", 2, 0.1, 17))]
+    assert _aliases(config) == {"production": better, "previous": first}
+    assert any(c.startswith("PASS regression: val_perplexity=8.0000 vs") for c in result.checks)
+    for version, figure in ((first, "12.000000"), (better, "8.000000")):
+        found = _version_tags(config, version)
+        assert found[tags.reevaluated_tag("val_perplexity")] == figure
+        assert found[tags.reevaluated_tag("token_count")] == "40"
+        assert found[tags.reevaluated_tag("rows")] == (
+            "support.tickets@2 validation fraction=0.1,seed=17"
+        )
+    # Stored 2.0 looks best of all; measured on its rows it is worse than @production.
+    worse = register(2.0, "v3", "3")
+    measured.update({better: 8.0, worse: 8.5})
+    with pytest.raises(promote.GateRefused, match=r"FAIL regression: val_perplexity=8\.5000 vs"):
+        promote.main(config, version=worse)
+    assert asked[-1] == ([worse, better], reevaluate.EvalRows("support.tickets", 3, 0.1, 17))
+    assert _aliases(config) == {"production": better, "previous": first}
+    verdict = tags.gate_check_tag("production", "regression", "verdict")
+    assert _version_tags(config, worse)[verdict] == "refused"
+
+
 def _config_file(config, tmp_path: Path) -> str:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"tune"})))
