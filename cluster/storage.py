@@ -40,6 +40,7 @@ __all__ = [
     "iceberg_s3_properties",
     "list_files",
     "read_json",
+    "refuse_keys_in_uri",
     "upload_folder",
     "worker_visible_uri",
     "write_json",
@@ -288,7 +289,7 @@ def cached_folder(
     one node (two training ranks, a replica and a batch actor) wait for one download and never
     see half a folder. `key` names the config key in errors.
     """
-    _refuse_keys_in_uri(uri, key)
+    refuse_keys_in_uri(uri, key)
     name = uri.rstrip("/").rpartition("/")[2] or "folder"
     digest = hashlib.sha256(f"{uri.rstrip('/')}\n{version}".encode()).hexdigest()[:20]
     entry = cache_dir() / kind / digest
@@ -340,7 +341,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 _KEYS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
 
 
-def _refuse_keys_in_uri(uri: str, key: str) -> None:
+def refuse_keys_in_uri(uri: str, key: str) -> None:
     """A URI with credentials in it would end up in cache paths, logs and checkpoint metadata."""
     if _KEYS_IN_URI.match(uri):
         scheme, _, rest = uri.partition("://")

@@ -36,7 +36,7 @@ from cluster.storage import (
 )
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
-from jobs.modeling import resolve_base_model
+from jobs.modeling import check_base_model
 from jobs.train_loop import STATE_DIR, LoopInputs, train_func
 from jobs.training_data import (
     EveryEvalRowConfig,
@@ -72,7 +72,7 @@ class FinetuneResult:
 
 def main(config: LifecycleConfig, resume: bool = False) -> FinetuneResult:
     started = time.perf_counter()
-    resolve_base_model(config.model.base)  # fail before touching the cluster
+    check_base_model(config.model.base)  # fail before touching the cluster
     run_path = _run_path(config)
     state = _run_state(run_path, resume)
     # pyiceberg only: unusable data is refused before Ray. Resuming, training goes on over the

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from cluster.storage import cached_folder, download_folder, is_object_storage, list_files
+from cluster.storage import (
+    cached_folder,
+    download_folder,
+    is_object_storage,
+    list_files,
+    refuse_keys_in_uri,
+)
 from jobs.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointMeta,
@@ -34,6 +40,7 @@ __all__ = [
     "CheckpointMeta",
     "LoadedModel",
     "build_model",
+    "check_base_model",
     "load_checkpoint",
     "load_tokenizer",
     "read_checkpoint_meta",
@@ -85,9 +92,25 @@ def resolve_base_model(name: str) -> str:
         ) from exc
 
 
+def check_base_model(name: str) -> None:
+    """Fail early, before touching the cluster, if model.base cannot be loaded: a folder on
+    object storage is only listed here (the nodes that train download it), anything else is
+    resolved."""
+    if is_object_storage(name):
+        _check_remote_base(name)
+    else:
+        resolve_base_model(name)
+
+
 def _download_base(uri: str, target: Path) -> None:
     """Download the base model folder at `uri`, its safetensors weights only; a folder with
     pickled weights alone is refused before anything is downloaded."""
+    _check_remote_base(uri)
+    download_folder(uri, target, exclude=_PICKLED_WEIGHTS)
+
+
+def _check_remote_base(uri: str) -> None:
+    refuse_keys_in_uri(uri, "model.base")
     files = list_files(uri)
     if not files:
         raise FileNotFoundError(
@@ -101,7 +124,6 @@ def _download_base(uri: str, target: Path) -> None:
             f"model.base={uri!r} holds {found}: raylift loads safetensors only; save the model "
             "with save_pretrained(folder, safe_serialization=True) and upload that folder"
         )
-    download_folder(uri, target, exclude=_PICKLED_WEIGHTS)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -364,6 +364,28 @@ def test_a_base_on_s3_with_only_pickled_weights_is_refused_before_any_download(
     assert [p for p in cached if not p.name.endswith(".lock")] == []  # nothing kept
 
 
+def test_the_driver_checks_a_base_on_s3_without_downloading_it(
+    s3_bucket, tiny_bert, tmp_path, monkeypatch
+):
+    """finetune's check before touching the cluster lists the folder; the training nodes
+    download it."""
+    from cluster.storage import upload_folder
+    from jobs.modeling import check_base_model
+
+    server, bucket = s3_bucket
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    upload_folder(tiny_bert, f"s3://{bucket}/models/checked")
+    check_base_model(f"s3://{bucket}/models/checked")
+    assert not (tmp_path / "cache").exists()
+    server.client().put_object(Bucket=bucket, Key="models/ckpt-only/model.ckpt", Body=b"x")
+    with pytest.raises(ValueError, match=r"only pickled weights \(model\.ckpt\)"):
+        check_base_model(f"s3://{bucket}/models/ckpt-only")
+    with pytest.raises(ValueError, match=r"model\.base=s3://\*\*\*@"):
+        check_base_model(f"s3://KEY:SECRET@{bucket}/models/checked")
+    with pytest.raises(FileNotFoundError, match=r"model\.base='nope/nothing'"):
+        check_base_model("nope/nothing")
+
+
 def test_a_lora_checkpoint_over_a_base_on_s3_loads_from_s3_into_the_cache_once(
     s3_bucket, tiny_bert, tmp_path, monkeypatch
 ):
