@@ -176,8 +176,8 @@ def test_finetune_logs_perplexity_and_registers_a_loadable_version_with_lineage(
     table = s3.keys(BUCKET, _table_prefix(config, config.data.table))
     assert any(k.endswith(".parquet") for k in table) and any(k.endswith(".avro") for k in table)
     assert {p.name for p in root.iterdir()} == LOCAL_FILES  # nothing else on local disk
-    # The driver, the tokenizing tasks and both ranks shared one copy of the base: one folder,
-    # no half-written one left beside it.
+    # The tokenizing tasks and both ranks shared one copy of the base (finetune's driver only
+    # listed it): one folder, no half-written one left beside it.
     models = Path(os.environ["RAYLIFT_CACHE_DIR"]) / "models"
     assert [p.name for p in models.glob("*/tiny-llama")] == ["tiny-llama"]
     assert not [p for p in models.iterdir() if p.name.startswith(".")]
