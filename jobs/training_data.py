@@ -39,9 +39,6 @@ from ray.train import DataConfig
 
 from jobs import warehouse
 from jobs.config import LifecycleConfig, TrainConfig
-from jobs.modeling import load_tokenizer, resolve_base_model
-from jobs.tasks import get_task, is_generative
-from jobs.train_loop import INPUT_IDS, TARGETS
 from jobs.warehouse.catalog import load_table, require_columns, schema_at
 from serving.text import UNUSABLE_REASON, usable_mask
 
@@ -61,6 +58,16 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Ray Data's processes import this module to run its stages (the split coordinator, the read
+# and filter tasks): what needs torch (jobs.modeling, jobs.tasks, jobs.train_loop) is imported
+# where it is used, so only the tokenize stage and the driver pay for it.
+
+
+def _generative(task_type: str) -> bool:
+    from jobs.tasks import is_generative
+
+    return is_generative(task_type)
 
 
 @dataclass
@@ -89,6 +96,8 @@ class PreparedData:
 @functools.lru_cache(maxsize=4)
 def _tokenizer(base_model: str, trust_remote_code: bool):
     # Cached per worker process: Ray reuses task workers, so each loads the tokenizer once.
+    from jobs.modeling import load_tokenizer, resolve_base_model
+
     return load_tokenizer(resolve_base_model(base_model), trust_remote_code)
 
 
@@ -104,6 +113,9 @@ def tokenize_batch(
     task_name: str,
 ) -> pa.Table:
     """Ray Data stage: text → token ids (no padding: batches pad later), label → class id."""
+    from jobs.tasks import get_task
+    from jobs.train_loop import INPUT_IDS, TARGETS
+
     tokenizer = _tokenizer(base_model, trust_remote_code)
     texts = batch.column(text_column).to_pylist()
     unusable = int((~usable_mask(texts)).sum())
@@ -152,7 +164,7 @@ def scan_training_rows(config: LifecycleConfig) -> TrainingRows:
     split group (`_ONE_GROUP`) each.
     """
     catalog, data, task = config.catalog, config.data, config.task
-    generative = is_generative(task.type)
+    generative = _generative(task.type)
     snapshot = data.snapshot_id or warehouse.table_snapshot(catalog, data.table)
     where = f"{data.table}@{snapshot}"
     tbl = load_table(warehouse.load_catalog(catalog), catalog, data.table)
@@ -186,7 +198,7 @@ def scan_training_rows(config: LifecycleConfig) -> TrainingRows:
 
 def _scanned_columns(config: LifecycleConfig) -> dict[str, str]:
     task = config.task
-    if not is_generative(task.type):
+    if not _generative(task.type):
         return {
             task.key_column: "task.key_column",
             task.label_column: "task.label_column",
@@ -226,7 +238,7 @@ def _check_refused(config: LifecycleConfig, where: str, total: int, refused: int
     task = config.task
     if total == 0:
         raise ValueError(f"{where} has no rows; load data first (raylift warehouse load)")
-    if is_generative(task.type):
+    if _generative(task.type):
         what = f"a null, empty or blank {task.prompt_column!r} or {task.response_column!r}"
     else:
         what = f"a null, empty or blank {task.text_column!r} or a null {task.label_column!r}"
@@ -261,7 +273,7 @@ def prepare_training_data(
     data, task = config.data, config.task
     if rows is None:
         rows = scan_training_rows(config)
-    generative = is_generative(task.type)
+    generative = _generative(task.type)
     labels = [] if generative else _label_set(config, rows.labels)
     thresholds = warehouse.split_thresholds(
         rows.keys, rows.labels, data.validation.fraction, data.validation.seed
@@ -295,7 +307,7 @@ def prepare_training_data(
 def _trainable_source(config: LifecycleConfig, snapshot_id: int):
     """The pinned snapshot's trainable rows as a Ray Data stream (the scan's rule)."""
     catalog, data, task = config.catalog, config.data, config.task
-    if not is_generative(task.type):
+    if not _generative(task.type):
         columns = [task.key_column, task.text_column, task.label_column]
         keep, kwargs = trainable_rows, {"text_column": task.text_column}
         kwargs["label_column"] = task.label_column
@@ -352,6 +364,7 @@ def tokenize_instructions(
 ) -> pa.Table:
     """Ray Data stage: instruction rows → token ids and per-token labels (-100 on the prompt)."""
     from jobs import instruct
+    from jobs.train_loop import INPUT_IDS, TARGETS
 
     tokenizer = _tokenizer(base_model, trust_remote_code)
     template = instruct.resolve_template(tokenizer, prompt_template)
