@@ -28,7 +28,7 @@ from cluster.storage import delete_folder, filesystem_uri, read_json, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
 from jobs.finetune import build_trainer, checkpoint_folder, loop_inputs, registrable_directory
-from jobs.modeling import resolve_base_model
+from jobs.modeling import check_base_model
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
 from serving import registry, tags
@@ -95,7 +95,7 @@ class _TrialSetup:
 def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
     started = time.perf_counter()
     _require_search_space(config)
-    resolve_base_model(config.model.base)  # fail before touching the cluster
+    check_base_model(config.model.base)  # fail before touching the cluster (lists an s3:// base)
     experiment = _experiment_path(config)
     state = _experiment_state(config, experiment, resume)
     # pyiceberg only: unusable data is refused before Ray. Resuming, the rest of the trials see
