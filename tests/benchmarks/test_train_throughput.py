@@ -15,12 +15,9 @@ from the worker's start, while the engine is built) against reading at the epoch
 AVX512-BF16 cores, a shared machine (0.2-0.5 cores of others' work beside the read-ahead runs),
 before the module's torch imports were made lazy: whole-epoch data wait epoch 1 / epoch 2 (steady
 0.0% in all), 1 worker 44.7% / 0.1% read ahead against 46.2% / 2.9%; 2 workers 49.4% / 0.0%
-against 53.3% / 4.2%. With those imports lazy (both sides): 1 worker 37.8% / 0.1% against
-41.7% / 2.8%, 2 workers 50.4% / 0.0% against 51.4% / 4.2%; first fetch 8.5 / 7.3 s read ahead
-against 7.0 / 7.8 s (1 / 2 workers), worker start to first step 13.8 / 14.2 s against 11.4 /
-14.3 s. Epoch 1 still waits for the cold start of Ray Data's processes (worker processes,
-torch + transformers imports and the tokenizer in the tokenize task), which reading from the
-worker's start did not hide on 2 cores: it competes with the engine build for the same CPU.
+against 53.3% / 4.2%. Epoch 1 still waits for the cold start of Ray Data's processes (imports,
+tokenizer: first fetch 8-10 s, worker start to first step 14-19 s), which reading from the
+worker's start did not hide on 2 cores.
 
 Every Ray run is the real path, `jobs.finetune.main` on configs/banking77/minilm_quality.yaml
 (MiniLM-L6, LoRA r=32 on every linear layer, DeepSpeed ZeRO-2, bf16 autocast where the CPU has
