@@ -132,10 +132,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     task = get_task(config.task.type)
-    from jobs.training_data import read_ahead  # imports this module: not at the top
-
-    # Read (in a fresh cluster: start Ray Data's workers) while the engine is built.
-    train_shard = read_ahead(ray.train.get_dataset_shard("train"), config.train)
     engine, precision = _setup_engine(config, task, inputs, world_size)
     tokenizer = load_tokenizer(
         resolve_base_model(config.model.base), config.model.trust_remote_code
@@ -143,6 +139,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if task.generative:  # saved with the checkpoint: a generator needs a pad token to batch
         tokenizer = instruct.prepare_tokenizer(tokenizer)
     start = _restore(engine, inputs, rank, world_size)
+    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     pad_id = tokenizer.pad_token_id
     collate = BatchInputs(task, pad_id, config.task.packing, config.task.max_length)
