@@ -279,13 +279,7 @@ class TrainConfig(_Strict):
     shuffle_buffer_rows: int = Field(
         10_000,
         ge=0,
-        description="Rows each worker shuffles locally per epoch, seeded by train.seed and the "
-        "epoch (the same order on every pass, so a resumed epoch skips exactly what it "
-        "trained); 0: stream order. A shard no larger than this is shuffled as a whole, which "
-        "means reading and tokenizing all of it before the epoch's first batch; a larger one "
-        "gets a sliding shuffle that starts after this many rows. The shard is read ahead of "
-        "training (from the worker's start, and each next epoch while one trains), holding up "
-        "to this many rows beside the buffer: memory for one pass ahead, not a global shuffle.",
+        description="Rows each worker shuffles locally per epoch (0: stream order).",
     )
     seed: int = Field(17, description="Seed for weights and dropout.")
     checkpoint_dir: str = Field(

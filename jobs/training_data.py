@@ -14,22 +14,12 @@ an optional system column) in place of text and label. A row needs a usable prom
 There is no label set and the split is a plain seeded one by key (every row in one group, the
 same rule as a stratified split of one class). The tokenize stage formats each row with
 jobs.instruct and yields its token ids and its per-token labels (-100 on the prompt).
-
-Each training worker reads its shard ahead of training (`read_ahead`): a thread starts the
-shard's first pass as the worker starts, so reading and tokenizing (and, in a fresh cluster,
-starting the Ray Data workers) overlap building the model, and each later pass while the
-previous epoch trains. The worker's seeded shuffle buffer (`shuffled_windows`) takes rows from
-what was read ahead: the same rows in the same order on every pass with the same seed, which is
-what lets a resumed epoch skip the batches already trained.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
-import threading
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,19 +28,16 @@ import pyarrow as pa
 from ray.train import DataConfig
 
 from jobs import warehouse
-from jobs.config import LifecycleConfig, TrainConfig
+from jobs.config import LifecycleConfig
 from jobs.warehouse.catalog import load_table, require_columns, schema_at
 from serving.text import UNUSABLE_REASON, usable_mask
 
 __all__ = [
     "EveryEvalRowConfig",
     "PreparedData",
-    "ReadAhead",
     "TrainingRows",
     "prepare_training_data",
-    "read_ahead",
     "scan_training_rows",
-    "shuffled_windows",
     "tokenize_batch",
     "tokenize_instructions",
     "trainable_instructions",
@@ -432,165 +419,3 @@ class EveryEvalRowConfig(DataConfig):
             for rank, shard in enumerate(shards):
                 output[rank][name] = shard
         return output
-
-
-def shuffled_windows(
-    blocks: Iterable[pa.Table], window_rows: int, buffer_rows: int, seed: int | None
-) -> Iterator[dict[str, np.ndarray]]:
-    """Windows of `window_rows` rows (numpy columns) from `blocks`, through a seeded local
-    shuffle buffer of `buffer_rows` rows (0: stream order).
-
-    Once the buffer holds `buffer_rows` rows (or the stream ended), it is permuted and windows
-    are cut from the permutation until about half of it is left to mix with the rows read next.
-    So a shard no larger than the buffer is shuffled as a whole (every order equally likely), at
-    the cost of reading all of it before its first window; a larger shard gets a sliding
-    shuffle whose first window comes after `buffer_rows` rows. The same blocks and seed give the
-    same windows.
-    """
-    blocks = iter(blocks)
-    if not buffer_rows:
-        yield from _rebatched(blocks, window_rows)
-        return
-    rng = np.random.default_rng(seed)
-    fill = max(buffer_rows, window_rows)
-    held: list[pa.Table] = []
-    rows, ended = 0, False
-    while True:
-        while rows < fill and not ended:
-            block = next(blocks, None)
-            ended = block is None
-            if block is not None and block.num_rows:
-                held.append(block)
-                rows += block.num_rows
-        if not rows:
-            return
-        table, order = pa.concat_tables(held), rng.permutation(rows)
-        cut = rows if ended else max(1, (rows - fill // 2) // window_rows) * window_rows
-        for start in range(0, cut, window_rows):
-            yield _numpy(table.take(order[start : min(start + window_rows, cut)]))
-        held, rows = [table.take(order[cut:])], rows - cut
-
-
-def _rebatched(blocks: Iterator[pa.Table], window_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    held: list[pa.Table] = []
-    rows = 0
-    for block in blocks:
-        held.append(block)
-        rows += block.num_rows
-        while rows >= window_rows:
-            table = pa.concat_tables(held)
-            yield _numpy(table.slice(0, window_rows))
-            held, rows = [table.slice(window_rows)], rows - window_rows
-    if rows:
-        yield _numpy(pa.concat_tables(held))
-
-
-def _numpy(table: pa.Table) -> dict[str, np.ndarray]:
-    """Ray Data's numpy batch: a list column (token ids) is an object array of arrays."""
-    return {name: table.column(name).to_numpy() for name in table.column_names}
-
-
-class ReadAhead:
-    """A training shard read ahead of its consumer, one pass at a time.
-
-    A thread reads the shard's blocks (`shard.iter_batches(batch_size=None)`) from the moment
-    this is made. Pass p starts once the consumer has asked for pass p - 1 (its epoch p - 1
-    started), so at most one pass is read ahead; the thread holds at most `max_rows` rows
-    (at least one block) the consumer has not taken. `iter_batches` takes the next pass and
-    shuffles it with `shuffled_windows` (the keywords of Ray Data's `iter_batches` that the
-    train loop passes). A consumer that leaves a pass early (train.max_steps_per_epoch) drops
-    the rest of it; past `passes` passes it reads the shard itself.
-    """
-
-    def __init__(self, shard, passes: int, max_rows: int):
-        self._shard, self._passes, self._max_rows = shard, passes, max(1, max_rows)
-        self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[int, pa.Table | None]] = collections.deque()
-        self._rows = 0  # rows queued, not yet taken
-        self._asked = 0  # passes the consumer has asked for
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, name="raylift-read-ahead", daemon=True)
-        self._thread.start()
-
-    def iter_batches(
-        self,
-        *,
-        batch_size: int,
-        batch_format: str = "numpy",
-        local_shuffle_buffer_size: int | None = None,
-        local_shuffle_seed: int | None = None,
-        **kwargs: Any,
-    ) -> Iterator[dict[str, np.ndarray]]:
-        if batch_format != "numpy" or kwargs:
-            raise ValueError(f"ReadAhead yields numpy windows only, not {batch_format} {kwargs}")
-        with self._cond:
-            index = self._asked
-            self._asked += 1
-            self._cond.notify_all()
-        if index >= self._passes:
-            blocks = self._shard.iter_batches(batch_size=None, batch_format="pyarrow")
-        else:
-            blocks = self._pass(index)
-        buffer = local_shuffle_buffer_size or 0
-        return shuffled_windows(blocks, batch_size, buffer, local_shuffle_seed)
-
-    def _pass(self, index: int) -> Iterator[pa.Table]:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._has_block(index) or self._error is not None)
-                if self._error is not None and not self._has_block(index):
-                    raise RuntimeError("reading the training shard ahead failed") from self._error
-                _, block = self._queue.popleft()
-                self._rows -= block.num_rows if block is not None else 0
-                self._cond.notify_all()
-            if block is None:
-                return
-            yield block
-
-    def _has_block(self, index: int) -> bool:
-        """Whether the queue's head is pass `index`'s (earlier passes' leftovers dropped)."""
-        while self._queue and self._queue[0][0] < index:
-            _, block = self._queue.popleft()
-            self._rows -= block.num_rows if block is not None else 0
-            self._cond.notify_all()
-        return bool(self._queue) and self._queue[0][0] == index
-
-    def _read(self) -> None:
-        try:
-            for index in range(self._passes):
-                with self._cond:  # one pass ahead of the consumer at most
-                    self._cond.wait_for(lambda index=index: index <= self._asked)
-                self._read_pass(index)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
-
-    def _read_pass(self, index: int) -> None:
-        blocks = iter(self._shard.iter_batches(batch_size=None, batch_format="pyarrow"))
-        try:
-            for block in blocks:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._rows < self._max_rows or self._left(index))
-                    if self._left(index):
-                        return
-                    self._queue.append((index, block))
-                    self._rows += block.num_rows
-                    self._cond.notify_all()
-            with self._cond:
-                self._queue.append((index, None))
-                self._cond.notify_all()
-        finally:
-            close = getattr(blocks, "close", None)
-            if close is not None:
-                close()
-
-    def _left(self, index: int) -> bool:
-        """Whether the consumer has moved past pass `index` (asked for a later one)."""
-        return self._asked > index + 1
-
-
-def read_ahead(shard, train: TrainConfig) -> ReadAhead:
-    """The worker's training shard, read ahead (see ReadAhead) for train.epochs passes."""
-    window_rows = train.batch_size * train.length_window
-    return ReadAhead(shard, train.epochs, max(train.shuffle_buffer_rows, window_rows))

@@ -8,13 +8,6 @@ only, never a timing target.
 Targets (DESIGN.md, issue 9): Ray Train + DeepSpeed with 1 worker >= 0.9x the plain loop's
 samples/s; time waiting for data < 5% of step time.
 
-Data wait (test_data_wait_and_time_to_first_step), each run in a freshly started local Ray as
-`raylift finetune` has it: each worker reads its shard ahead (jobs.training_data.read_ahead,
-from the worker's start, while the engine is built) against reading at the epoch's first fetch
-(READ_AT_FIRST_FETCH: read_ahead off, the shard iterated as Ray Data gives it). Measured on 2
-AVX512-BF16 cores (shared machine), whole-epoch data wait epoch 1 / epoch 2 (steady), and worker
-start -> first step: see the figures in the commit that added it.
-
 Every Ray run is the real path, `jobs.finetune.main` on configs/banking77/minilm_quality.yaml
 (MiniLM-L6, LoRA r=32 on every linear layer, DeepSpeed ZeRO-2, bf16 autocast where the CPU has
 it natively, per-batch padding over length-sorted windows) over ROWS seeded BANKING77 rows, for
@@ -74,8 +67,6 @@ EVERY = 8  # train.checkpoint_every_steps of every Ray run: the kill needs a mid
 WARMUP_STEPS = 4  # first steps of a run left out of the steady state
 SAMPLE_S = 0.5
 TIMINGS_DIR = "bench-timings"  # beside the run's checkpoints: one JSON per worker process
-# A run whose name ends so trains without read-ahead: its worker iterates the shard itself.
-READ_AT_FIRST_FETCH = "-read-at-first-fetch"
 CORES = psutil.cpu_count() or 1
 # One worker gets every core as torch threads, as the plain loop does; two workers one each.
 THREADS = {1: CORES, 2: max(1, CORES // 2)}
@@ -93,13 +84,8 @@ def timed_train_func(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from jobs import train_loop as loop
-    from jobs import training_data
 
     record: dict[str, Any] = {"steps": [], "waits": [], "saves": [], "epochs": []}
-    record["started"] = time.time()
-    read_ahead = training_data.read_ahead
-    if loop_config["config"]["name"].endswith(READ_AT_FIRST_FETCH):
-        training_data.read_ahead = _shard_itself
     epoch = [0]
     names = ("_train_epoch", "_train_step", "_stream", "_report", "_report_state")
     original = {name: getattr(loop, name) for name in names}
@@ -148,17 +134,12 @@ def timed_train_func(loop_config: dict[str, Any]) -> None:
     finally:
         for name, fn in original.items():
             setattr(loop, name, fn)
-        training_data.read_ahead = read_ahead
         context = ray.train.get_context()
         record.update(rank=context.get_world_rank(), pid=os.getpid())
         folder = Path(loop_config["config"]["train"]["checkpoint_dir"]) / TIMINGS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{loop_config['config']['name']}-rank{record['rank']}-{os.getpid()}.json"
         (folder / name).write_text(json.dumps(record))
-
-
-def _shard_itself(shard, train):  # the path before read-ahead: Ray Data shuffles
-    return shard
 
 
 def _timed_fetches(batches, waits: list, epoch: list):
@@ -315,9 +296,6 @@ class RayRun:
     other_cores: float = 0.0  # processes outside this test's tree meanwhile
     attempts: int = 1
     killed: dict | None = None
-    # rank 0 of the last attempt: seconds from finetune.main's start and from the worker's
-    # start (train_func) to its first step, and its first fetch of a training batch
-    first_step: dict[str, float] = field(default_factory=dict)
 
 
 def _config(root: Path, name: str, workers: int, **overrides) -> LifecycleConfig:
@@ -366,7 +344,7 @@ def _ray_run(root: Path, name: str, workers: int, kill: bool = False) -> RayRun:
         killer = _WorkerKiller(config, set(_workers()))
         killer.start()
     with _timed_trainer(), RayCpu() as cpu:
-        started, run_start = time.perf_counter(), time.time()
+        started = time.perf_counter()
         result = finetune.main(config)
         wall = time.perf_counter() - started
     if killer is not None:
@@ -375,7 +353,6 @@ def _ray_run(root: Path, name: str, workers: int, kill: bool = False) -> RayRun:
         assert killer.killed is not None, "the run finished before a worker could be killed"
     run = _summarize(config, result, workers, wall, cpu)
     run.killed = killer.killed if killer else None
-    run.first_step = _first_step(config, run_start)
     _RUNS[name] = run
     return run
 
@@ -425,16 +402,6 @@ def _summarize(config: LifecycleConfig, result, workers: int, wall: float, cpu: 
 
 def _step(metric) -> int:
     return metric.step
-
-
-def _first_step(config: LifecycleConfig, run_start: float) -> dict[str, float]:
-    rank0 = [r for r in _worker_records(config) if r["rank"] == 0 and r["steps"]][-1]
-    _, end, took, _ = rank0["steps"][0]
-    return {
-        "from run start": end - took - run_start,
-        "from worker start": end - took - rank0["started"],
-        "first fetch": rank0["waits"][0][1],
-    }
 
 
 def _worker_records(config: LifecycleConfig) -> list[dict]:
@@ -778,7 +745,7 @@ def _data_wait_table(runs: dict[str, RayRun]) -> str:
     for label, run in runs.items():
         per_epoch = ", ".join(f"{100 * v:.1f}%" for v in run.data_wait_fraction)
         lines.append(
-            f"  {label:22} steady {100 * run.steady.wait_share:4.1f}%; whole epochs (the loop's "
+            f"  {label:10} steady {100 * run.steady.wait_share:4.1f}%; whole epochs (the loop's "
             f"data_wait_fraction, first fetch of the epoch's stream included): {per_epoch}"
         )
     return "\n".join(lines)
@@ -997,33 +964,3 @@ def _started_at(output: str) -> float:
     match = re.search(r"BENCH_STARTED (\S+)", output)
     assert match, f"the entrypoint printed no start time: {output[-500:]!r}"
     return float(match.group(1))
-
-
-def test_data_wait_and_time_to_first_step(bench_ray, root):
-    """Reading ahead against reading at the first fetch, 1 and 2 workers, each run in a fresh
-    local Ray (cold Ray Data workers, as a `raylift finetune` has them)."""
-    runs = {}
-    for workers in (1, 2):
-        for label, suffix in (("read ahead", ""), ("at 1st fetch", READ_AT_FIRST_FETCH)):
-            with _ray_started_with({}, {}):
-                run = _ray_run(root, f"wait-{workers}w{suffix}", workers)
-            runs[f"{workers}w {label}"] = run
-    print(f"\ndata wait and time to the first step ({_cpu_kind()}):")
-    print(_data_wait_table(runs))
-    lines = [
-        "  rank 0, seconds to the first step: from run start / from worker start; its first fetch"
-    ]
-    for label, run in runs.items():
-        first = run.first_step
-        lines.append(
-            f"  {label:22} {first['from run start']:5.1f} / {first['from worker start']:5.1f}; "
-            f"{first['first fetch']:5.2f} (wall {run.wall_s:.1f} s)"
-        )
-    print("\n".join(lines))
-    _RESULTS["data_wait"] = {label: asdict(run) for label, run in runs.items()}
-    # the old path shuffles with Ray Data's own buffer, read ahead with the worker's: other
-    # orders, so losses only alike
-    for run in runs.values():
-        assert run.train_rows == runs["1w read ahead"].train_rows and len(run.train_loss) == EPOCHS
-        assert all(math.isfinite(v) for v in run.train_loss)
-        assert run.train_loss[-1] < run.train_loss[0]

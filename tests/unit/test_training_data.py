@@ -7,23 +7,15 @@ only after Ray started would fail here with "unit tests must not start Ray".
 from __future__ import annotations
 
 import csv
-import threading
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from jobs import finetune, load
-from jobs.config import TrainConfig, validate_mapping
-from jobs.train_loop import INPUT_IDS, TARGETS, TrainProgress, _train_epoch
-from jobs.training_data import (
-    ReadAhead,
-    read_ahead,
-    scan_training_rows,
-    shuffled_windows,
-    tokenize_batch,
-    trainable_rows,
-)
+from jobs.config import validate_mapping
+from jobs.train_loop import INPUT_IDS, TARGETS
+from jobs.training_data import scan_training_rows, tokenize_batch, trainable_rows
 from tests.helpers import make_ticket_rows
 
 
@@ -139,163 +131,3 @@ def test_tokenize_never_turns_a_missing_text_into_an_empty_one(tiny_bert):
         tokenize_batch(batch, **kwargs)
     out = tokenize_batch(batch.slice(0, 1), **kwargs)
     assert out.column(TARGETS).to_pylist() == [0] and len(out.column(INPUT_IDS)[0]) >= 3
-
-
-# --- the training stream: read ahead, seeded shuffle buffer -----------------------------------
-
-
-def _blocks(rows: int, block_rows: int) -> list[pa.Table]:
-    """Tokenized blocks as the Ray Data stage yields them, sorted by target (a sorted table)."""
-    return [
-        pa.table(
-            {
-                INPUT_IDS: pa.array(
-                    [[5] * (1 + i % 7) for i in range(start, min(start + block_rows, rows))],
-                    type=pa.list_(pa.int32()),
-                ),
-                TARGETS: pa.array(range(start, min(start + block_rows, rows)), type=pa.int64()),
-            }
-        )
-        for start in range(0, rows, block_rows)
-    ]
-
-
-def _targets(windows) -> list[list[int]]:
-    return [window[TARGETS].tolist() for window in windows]
-
-
-def test_a_shard_within_the_buffer_is_shuffled_whole_and_the_same_on_every_pass():
-    blocks = _blocks(400, 100)
-    windows = _targets(shuffled_windows(blocks, 64, 10_000, seed=7))
-    assert [len(w) for w in windows] == [64] * 6 + [16]
-    assert sorted(sum(windows, [])) == list(range(400))
-    assert max(windows[0]) >= 300 and min(windows[0]) < 100  # drawn from the whole shard
-    assert windows == _targets(shuffled_windows(blocks, 64, 10_000, seed=7))
-    assert windows != _targets(shuffled_windows(blocks, 64, 10_000, seed=8))
-    assert sum(_targets(shuffled_windows(blocks, 64, 0, seed=None)), []) == list(range(400))
-    first = next(shuffled_windows(blocks, 64, 10_000, seed=7))
-    assert first[INPUT_IDS].dtype == object and len(first[INPUT_IDS][0]) >= 1
-
-
-def test_a_larger_shard_gives_its_first_window_once_the_buffer_is_full():
-    read = []
-
-    def blocks():
-        for block in _blocks(2_000, 100):
-            read.append(block.num_rows)
-            yield block
-
-    windows = shuffled_windows(blocks(), 64, 300, seed=7)
-    first = next(windows)[TARGETS].tolist()
-    assert sum(read) == 300  # three blocks, not the 2,000-row shard
-    assert max(first) < 300
-    rest = _targets(windows)
-    assert sorted(first + sum(rest, [])) == list(range(2_000)) and sum(read) == 2_000
-
-
-class _BlockShard:
-    """A training shard as Ray Data's split gives it: the same blocks on every pass, counted as
-    they are read; `fail` raises in the middle of a pass."""
-
-    def __init__(self, rows: int = 400, block_rows: int = 100, fail: bool = False):
-        self.blocks, self.fail = _blocks(rows, block_rows), fail
-        self.passes_started = 0
-        self.rows_read: list[int] = []  # per pass
-        self.read = threading.Condition()
-
-    def iter_batches(self, *, batch_size, batch_format, **kwargs):
-        assert batch_size is None and batch_format == "pyarrow" and not kwargs
-        with self.read:
-            self.passes_started += 1
-            self.rows_read.append(0)
-        for i, block in enumerate(self.blocks):
-            if self.fail and i == 2:
-                raise OSError("the warehouse went away")
-            with self.read:
-                self.rows_read[-1] += block.num_rows
-                self.read.notify_all()
-            yield block
-
-    def wait(self, predicate) -> None:
-        with self.read:
-            assert self.read.wait_for(predicate, timeout=10)
-
-
-def test_the_shard_is_read_ahead_one_pass_and_each_pass_is_shuffled_by_its_seed():
-    shard = _BlockShard()
-    ahead = ReadAhead(shard, passes=4, max_rows=10_000)
-    shard.wait(lambda: shard.rows_read == [400])  # read before anyone asked for a batch
-    assert shard.passes_started == 1  # the next pass waits until this one is asked for
-
-    def epoch(seed: int) -> list[list[int]]:
-        batches = ahead.iter_batches(
-            batch_size=64,
-            batch_format="numpy",
-            local_shuffle_buffer_size=10_000,
-            local_shuffle_seed=seed,
-        )
-        return _targets(batches)
-
-    first = epoch(1001)
-    assert first == _targets(shuffled_windows(shard.blocks, 64, 10_000, seed=1001))
-    shard.wait(lambda: shard.rows_read == [400, 400])  # the second pass read during the first
-    assert epoch(1002) == _targets(shuffled_windows(shard.blocks, 64, 10_000, seed=1002))
-    # a pass left early (a capped epoch) leaves nothing behind for the next one
-    capped = ahead.iter_batches(batch_size=64, local_shuffle_buffer_size=10_000)
-    next(iter(capped))
-    assert epoch(1001) == first
-    assert epoch(1001) == first  # past the 4 passes read ahead: read when asked, same order
-    assert shard.passes_started == 5
-
-
-def test_a_read_that_fails_ahead_fails_the_consumer():
-    ahead = ReadAhead(_BlockShard(fail=True), passes=1, max_rows=100)
-    windows = ahead.iter_batches(batch_size=64, local_shuffle_buffer_size=0)
-    assert len(next(iter(windows))[TARGETS]) == 64  # what was read before the failure
-    with pytest.raises(RuntimeError, match="reading the training shard ahead failed"):
-        list(windows)
-
-
-class _Engine:
-    """Records the targets of each step (test_train_loop's engine, in short)."""
-
-    global_rank, dp_world_size, global_steps = 0, 1, 0
-
-    def __init__(self):
-        self.steps: list[list[int]] = []
-
-    def train(self):
-        pass
-
-    def __call__(self, input_ids, attention_mask, labels):
-        import torch
-
-        self._batch = labels.tolist()
-        return type("Out", (), {"loss": torch.tensor(float(sum(self._batch)) / 1000)})()
-
-    def backward(self, loss):
-        pass
-
-    def step(self):
-        self.steps.append(self._batch)
-        self.global_steps += 1
-
-    def get_lr(self):
-        return [0.1]
-
-
-def test_a_restarted_worker_reading_ahead_resumes_the_epoch_where_it_stopped(process_group):
-    train = TrainConfig(batch_size=8, length_window=4, checkpoint_every_steps=3, epochs=2)
-    saved: list[TrainProgress] = []
-    whole = _Engine()
-    shard = read_ahead(_BlockShard(), train)
-    _train_epoch(whole, shard, train, 0, TrainProgress(epoch=1), lambda progress: None)
-    _train_epoch(whole, shard, train, 0, TrainProgress(epoch=2), saved.append)
-    epoch2 = whole.steps[50:]
-    assert len(whole.steps) == 100 and sorted(sum(epoch2, [])) == list(range(400))
-    assert epoch2 != whole.steps[:50]  # each epoch its own order
-
-    rest = _Engine()  # a restarted worker: a fresh read-ahead, from epoch 2's 4th checkpoint
-    at = saved[3]
-    _train_epoch(rest, read_ahead(_BlockShard(), train), train, 0, at, lambda progress: None)
-    assert at.batches == 12 and rest.steps == epoch2[12:]
