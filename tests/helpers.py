@@ -163,6 +163,14 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
 # leaves Serve running for the next (a Serve start and shutdown cost about 3 s each here); a
 # module that needs other HTTP options (test_serve_limits' request timeout) restarts it.
 SERVE_PORT = 8123
+# score: one actor on half a CPU, one thread, fp32: small Ray Data jobs that fit beside the rest
+TINY_SCORE = {
+    "concurrency": 1,
+    "num_cpus": 0.5,
+    "torch_threads": 1,
+    "batch_size": 16,
+    "precision": "fp32",
+}
 
 # A minimal Llama-3-like chat template: each turn is "<|role|> content <|end|>", and the
 # generation prompt is "<|assistant|>". Word-level, so every marker is one token.

@@ -17,7 +17,7 @@ import pytest
 from jobs import promote, tracking, warehouse
 from jobs.config import validate_mapping
 from serving import registry, tags
-from tests.helpers import make_full_checkpoint, make_ticket_rows
+from tests.helpers import TINY_SCORE, make_full_checkpoint, make_ticket_rows
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 SLICES = {"card_arrival": "cards", "lost_card": "cards", "refund": "refunds"}
@@ -39,13 +39,7 @@ def _config(root: Path, model: str, **promote_section):
                 "build_engines": False,  # not about engines: spare the export at each version
             },
             "promote": {"min_value": 0.5, "max_regression": 0.02, **promote_section},
-            "score": {
-                "concurrency": 1,
-                "num_cpus": 0.5,
-                "torch_threads": 1,
-                "batch_size": 16,
-                "precision": "fp32",
-            },
+            "score": TINY_SCORE,
         }
     )
 

@@ -18,7 +18,7 @@ import pytest
 from jobs import instruct, promote, tracking, warehouse
 from jobs.config import validate_mapping
 from serving import tags
-from tests.helpers import make_ticket_rows, make_tiny_llama
+from tests.helpers import TINY_SCORE, make_ticket_rows, make_tiny_llama
 
 INTENTS = ["card_arrival", "lost_card", "refund"]
 TABLE = "support.instructions"
@@ -55,13 +55,7 @@ def config(root):
                 "max_value": 1e4,
                 "max_regression": MAX_REGRESSION,
             },
-            "score": {
-                "concurrency": 1,
-                "num_cpus": 0.5,
-                "torch_threads": 1,
-                "batch_size": 16,
-                "precision": "fp32",
-            },
+            "score": TINY_SCORE,
         }
     )
 

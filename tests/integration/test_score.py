@@ -13,7 +13,7 @@ import pytest
 
 from jobs import score, warehouse
 from jobs.config import validate_mapping
-from tests.helpers import make_lora_checkpoint, make_ticket_rows
+from tests.helpers import TINY_SCORE, make_lora_checkpoint, make_ticket_rows
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 MODEL = "pin-router"
@@ -39,11 +39,7 @@ def config(tmp_path_factory):
                 "input_table": INBOX,
                 "output_table": "support.predictions",
                 "quarantine_table": "support.quarantine",
-                "concurrency": 1,
-                "num_cpus": 0.5,
-                "torch_threads": 1,
-                "batch_size": 16,
-                "precision": "fp32",
+                **TINY_SCORE,
                 "run_date": RUN_DATE,
             },
         }
