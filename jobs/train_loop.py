@@ -24,6 +24,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     task = get_task(config.task.type)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    # A fresh run's first batch is read while the engine is built: Ray Data's first pass
+    # starts cold (split coordinator, read and tokenize tasks in new processes), and without
+    # this the first step waited for all of it after the model was ready.
+    first_epoch = None
+    if ray.train.get_checkpoint() is None:
+        first_epoch = FirstBatchAhead(epoch_stream(train_shard, config.train, epoch=1))
     engine, precision = _setup_engine(config, task, inputs, world_size)
     tokenizer = load_tokenizer(
         resolve_base_model(config.model.base), config.model.trust_remote_code
@@ -139,8 +148,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if task.generative:  # saved with the checkpoint: a generator needs a pad token to batch
         tokenizer = instruct.prepare_tokenizer(tokenizer)
     start = _restore(engine, inputs, rank, world_size)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
     pad_id = tokenizer.pad_token_id
     collate = BatchInputs(task, pad_id, config.task.packing, config.task.max_length)
     metric = inputs.checkpoint_metric or config.promote.metric
@@ -151,8 +158,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     resumed = start.global_step > 0 or start.epoch > 1
     for epoch in range(start.epoch, config.train.epochs + 1):
         begin = start if epoch == start.epoch else TrainProgress(epoch=epoch)
+        ahead = first_epoch if epoch == 1 else None
         stats = _train_epoch(
-            engine, train_shard, config.train, pad_id, begin, save_mid_epoch, collate
+            engine, train_shard, config.train, pad_id, begin, save_mid_epoch, collate, ahead
         )
         evaluation = _evaluate(
             engine, val_shard, task, config.train, len(inputs.labels), pad_id, collate
@@ -456,6 +464,52 @@ def _stream(shard, config: TrainConfig, rng: random.Random | None, seed: int | N
         yield from windowed_batches(window, config.batch_size, rng)
 
 
+def epoch_stream(shard, config: TrainConfig, epoch: int) -> Iterator:
+    """An epoch's training batches: the shard shuffled and bucketed with the epoch's own seed,
+    so a resumed epoch sees its batches in the same order."""
+    seed = config.seed * 1000 + epoch
+    return _stream(shard, config, random.Random(seed), seed)
+
+
+class FirstBatchAhead:
+    """A stream whose first batch is fetched on a thread from the moment it is made.
+
+    Only the first item: the rest is read where it is consumed, so no pass of the shard ever
+    runs ahead of the loop (a rank reading the next pass early stalls the split). The wait that
+    remains when the first batch is asked for is still the caller's to count.
+    """
+
+    def __init__(self, batches: Iterator) -> None:
+        self._batches = batches
+        self._first: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._fetch, name="raylift-first-batch", daemon=True
+        )
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._batches, None)
+        except BaseException as error:  # re-raised in the loop's own thread
+            self._error = error
+
+    def __iter__(self) -> FirstBatchAhead:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return next(self._batches)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        if self._first is None:
+            raise StopIteration
+        first, self._first = self._first, None
+        return first
+
+
 def _all_ranks_have(has_batch: bool) -> tuple[bool, bool]:
     """(any rank has a batch, every rank has one): keeps collectives in step on uneven shards."""
     import torch.distributed as dist
@@ -485,13 +539,15 @@ def _train_epoch(
     begin: TrainProgress,
     save_state: Callable[[TrainProgress], None],
     collate: BatchInputs | None = None,
+    batches: Iterator | None = None,
 ) -> dict[str, float]:
-    """Train one epoch from `begin` (batch 0, or the data position a checkpoint saved)."""
+    """Train one epoch from `begin` (batch 0, or the data position a checkpoint saved);
+    `batches`: the epoch's stream already started (epoch_stream), else it starts here."""
     engine.train()
     collate = collate or BatchInputs(None, pad_id)
     epoch = begin.epoch
-    seed = train.seed * 1000 + epoch
-    batches = _stream(shard, train, random.Random(seed), seed)
+    if batches is None:
+        batches = epoch_stream(shard, train, epoch)
     tally = _EpochTally(steps=begin.batches)
     if engine.global_rank == 0:  # the resumed part's loss, summed over ranks when saved
         tally.loss_sum, tally.rows = begin.loss_sum, begin.rows

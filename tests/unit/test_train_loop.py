@@ -1,6 +1,7 @@
 import os
 import pickle
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from jobs.train_loop import (
     INPUT_IDS,
     STATE_DIR,
     TARGETS,
+    FirstBatchAhead,
     TrainProgress,
     _belongs_to,
     _choose_cpu_allreduce,
@@ -23,6 +25,7 @@ from jobs.train_loop import (
     _mid_epoch_checkpoint_due,
     _train_epoch,
     deepspeed_config,
+    epoch_stream,
     load_engine_state,
     pad_batch,
     read_progress,
@@ -279,3 +282,44 @@ def test_a_resumed_epoch_skips_exactly_the_batches_already_trained(process_group
     assert rest.steps == whole.steps[4:]  # the same batches, in the same order
     assert resumed["train_steps"] == 8  # the epoch's planned steps, counted across the restart
     assert resumed["train_loss"] == pytest.approx(full["train_loss"])  # over the whole epoch
+
+
+class _ColdShard(_Shard):
+    """A shard that says when its first window has been read (a cold Ray Data pass)."""
+
+    def __init__(self, rows: int):
+        super().__init__(rows)
+        self.first_window_read = threading.Event()
+
+    def iter_batches(self, **kwargs):
+        for window in super().iter_batches(**kwargs):
+            self.first_window_read.set()
+            yield window
+
+
+def test_the_first_batch_is_read_while_the_caller_works_and_the_epoch_is_unchanged(process_group):
+    train = TrainConfig(batch_size=4, length_window=2)
+    plain = _Engine()
+    expected = _train_epoch(plain, _Shard(30), train, 0, TrainProgress(epoch=1), print)
+
+    shard = _ColdShard(30)
+    ahead = FirstBatchAhead(epoch_stream(shard, train, epoch=1))
+    # Read on its own thread while this one builds the engine: nobody has asked for a batch.
+    assert shard.first_window_read.wait(timeout=30)
+    engine = _Engine()
+    stats = _train_epoch(engine, shard, train, 0, TrainProgress(epoch=1), print, None, ahead)
+    assert engine.steps == plain.steps  # the same batches in the same order
+    assert stats["train_steps"] == expected["train_steps"] == 8
+    assert stats["train_loss"] == pytest.approx(expected["train_loss"])
+
+
+def test_first_batch_ahead_hands_on_errors_and_empty_streams():
+    def broken():
+        yield from ()
+        raise OSError("the split coordinator died")
+
+    failing = FirstBatchAhead(broken())
+    with pytest.raises(OSError, match="coordinator died"):
+        next(failing)
+    assert list(FirstBatchAhead(iter(()))) == []
+    assert list(FirstBatchAhead(iter([1, 2, 3]))) == [1, 2, 3]
