@@ -32,7 +32,7 @@ from jobs.checkpoint import (
     saved_dtype,
 )
 from jobs.config import ModelConfig
-from jobs.tasks import Task, get_task
+from jobs.tasks import Task, forget_missing_bitsandbytes, get_task, without_bitsandbytes
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -183,6 +183,7 @@ def _load_head_model(
         kwargs["id2label"] = dict(enumerate(labels))
         kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
     if method == "qlora":
+        forget_missing_bitsandbytes()  # a LoRA build in this process may have kept it out
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -218,8 +219,18 @@ def _keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
 
 
 def _add_lora(model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> torch.nn.Module:
-    import peft
+    if model_cfg.method == "qlora":
+        import peft
 
+        return _wrap_lora(peft, model, model_cfg, task)
+    # peft would import bitsandbytes (get_peft_model looks for its layers) for nothing here
+    with without_bitsandbytes():
+        import peft
+
+        return _wrap_lora(peft, model, model_cfg, task)
+
+
+def _wrap_lora(peft, model: torch.nn.Module, model_cfg: ModelConfig, task: Task) -> torch.nn.Module:
     if model_cfg.method == "qlora":
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = peft.LoraConfig(
@@ -320,15 +331,16 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
     if (directory / "adapter_config.json").is_file():
         if not (directory / "adapter_model.safetensors").is_file():
             raise ValueError(f"{directory}: adapter weights must be adapter_model.safetensors")
-        import peft
-
         # The base has no head yet (the adapter brings it, as modules_to_save), and transformers
         # would log a "LOAD REPORT: classifier MISSING" warning from every actor and replica.
         base_path = resolve_base_model(meta.base_model)
         refuse_remote_code(base_path, trust_remote_code)
         with _log_level("transformers.modeling_utils", logging.ERROR):
             base = _load_head_model(base_path, task, meta.labels, trust_remote_code, "full")
-        model = peft.PeftModel.from_pretrained(base, directory).merge_and_unload()
+        with without_bitsandbytes():  # loading and merging an adapter never needs it
+            import peft
+
+            model = peft.PeftModel.from_pretrained(base, directory).merge_and_unload()
     elif (directory / "model.safetensors").is_file():
         model = auto.from_pretrained(
             directory, use_safetensors=True, trust_remote_code=trust_remote_code

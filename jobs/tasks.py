@@ -19,14 +19,24 @@ lm_head) stays frozen under LoRA and QLoRA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["Task", "get_task", "is_generative", "register_task", "task_names"]
+__all__ = [
+    "Task",
+    "forget_missing_bitsandbytes",
+    "get_task",
+    "is_generative",
+    "register_task",
+    "task_names",
+    "without_bitsandbytes",
+]
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,48 @@ def _check_libraries(name: str, peft_needed: bool) -> None:
         raise ValueError(f"task {task.name!r}: transformers has no {task.auto_model}")
     if not peft_needed:
         return
-    import peft
+    with without_bitsandbytes():
+        import peft
 
     if not hasattr(peft.TaskType, task.peft_task_type):
         raise ValueError(f"task {task.name!r}: peft.TaskType has no {task.peft_task_type}")
+
+
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Imports made inside (peft's, transformers') see no bitsandbytes, unless this process has
+    imported it already (a method=qlora config imports it when it is validated).
+
+    peft imports bitsandbytes whenever it is installed, and with it torch's inductor: 1.0-1.3
+    CPU-s of each training worker's and scoring actor's start (AVX512-BF16, 2 cores, measured),
+    for LoRA and full models that never use it. A None in sys.modules makes
+    `importlib.util.find_spec` answer None (peft's is_bnb_available, transformers'
+    is_bitsandbytes_available) and `import bitsandbytes` raise ImportError (peft's optional
+    imports); it is taken out again on the way out, so a later QLoRA build in the same process
+    can import it (forget_missing_bitsandbytes clears what was cached meanwhile).
+    """
+    if "bitsandbytes" in sys.modules:  # the real module, or an enclosing block
+        yield
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+
+
+def forget_missing_bitsandbytes() -> None:
+    """Clear the cached 'bitsandbytes is not installed' answers that peft and transformers kept
+    from inside without_bitsandbytes, before a QLoRA model is built in the same process."""
+    import transformers.utils.import_utils
+
+    transformers.utils.import_utils.is_bitsandbytes_available.cache_clear()
+    if "peft" in sys.modules:
+        import peft.import_utils
+
+        peft.import_utils.is_bnb_available.cache_clear()
+        peft.import_utils.is_bnb_4bit_available.cache_clear()
 
 
 def _check_head_modules(task: Task) -> None:
