@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -90,26 +91,45 @@ def _probe_version(directory: Path) -> tuple[str, engines.EngineRows]:
 
 
 @pytest.fixture(scope="module")
-def version(tmp_path_factory) -> tuple[Path, str]:
-    """A staged version with engines built and gated, and a line naming model and rows."""
+def version(tmp_path_factory) -> Path:
+    """A staged version with engines built and gated."""
+    staged, _ = engine_version(tmp_path_factory.mktemp("engines-bench"))
+    return staged
+
+
+def engine_version(tmp: Path) -> tuple[Path, str]:
+    """(checkpoint dir, what it is) of a version as registration stages it, engines built and
+    gated, the artifacts of refused variants restored (the benches measure them too): the
+    quality config's registered version when .raylift holds one, else the probe.
+
+    RAYLIFT_BENCH_STAGED names a folder to keep it in and reuse while it holds one (the export
+    and gate of every variant take a minute on 2 cores); unset, it is built under `tmp`."""
     from jobs import tracking
     from jobs.config import load_config
 
-    tmp = tmp_path_factory.mktemp("engines-bench")
-    quality = _quality_version()
+    keep = os.environ.get("RAYLIFT_BENCH_STAGED")
+    root = Path(keep) if keep else tmp
+    staged, note = root / "stage" / "checkpoint", root / "what.txt"
+    if keep and (staged / engines.REPORT_FILE).is_file() and note.is_file():
+        print(f"\nmodel (reused from {keep}): {note.read_text()}")
+        return staged, note.read_text()
+    quality, rows = _quality_version(), None
     if quality is not None:
         model_dir, lineage = quality
         rows = tracking.engine_rows(load_config(QUALITY_CONFIG), lineage)
         what = f"quality version {model_dir} (LoRA merged into MiniLM-L6)"
-    if quality is None or rows is None:
-        model_dir, rows = _probe_version(tmp)
+    if rows is None:
+        model_dir, rows = _probe_version(root)
         what = "MiniLM-L6 + linear probe head (no quality version in .raylift)"
+    shutil.rmtree(root / "stage", ignore_errors=True)  # a build cut short
     started = time.perf_counter()
-    staged, _ = engines.stage_with_engines(model_dir, tmp / "stage", rows)
-    print(f"\nmodel: {what}; gate rows: {rows.source}, {len(rows.texts)} rows")
+    staged, _ = engines.stage_with_engines(model_dir, root / "stage", rows)
+    what += f"; gate rows: {rows.source}, {len(rows.texts)} rows"
+    print(f"\nmodel: {what}")
     print(f"export + gate of every variant at registration: {time.perf_counter() - started:.1f} s")
     _restore_refused_artifacts(staged)
-    return staged
+    note.write_text(what)
+    return staged, what
 
 
 def _restore_refused_artifacts(staged: Path) -> None:
