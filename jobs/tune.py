@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ class _TrialSetup:
     train_storage: str
     metric: str
     mode: str
+    # Ray Train settings for each trial's run (set in the trial's actor, which Ray Train passes
+    # on to the run's controller and workers): _train_env
+    train_env: dict[str, str] = field(default_factory=dict)
 
 
 def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
@@ -220,7 +224,28 @@ def _trial_setup(
         train_storage=f"{experiment}/train",
         metric=config.tune.metric_name(config.promote),
         mode=config.tune.mode,
+        train_env=_train_env(),
     )
+
+
+_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def _train_env() -> dict[str, str]:
+    """Without a preemption watcher on the local Ray this process started (no RAY_ADDRESS, one
+    node): Ray Train starts one more actor per run to watch for nodes being drained, which
+    cannot happen there, and its start was 1.3 CPU-s of each trial's (AVX512-BF16, 2 cores,
+    measured). Its documented switch is Ray Train's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER; a value
+    the user set is kept, and a cluster keeps Ray Train's default."""
+    import ray
+
+    if _PREEMPTION_WATCHER in os.environ or os.environ.get("RAY_ADDRESS"):
+        return {}
+    if not ray.is_initialized():
+        return {}
+    if len([node for node in ray.nodes() if node.get("Alive")]) != 1:
+        return {}
+    return {_PREEMPTION_WATCHER: "0"}
 
 
 # --- the search -------------------------------------------------------------------------------
@@ -376,6 +401,7 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     overrides = dict(sample[_OVERRIDES])
     config = with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
     trial_id = tune.get_context().get_trial_id()
+    os.environ.update(setup.train_env)  # read by trainer.fit(), passed on to the run
     client = MlflowClient(setup.tracking_uri)
     # A trial started again (after the sha scheduler paused it at a rung, after a failure, or
     # by --resume) continues its own MLflow run and its own Train run: a trainer of the same

@@ -2,7 +2,10 @@
 for scoring) does not import bitsandbytes, which peft would otherwise import whenever it is
 installed (1.0-1.3 CPU-s of each Ray Train worker's start, and of every Tune trial's, on the
 2-core AVX512-BF16 box, measured); a QLoRA model built afterwards in the same process still
-imports it and is 4-bit, which shows the check below can see the import."""
+imports it and is 4-bit, which shows the check below can see the import.
+
+Also what a Tune trial's Train run starts: no preemption watcher actor on the local one-node Ray
+(1.3 CPU-s of each trial's start), Ray Train's default elsewhere."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import subprocess
 import sys
 
 import pytest
+import ray
 
 from cluster.hardware import cpu_has_native_bf16
+from jobs import tune
 from tests.helpers import make_lora_checkpoint
 
 LABELS = ["card_arrival", "lost_card", "refund"]
@@ -75,3 +80,25 @@ def test_lora_leaves_bitsandbytes_out_and_qlora_still_imports_it(tiny_bert, tmp_
         "qlora": ["bitsandbytes", "peft"],
         "qlora_4bit": True,
     }
+
+
+@pytest.mark.parametrize(
+    ("env", "alive_nodes", "expected"),
+    [
+        ({}, 1, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),  # the local Ray
+        ({}, 2, {}),
+        ({"RAY_ADDRESS": "ray://head:10001"}, 1, {}),  # a cluster that may grow
+        ({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, 1, {}),  # the user's own choice
+    ],
+)
+def test_trials_skip_the_preemption_watcher_on_the_local_ray_only(
+    monkeypatch, env, alive_nodes, expected
+):
+    for name in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    nodes = [{"Alive": True}] * alive_nodes + [{"Alive": False}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert tune._train_env() == expected
