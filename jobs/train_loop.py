@@ -132,7 +132,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     _configure_worker(config.train)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    task = get_task(config.task.type)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     # A fresh run's first batch is read while the engine is built: Ray Data's first pass
@@ -141,6 +140,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     first_epoch = None
     if ray.train.get_checkpoint() is None:
         first_epoch = FirstBatchAhead(epoch_stream(train_shard, config.train, epoch=1))
+    task = get_task(config.task.type)  # imports peft: after the first batch is on its way
     engine, precision = _setup_engine(config, task, inputs, world_size)
     tokenizer = load_tokenizer(
         resolve_base_model(config.model.base), config.model.trust_remote_code
