@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ def _mask(ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 def open_variant(engine: str, precision: str, directory: str | Path, model: Any, threads: int):
     """The engine of one variant; artifacts are read from the checkpoint `directory`."""
     if engine == "torch":
-        return TorchEngine(model, precision, threads)  # type: ignore[arg-type]
+        return TorchEngine(_resolved(model), precision, threads)  # type: ignore[arg-type]
     path = Path(directory) / _ARTIFACTS[(engine, precision)]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
@@ -276,7 +277,12 @@ def select_engine(
     probe: tuple[np.ndarray, np.ndarray],
 ) -> Engine:
     """The engine a Predictor runs: the one asked for if the version offers it, the fastest
-    offered one on `probe` for `auto`, torch otherwise (with a warning saying why)."""
+    offered one on `probe` for `auto`, torch otherwise (with a warning saying why).
+
+    `model` is the torch model, or a function returning it (called only if a torch variant is
+    opened: a named engine whose artifact opens never needs it)."""
+    if isinstance(model, types.FunctionType):
+        model = _Deferred(model)
     if engine not in ("auto", "torch", "onnxruntime", "openvino"):
         raise ValueError(f"engine={engine!r}; use 'auto', 'torch', 'onnxruntime' or 'openvino'")
     if precision not in ("auto", "fp32", "bf16", "int8"):
@@ -286,7 +292,7 @@ def select_engine(
     if engine == "torch":
         if precision == "int8":
             log.warning("engine=torch has no int8 path: running torch %s", fallback[1])
-        return TorchEngine(model, fallback[1], threads)
+        return TorchEngine(_resolved(model), fallback[1], threads)
     wanted = [v for v in _wanted(engine, precision) if v[0] != "torch"]
     candidates = [v for v in wanted if v in offered and _runs_natively(v[1])]
     if engine != "auto" and not candidates:
@@ -301,10 +307,21 @@ def select_engine(
         candidates = [fallback, *candidates]
     opened = _open_all(candidates, directory, model, threads)
     if not opened:  # every artifact asked for failed to open (each warned): torch serves
-        return TorchEngine(model, fallback[1], threads)
+        return TorchEngine(_resolved(model), fallback[1], threads)
     if len(opened) == 1:
         return opened[0]
     return _fastest(opened, probe)
+
+
+class _Deferred:
+    """A torch model not built yet: `_resolved` builds it when a torch variant needs it."""
+
+    def __init__(self, build: Any):
+        self.build = build
+
+
+def _resolved(model: Any) -> Any:
+    return model.build() if isinstance(model, _Deferred) else model
 
 
 def _offered(directory: str | Path, engines_meta: Any) -> tuple[set[tuple[str, str]], dict]:

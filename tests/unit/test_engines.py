@@ -123,6 +123,40 @@ def test_each_variant_labels_like_fp32_torch(staged, engine, precision, monkeypa
     assert list(got) == list(reference)  # same output columns, same order
 
 
+def test_a_named_engine_runs_without_building_the_torch_model(staged, tmp_path, monkeypatch):
+    """engine=onnxruntime/openvino over a version with its artifacts never builds the torch
+    model (about 3 s of an actor's start): the loader is made to fail and the labels are still
+    torch's; when the artifact cannot run, the torch model is built and serves."""
+    import jobs.modeling
+
+    directory, _ = staged
+    texts = np.array(_texts(100, seed=4), dtype=object)
+    reference = _predictor(directory, engine="torch", precision="fp32")({"text": texts})
+    load = jobs.modeling.load_checkpoint
+
+    def no_torch_model(*args, **kwargs):
+        raise AssertionError("the torch model was built")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(jobs.modeling, "load_checkpoint", no_torch_model)
+        for engine in ("onnxruntime", "openvino"):
+            predictor = _predictor(directory, engine=engine, precision="fp32")
+            got = predictor({"text": texts})
+            assert predictor.runtime["engine"] == engine
+            assert np.mean(got["label"] == reference["label"]) >= engines.MIN_AGREEMENT
+            assert predictor.max_length == 32 and predictor.labels == LABELS
+
+    broken = _copy(directory, tmp_path)
+    (broken / "engines" / "model.onnx").unlink()
+    built = []
+    monkeypatch.setattr(
+        jobs.modeling, "load_checkpoint", lambda *a, **k: built.append(a) or load(*a, **k)
+    )
+    fallback = _predictor(broken, engine="openvino", precision="fp32")
+    assert fallback.runtime["engine"] == "torch" and len(built) == 1
+    np.testing.assert_array_equal(fallback({"text": texts})["label"], reference["label"])
+
+
 def test_predict_texts_is_the_same_on_every_engine(staged):
     """The Serve path (predict_texts) answers alike whatever runs underneath."""
     directory, _ = staged
