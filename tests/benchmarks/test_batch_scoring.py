@@ -326,8 +326,12 @@ def test_batch_scoring_ratios(ray_session, checkpoint, tmp_path):
 # test_engine_pipeline_table prints it. test_threads_split runs 10k rows as 2 actors x 1 thread
 # and 1 actor x 2 threads per variant.
 #
-# Measured (AVX512-BF16, 2 cores, shared machine): see the bench's output and the figures in
-# issue 11's note.
+# Measured (AVX512-BF16, 2 cores shared with other work, load average 3-4.4), 100k rows end to
+# end: openvino-bf16 1,857 rows/s (1.04x the best tight loop, openvino-bf16 on 2 threads, 1,781;
+# 0.71x the compute limit), auto (picked openvino-bf16) 1,826, onnxruntime int8 1,399 (forced:
+# refused by the gate), torch-bf16 952, onnxruntime fp32 539; at 10k rows 368-855 rows/s, 7-10 s
+# of fixed cost (README, "Inference engines"). Under a load average of 5-5.4 the same runs gave
+# 1,053-1,150 rows/s at 100k: compare figures taken side by side only.
 
 PIPELINE_VARIANTS = (
     "torch-bf16",
