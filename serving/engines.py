@@ -20,14 +20,21 @@ the engine format; the registry tags repeat the figures (`serving.tags.engine_ta
 At load (`select_engine`), an explicit engine runs if the version offers it and its artifact
 opens, and falls back to torch with a warning otherwise; `auto` times the offered variants this
 CPU runs natively on one probe batch, for about CALIBRATION_S, and keeps the fastest (torch
-when the version offers nothing else).
+when the version offers nothing else). The pick is remembered on the node (`PICKS_DIR` under
+the cache folder, for PICK_TTL_S) for the same version folder, variants, threads, probe shape,
+CPU and runtime versions: the next actor or replica there opens that one variant only, without
+building the torch model or timing anything (about 6 s of an `auto` actor's start on 2
+AVX512-BF16 cores).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
 import time
 import types
@@ -79,6 +86,8 @@ MAX_ACCURACY_DROP = 0.002
 _OPSET = 17
 # How long `auto` may spend timing candidates (their loading not counted), all of them together.
 CALIBRATION_S = 1.5
+PICKS_DIR = "engine-picks"  # under cluster.storage.cache_dir(): auto's picks on this node
+PICK_TTL_S = 7 * 24 * 3600  # then auto measures again
 # Probe batch: BANKING77 texts average 16 tokens; rows fill the Predictor's token budget.
 _PROBE_WIDTH = 16
 
@@ -305,12 +314,89 @@ def select_engine(
         )
     if engine == "auto" or not candidates:
         candidates = [fallback, *candidates]
+    key = None
+    if engine == "auto" and len(candidates) > 1:
+        key = _pick_key(directory, engines_meta, candidates, threads, probe)
+        remembered = _remembered_pick(key, candidates, directory, model, threads)
+        if remembered is not None:
+            return remembered
     opened = _open_all(candidates, directory, model, threads)
     if not opened:  # every artifact asked for failed to open (each warned): torch serves
         return TorchEngine(_resolved(model), fallback[1], threads)
     if len(opened) == 1:
         return opened[0]
-    return _fastest(opened, probe)
+    fastest = _fastest(opened, probe)
+    if key is not None:
+        _remember_pick(key, fastest)
+    return fastest
+
+
+def _pick_key(directory, engines_meta, candidates, threads: int, probe) -> str:
+    """What an auto pick depends on: the version's folder and variants, the threads and probe
+    shape it was timed with, this CPU and the runtimes' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "-"
+
+    described = {
+        "directory": str(Path(directory).resolve()),
+        "variants": engines_meta.model_dump(mode="json") if engines_meta is not None else None,
+        "candidates": [list(c) for c in candidates],
+        "threads": threads,
+        "probe": list(probe[0].shape),
+        "cpu": [platform.machine(), _cpu_model(), os.cpu_count(), _cpu_kind()],
+        "runtimes": [installed(p) for p in ("torch", "onnxruntime", "openvino")],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _pick_file(key: str) -> Path:
+    from cluster.storage import cache_dir
+
+    return cache_dir() / PICKS_DIR / f"{key}.json"
+
+
+def _remembered_pick(key: str, candidates: list, directory, model, threads: int) -> Any:
+    """The variant auto picked here before, opened; None when there is none (or it is stale,
+    unreadable, no longer a candidate, or does not open): then auto measures."""
+    path = _pick_file(key)
+    try:
+        pick = json.loads(path.read_text())
+        variant = (pick["engine"], pick["precision"])
+        fresh = time.time() - float(pick["picked_at"]) < PICK_TTL_S
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not fresh or variant not in [tuple(c) for c in candidates]:
+        return None
+    opened = _open_all([variant], directory, model, threads)
+    if not opened:
+        return None
+    log.info("engine=auto: %s, as measured on this node before (%s)", variant_name(*variant), path)
+    return opened[0]
+
+
+def _remember_pick(key: str, engine: Engine) -> None:
+    path = _pick_file(key)
+    record = {"engine": engine.name, "precision": engine.precision, "picked_at": time.time()}
+    try:  # a cache: a read-only or full disk only costs the next start a calibration
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(record))
+        temporary.replace(path)  # atomic: actors starting together never read half a file
+    except OSError as exc:
+        log.warning("could not remember engine=auto's pick in %s: %s", path, exc)
 
 
 class _Deferred:

@@ -342,17 +342,18 @@ class Predictor:
     # -- loading --------------------------------------------------------------------------
 
     def _load(self, path: str, engine: str) -> None:
-        """The checkpoint's description, tokenizer and task; its torch model too, unless an
-        engine other than torch is named and the version has engine artifacts: then the torch
-        model is loaded only if that engine cannot run (`_model`). Building it imports most of
-        transformers' modeling code (and peft for an adapter): about 3 s of an actor's start
-        on 2 AVX512-BF16 cores, where opening the OpenVINO artifact takes 0.5 s."""
+        """The checkpoint's description, tokenizer and task; its torch model too, unless the
+        engine is not torch and the version has engine artifacts: then the torch model is
+        loaded only if a torch variant is opened (`_model`): the named engine cannot run, or
+        `auto` times torch (not when it reuses a pick made on this node). Building it imports
+        most of transformers' modeling code (and peft for an adapter): about 3 s of an actor's
+        start on 2 AVX512-BF16 cores, where opening the OpenVINO artifact takes 0.5 s."""
         from jobs.modeling import load_checkpoint, load_tokenizer, read_checkpoint_meta
         from jobs.tasks import get_task
 
         self._torch_model: Any = None
         meta = read_checkpoint_meta(path, self._trust_remote_code)
-        if engine in ("auto", "torch") or meta.engine_format is None:
+        if engine == "torch" or meta.engine_format is None:
             loaded = load_checkpoint(path, trust_remote_code=self._trust_remote_code)
             self._torch_model, self._tokenizer = loaded.model, loaded.tokenizer
             self._meta, self._task = loaded.meta, loaded.task

@@ -170,10 +170,13 @@ def test_predict_texts_is_the_same_on_every_engine(staged):
     assert answers[1][1]["error"] is not None and answers[2][1]["label"] is None
 
 
-def test_auto_picks_the_fastest_offered_variant_by_measurement(staged, monkeypatch, caplog):
+def test_auto_picks_the_fastest_offered_variant_by_measurement(
+    staged, tmp_path, monkeypatch, caplog
+):
     import time
 
     directory, _ = staged
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path))  # no pick remembered from before
     monkeypatch.setattr(engines, "CALIBRATION_S", 0.2)
 
     def slow(forward):
@@ -192,6 +195,48 @@ def test_auto_picks_the_fastest_offered_variant_by_measurement(staged, monkeypat
     assert predictor.runtime["engine"] == "onnxruntime"
     assert "engine=auto picked onnxruntime" in caplog.text
     assert "torch" in caplog.text and "openvino" in caplog.text  # all candidates were timed
+
+
+def test_auto_remembers_its_pick_on_the_node(staged, tmp_path, monkeypatch, caplog):
+    """The next `auto` Predictor over the same version on this node opens the variant picked
+    before, neither timing anything nor building the torch model (about 6 s of an auto actor's
+    start); a pick that is stale, unreadable or for another thread count is measured again."""
+    import jobs.modeling
+
+    directory, _ = staged
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(engines, "CALIBRATION_S", 0.1)
+    texts = np.array(_texts(60, seed=5), dtype=object)
+    first = _predictor(directory, engine="auto", precision="fp32")
+    picked = first.runtime["engine"]
+    [remembered] = (tmp_path / engines.PICKS_DIR).glob("*.json")
+    assert json.loads(remembered.read_text())["engine"] == picked
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured or built again")
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.INFO, "serving.engines"):
+        patched.setattr(engines, "_fastest", never)
+        if picked != "torch":
+            patched.setattr(jobs.modeling, "load_checkpoint", never)
+        again = _predictor(directory, engine="auto", precision="fp32")
+        assert again.runtime == first.runtime
+        np.testing.assert_array_equal(
+            again({"text": texts})["label"], first({"text": texts})["label"]
+        )
+    assert "as measured on this node before" in caplog.text
+
+    timed = []
+    monkeypatch.setattr(engines, "_fastest", lambda opened, probe: timed.append(1) or opened[0])
+    record = json.loads(remembered.read_text())
+    remembered.write_text(json.dumps({**record, "picked_at": record["picked_at"] - 8 * 86400}))
+    _predictor(directory, engine="auto", precision="fp32")  # a week old: measured again
+    remembered.write_text("{not json")
+    _predictor(directory, engine="auto", precision="fp32")
+    from serving.predictor import Predictor
+
+    Predictor(str(directory), torch_threads=2, engine="auto", precision="fp32")  # another key
+    assert len(timed) == 3
 
 
 def test_auto_on_fp32_considers_only_fp32_variants(staged):
