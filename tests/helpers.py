@@ -257,3 +257,17 @@ def load_prompts_table(config, table: str, directory: Path, prompts: list) -> in
         label_column="response",
         key_column="ticket_id",
     )
+
+
+def run_in_fresh_process(script: str, *args: str) -> dict:
+    """Run `script` in a new Python (this one may have imported the modules a test asks about
+    already) with `args` as sys.argv[1:]; the JSON object its last line of output prints."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -5,11 +5,7 @@ the check below can see an import."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.helpers import make_full_checkpoint, make_lora_checkpoint
+from tests.helpers import make_full_checkpoint, make_lora_checkpoint, run_in_fresh_process
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 
@@ -31,12 +27,5 @@ print(json.dumps(seen))
 def test_a_whole_model_loads_without_peft_and_an_adapter_with_it(tiny_bert, tmp_path):
     full = make_full_checkpoint(tiny_bert, tmp_path / "full", LABELS)
     lora = make_lora_checkpoint(tiny_bert, tmp_path / "lora", LABELS)
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(full), str(lora)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_in_fresh_process(_SCRIPT, str(full), str(lora))
     assert seen == {"jobs.score": [], "full": [], "lora": ["peft"]}

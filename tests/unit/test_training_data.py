@@ -16,7 +16,7 @@ from jobs import finetune, load
 from jobs.config import validate_mapping
 from jobs.train_loop import INPUT_IDS, TARGETS
 from jobs.training_data import scan_training_rows, tokenize_batch, trainable_rows
-from tests.helpers import make_ticket_rows
+from tests.helpers import make_ticket_rows, run_in_fresh_process
 
 
 def _config(root: Path, source: Path, base: str, **task):
@@ -155,18 +155,7 @@ print(json.dumps(seen))
 def test_the_tokenize_stage_does_not_import_peft(tiny_bert):
     """Every Ray Data tokenize process paid 2.6 CPU-s (AVX512-BF16) for a peft import it never
     used; the control shows the same check sees peft once a worker's task check imports it."""
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", _TOKENIZE_SCRIPT, tiny_bert],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_in_fresh_process(_TOKENIZE_SCRIPT, tiny_bert)
     assert seen["rows"] == 2 and seen["targets"] == [0, 1]
     assert seen["tokenize"] == []
     assert "peft" in seen["worker"]

@@ -9,16 +9,12 @@ Also what a Tune trial's Train run starts: no preemption watcher actor on the lo
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import ray
 
 from cluster.hardware import cpu_has_native_bf16
 from jobs import tune
-from tests.helpers import make_lora_checkpoint
+from tests.helpers import make_lora_checkpoint, run_in_fresh_process
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 
@@ -56,14 +52,7 @@ print(json.dumps(seen))
 
 
 def _run(tiny_bert, checkpoint, precision: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, tiny_bert, checkpoint, precision],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(_SCRIPT, tiny_bert, checkpoint, precision)
 
 
 @pytest.mark.skipif(
