@@ -20,7 +20,7 @@ import yaml
 from jobs import load, tune
 from jobs.config import config_hash, with_overrides
 from serving import tags
-from tests.helpers import make_ticket_rows, tiny_lifecycle
+from tests.helpers import TINY_SCORE, make_ticket_rows, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 # ASHA's rungs are epochs 1 and 2. A tiny epoch takes about a second, so a stop can land an
@@ -59,6 +59,8 @@ def _config(root: Path, tiny_bert: str):
             "max_concurrent_trials": 2,
         },
         registry={"experiment": "tune", "model_name": "tune-tiny"},
+        # promote's evaluation in the report test: one half-CPU Predictor, not two of 1 CPU
+        score=TINY_SCORE,
     )
 
 
@@ -227,7 +229,14 @@ def _kill_after_a_trial_finished(config, config_file: Path, log: Path) -> set[st
     import ray
 
     experiment = tune._experiment_path(config)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # Tune saves its experiment state (what a restore reads) at most every 10 s by default:
+    # the driver saves it every second, so the kill lands about a second after the first trial
+    # ends rather than up to 10 s later (while the second trial starts, and is then lost).
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    }
     with log.open("w") as out:
         driver = subprocess.Popen(
             [sys.executable, "-m", "jobs.tune", "--config", str(config_file)],
@@ -240,7 +249,7 @@ def _kill_after_a_trial_finished(config, config_file: Path, log: Path) -> set[st
     while not (done := _terminated_trials(experiment)):
         assert driver.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no trial finished in 300 s"
-        time.sleep(1)
+        time.sleep(0.2)
     driver.kill()
     assert driver.wait(timeout=30) == -signal.SIGKILL
     assert not psutil.pid_exists(driver.pid) or psutil.Process(driver.pid).status() == "zombie"
