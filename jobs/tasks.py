@@ -161,12 +161,15 @@ def _check_eval_state(task: Task) -> None:
         raise ValueError(f"task {task.name!r}: eval_state must start at zero (it is summed)")
 
 
-def get_task(name: str, *, peft_needed: bool = True) -> Task:
+def get_task(name: str, *, peft_needed: bool = True, check_libraries: bool = True) -> Task:
     """The registered task `name`; `peft_needed=False` (loading a checkpoint for inference)
-    skips the check of its peft task type, and with it the import of peft."""
+    skips the check of its peft task type, and with it the import of peft;
+    `check_libraries=False` (a Predictor on an exported engine, which builds no Hugging Face
+    model) skips the transformers check too, and with it the import of transformers."""
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}")
-    _check_libraries(name, peft_needed)
+    if check_libraries:
+        _check_libraries(name, peft_needed)
     return _TASKS[name]
 
 

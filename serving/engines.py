@@ -88,6 +88,7 @@ _OPSET = 17
 CALIBRATION_S = 1.5
 PICKS_DIR = "engine-picks"  # under cluster.storage.cache_dir(): auto's picks on this node
 PICK_TTL_S = 7 * 24 * 3600  # then auto measures again
+OPENVINO_CACHE_DIR = "openvino-cache"  # under the cache folder: OpenVINO's compiled blobs
 # Probe batch: BANKING77 texts average 16 tokens; rows fill the Predictor's token budget.
 _PROBE_WIDTH = 16
 
@@ -244,7 +245,7 @@ class OpenVinoEngine:
             # actors on the machine: two 1-thread actors could land on the same core.
             "ENABLE_CPU_PINNING": False,
         }
-        self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self._compiled = _compile_openvino(core, Path(path), config)
         self._request = self._compiled.create_infer_request()
         self._output = self._compiled.output("logits")
         self.precision = precision
@@ -254,6 +255,28 @@ class OpenVinoEngine:
         for ids, mask in batches:
             result = self._request.infer({"input_ids": ids, "attention_mask": _mask(ids, mask)})
             yield np.array(result[self._output], dtype=np.float32)  # the request reuses its buffer
+
+
+def _compile_openvino(core: Any, path: Path, config: dict) -> Any:
+    """`path` compiled for the CPU, through OpenVINO's model cache on this node when it can be
+    written (OPENVINO_CACHE_DIR under the cache folder): a compiled blob for the same model
+    file and config is loaded instead of compiled again. Measured on the MiniLM ONNX file, bf16,
+    1 thread (AVX512-BF16): 0.37 s to read and compile, 0.06 s from the cache; that is each
+    scoring actor's and replica's start after the first on the node. Without a writable folder,
+    or if the cached compile fails, the model is compiled as before."""
+    from cluster.storage import cache_dir
+
+    folder = cache_dir() / OPENVINO_CACHE_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("OpenVINO compiles without its model cache (%s): %s", folder, exc)
+    else:
+        try:
+            return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
+        except RuntimeError as exc:  # a damaged blob, a cache the runtime refuses
+            log.warning("OpenVINO's model cache in %s failed (%s): compiling again", folder, exc)
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
 def _mask(ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

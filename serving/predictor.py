@@ -360,8 +360,15 @@ class Predictor:
             self._model_config = loaded.model.config
         else:
             self._meta = meta
-            self._task = get_task(meta.task, peft_needed=False)
-            self._tokenizer = load_tokenizer(path, self._trust_remote_code)
+            # No Hugging Face model is built here: the task's transformers check (and the
+            # import of transformers, about 1 CPU-s of each actor's start) is left to
+            # load_checkpoint, should a torch variant be opened after all.
+            self._task = get_task(meta.task, peft_needed=False, check_libraries=False)
+            self._tokenizer = None
+            if not self._task.generative:
+                self._tokenizer = _TokenIds.load(Path(path), self._trust_remote_code)
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(path, self._trust_remote_code)
             self._model_config = _read_model_config(Path(path), meta, self._trust_remote_code)
         self._labels = list(self._meta.labels)
         pad = self._tokenizer.pad_token_id
@@ -496,6 +503,97 @@ def _resolve(model_uri: str, tracking_uri: str | None) -> tuple[str, str, str]:
     return resolved.path, name, resolved.version or LOCAL_VERSION
 
 
+class _TokenIds:
+    """The checkpoint's fast tokenizer (tokenizer.json) on the `tokenizers` library alone, for
+    what `_logits` asks of a tokenizer: input ids, truncated on the right, special tokens
+    added, no padding, and the pad and eos ids. Saving a checkpoint (save_pretrained) writes
+    the backend transformers built, its settings applied, to tokenizer.json, so the ids are
+    the ones transformers gives (tests/unit/test_predictor.py compares them). Loading it
+    through transformers imports transformers: about 1 CPU-s of each engine actor's start
+    (AVX512-BF16), against 0.03 s here. Only for tokenizer classes whose Python side adds
+    nothing to the backend when encoding; any other checkpoint loads through transformers."""
+
+    # Their __call__ is the backend's encode, with special tokens from the post-processor.
+    _PLAIN_CLASSES = frozenset(
+        {
+            "BertTokenizer",
+            "DistilBertTokenizer",
+            "ElectraTokenizer",
+            "MPNetTokenizer",
+            "RobertaTokenizer",
+            "XLMRobertaTokenizer",
+            "PreTrainedTokenizerFast",
+            "TokenizersBackend",
+        }
+    )
+
+    def __init__(self, backend: Any, pad_token_id: int | None, eos_token_id: int | None):
+        self._backend = backend
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+
+    @classmethod
+    def load(cls, directory: Path, trust_remote_code: bool) -> _TokenIds | None:
+        """The checkpoint's tokenizer, or None when it is not one this class reproduces."""
+        import json
+
+        files = directory / "tokenizer.json", directory / "tokenizer_config.json"
+        if not all(f.is_file() for f in files):
+            return None
+        try:
+            config = json.loads(files[1].read_text())
+        except ValueError:
+            return None
+        name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+        plain = (
+            (name in cls._PLAIN_CLASSES or f"{name}Fast" in cls._PLAIN_CLASSES)
+            and config.get("backend", "tokenizers") == "tokenizers"
+            and config.get("truncation_side", "right") == "right"
+            and "auto_map" not in config  # code shipped with the model: transformers decides
+            and not config.get("split_special_tokens", False)
+        )
+        if not plain:
+            return None
+        from tokenizers import Tokenizer
+
+        _refuse_shipped_code(directory, trust_remote_code)
+
+        try:
+            backend = Tokenizer.from_file(str(files[0]))
+        except Exception:  # noqa: BLE001  (any parse error: transformers reports it better)
+            return None
+        backend.no_padding()
+        ids = [_special_id(backend, config.get(k)) for k in ("pad_token", "eos_token")]
+        return cls(backend, *ids)
+
+    def __call__(
+        self,
+        texts: list[str],
+        *,
+        truncation: bool,
+        max_length: int,
+        padding: bool = False,
+        return_attention_mask: bool = False,
+        return_token_type_ids: bool = False,
+    ) -> dict[str, list[list[int]]]:
+        if padding or return_attention_mask or return_token_type_ids:
+            raise ValueError("this tokenizer gives unpadded input ids only")
+        if truncation:
+            self._backend.enable_truncation(max_length, strategy="longest_first", direction="right")
+        else:
+            self._backend.no_truncation()
+        encoded = self._backend.encode_batch_fast(list(texts), add_special_tokens=True)
+        return {"input_ids": [e.ids for e in encoded]}
+
+
+def _special_id(backend: Any, token: Any) -> int | None:
+    """The id of a special token as tokenizer_config.json names it (a string, or a dict with
+    its content), None if it names none."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return backend.token_to_id(token) if isinstance(token, str) else None
+
+
 def _read_model_config(directory: Path, meta: Any, trust_remote_code: bool) -> Any:
     """The model's config.json as attributes (vocab_size, max_position_embeddings, model_type,
     pad_token_id: what the Predictor reads), without building the model: an adapter's from its
@@ -503,14 +601,37 @@ def _read_model_config(directory: Path, meta: Any, trust_remote_code: bool) -> A
     import json
     import types
 
-    from jobs.checkpoint import refuse_remote_code
     from jobs.modeling import resolve_base_model
 
     source = directory
     if not (directory / "config.json").is_file():  # an adapter: the architecture is the base's
         source = Path(resolve_base_model(meta.base_model))
-        refuse_remote_code(source, trust_remote_code)
+        _refuse_shipped_code(source, trust_remote_code)
     return types.SimpleNamespace(**json.loads((source / "config.json").read_text()))
+
+
+def _refuse_shipped_code(directory: Path, trust_remote_code: bool) -> None:
+    """jobs.checkpoint.refuse_remote_code for a Predictor on an exported engine: a config or
+    tokenizer config that maps classes to code in the folder (auto_map) is refused the same way.
+    Its other test, a model_type transformers does not know, imports transformers (about 1 CPU-s
+    of an actor's start) and guards what transformers would build; here config.json is read as
+    plain JSON, the tokenizer by `tokenizers`, the model from ONNX, and nothing of the folder is
+    imported. A torch variant opened after all goes through load_checkpoint, which checks all."""
+    import json
+
+    from jobs.checkpoint import RemoteCodeRefused, refuse_remote_code
+
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        path = directory / name
+        try:
+            content = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            content = None
+        if not isinstance(content, dict) or content.get("auto_map"):
+            refuse_remote_code(directory, trust_remote_code)  # raises, with its message
+            raise RemoteCodeRefused(f"{path}: unreadable or ships its own code")
 
 
 def _answer(label: str | None, score: float, *, usable: bool) -> dict[str, Any]:

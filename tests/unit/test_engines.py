@@ -4,6 +4,7 @@ damaged or older serves on torch with a warning."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from serving import engines, tags
-from tests.helpers import WORDS, make_lora_checkpoint, make_ticket_rows
+from tests.helpers import WORDS, make_lora_checkpoint, make_ticket_rows, run_in_fresh_process
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 ALL_VARIANTS = [
@@ -436,3 +437,73 @@ def test_auto_calibrates_on_the_rows_it_is_told(staged, monkeypatch):
     _predictor(directory, engine="auto", precision="auto", calibration_rows=3)
     _predictor(directory, engine="auto", precision="auto", sub_batch_tokens=512)
     assert shapes == [(3, 16), (32, 16)]
+
+
+# A child process: this one has imported transformers already (other tests, tests.helpers).
+_NO_TRANSFORMERS_SCRIPT = """
+import json, sys
+from serving.predictor import Predictor
+predictor = Predictor(sys.argv[1], engine="openvino", precision="fp32", torch_threads=1)
+labels = predictor({"text": json.loads(sys.argv[2])})["label"].tolist()
+print(json.dumps({"engine": predictor.runtime["engine"], "labels": labels,
+                  "transformers": "transformers" in sys.modules}))
+"""
+
+
+def test_an_engine_predictor_starts_without_transformers_and_labels_as_before(staged):
+    """A Predictor on an exported engine tokenizes with tokenizer.json on `tokenizers` alone and
+    skips the task's transformers check: no import of transformers (about 1 CPU-s of each
+    actor's start); the labels are the ones the transformers tokenizer gives."""
+    from serving.predictor import Predictor
+
+    directory, _ = staged
+    texts = _texts(80, seed=6)
+    seen = run_in_fresh_process(_NO_TRANSFORMERS_SCRIPT, str(directory), json.dumps(texts))
+    assert seen["engine"] == "openvino" and seen["transformers"] is False
+    reference = Predictor(str(directory), engine="openvino", precision="fp32", torch_threads=1)
+    from jobs.modeling import load_tokenizer
+
+    reference._tokenizer = load_tokenizer(str(directory))  # transformers' own tokenizer
+    expected = reference({"text": np.array(texts, dtype=object)})["label"].tolist()
+    assert seen["labels"] == expected
+
+
+def test_token_ids_match_transformers_and_odd_tokenizers_go_through_it(staged, tmp_path):
+    from jobs.modeling import load_tokenizer, resolve_base_model
+    from serving.predictor import _TokenIds
+
+    texts = [*_texts(200, seed=7), "héllo WÖRLD 你好 🙂 [SEP]", "card " * 400, "", "  \t x"]
+    folders = [staged[0]]
+    with contextlib.suppress(Exception):  # the MiniLM base, where the package ships it
+        folders.append(Path(resolve_base_model("all-MiniLM-L6-v2")))
+    for folder in folders:
+        fast, reference = _TokenIds.load(Path(folder), False), load_tokenizer(str(folder))
+        assert fast is not None, folder
+        assert fast.pad_token_id == reference.pad_token_id
+        for max_length in (8, 32, 512):
+            got = fast(texts, truncation=True, max_length=max_length)["input_ids"]
+            want = reference(texts, truncation=True, max_length=max_length)["input_ids"]
+            assert got == want, (folder, max_length)
+    odd = _copy(staged[0], tmp_path)
+    config_path = odd / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for change in ({"tokenizer_class": "LlamaTokenizer"}, {"truncation_side": "left"}):
+        config_path.write_text(json.dumps({**config, **change}))
+        assert _TokenIds.load(odd, False) is None, change  # transformers loads these
+
+
+def test_openvino_compiles_through_its_cache_on_the_node(staged, tmp_path, monkeypatch):
+    """The second compile of the same artifact loads OpenVINO's cached blob (0.37 -> 0.06 s on
+    MiniLM) and gives the same logits; an unwritable cache folder compiles as before."""
+    directory, _ = staged
+    batch = (np.array([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0]]), np.array([[1] * 5, [1, 1, 1, 0, 0]]))
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    path = directory / engines.ONNX_FILE
+    first = next(engines.OpenVinoEngine(path, "fp32", 1).forward([batch]))
+    assert list((tmp_path / "cache" / engines.OPENVINO_CACHE_DIR).glob("*.blob"))
+    again = next(engines.OpenVinoEngine(path, "fp32", 1).forward([batch]))
+    np.testing.assert_array_equal(first, again)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "file"))  # a file: no folder there
+    uncached = next(engines.OpenVinoEngine(path, "fp32", 1).forward([batch]))
+    np.testing.assert_allclose(uncached, first, rtol=1e-5, atol=1e-5)
