@@ -28,10 +28,12 @@ import logging
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the Serve app imports this module in processes
+    import torch  # that never generate (ModelVersion, a classifier's replica)
 
 __all__ = [
     "Completion",
@@ -311,6 +313,8 @@ def _sub_batches(rows: list[_Row], budget: int) -> Iterator[list[_Row]]:
 
 
 def _decode(rows: list[_Row]) -> Iterator[list[Delta]]:
+    import torch
+
     first = rows[0].owner
     model = first.model
     ids, mask = _left_pad([row.ids for row in rows], first._pad_id)
@@ -460,6 +464,8 @@ def _check_params(params: SamplingParams, limits: Any) -> None:
 
 
 def _seeded(params: SamplingParams) -> torch.Generator | None:
+    import torch
+
     if params.temperature == 0:
         return None
     seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -467,6 +473,8 @@ def _seeded(params: SamplingParams) -> torch.Generator | None:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    import torch
+
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
@@ -498,6 +506,8 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
