@@ -476,6 +476,70 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
     assert not any(failed.values()), failed
 
 
+# -- the endpoint per inference engine (issue 11) ---------------------------------------------
+
+ENGINE_CLIENTS = 16
+# Each variant the bench version offers (torch fp32 and bf16, onnxruntime fp32, openvino fp32
+# and bf16), and auto; a bf16 variant where the CPU has no native bf16 is skipped.
+ONLINE_VARIANTS = (
+    "torch-fp32",
+    "torch-bf16",
+    "onnxruntime-fp32",
+    "openvino-fp32",
+    "openvino-bf16",
+    "auto-auto",
+)
+ONLINE_REPORT = Path(__file__).resolve().parents[2] / ".raylift/bench/serve_engines.json"
+
+
+@pytest.mark.parametrize("variant", ONLINE_VARIANTS)
+def test_endpoint_per_engine(ray_session, checkpoint, variant):
+    """(a) at 16 clients with serve.engine / serve.precision set to each variant."""
+    import json
+
+    import httpx
+
+    from cluster.hardware import cpu_has_native_bf16
+    from serving.app import deploy
+
+    engine, precision = variant.split("-")
+    if precision == "bf16" and not cpu_has_native_bf16():
+        pytest.skip(f"{variant}: this CPU has no native bf16 (AVX512-BF16/AMX)")
+    config = _demo_config(**{"serve.engine": engine, "serve.precision": precision})
+    url = deploy(config, model_uri=checkpoint)
+    try:
+        info = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
+        before = _cpu_by_process()
+        level = asyncio.run(
+            _closed_loop(f"{url}/v1/models/{MODEL}/predict", ENGINE_CLIENTS, _texts())
+        )
+        spent = sum(_cpu_by_process().values()) - sum(before.values())
+    finally:
+        serve.delete(MODEL)
+    runs = json.loads(ONLINE_REPORT.read_text()) if ONLINE_REPORT.exists() else {}
+    runs[variant] = {
+        "cpu": _cpu(),
+        "runs": f"{info['engine']}-{info['precision']}, {info['threads']}t",
+        "clients": ENGINE_CLIENTS,
+        "req_s": round(level.rate, 1),
+        "p50_ms": round(level.pct(50) * 1e3, 1),
+        "p99_ms": round(level.pct(99) * 1e3, 1),
+        "cpu_ms_per_request": round(spent / max(level.answered, 1) * 1e3, 2),
+        "failed": level.failed,
+    }
+    ONLINE_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    ONLINE_REPORT.write_text(json.dumps(runs, indent=1))
+    print(f"\nthe endpoint per engine, {ENGINE_CLIENTS} clients ({_cpu()}; client on these cores)")
+    print(f"{'variant':18} {'runs':22} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
+    for name, r in runs.items():
+        print(
+            f"{name:18} {r['runs']:22} {r['req_s']:7.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
+            f" {r['cpu_ms_per_request']:10.2f}"
+        )
+    assert level.failed == 0
+    assert info["engine"] == engine or engine == "auto", info
+
+
 # -- many adapters on one replica -------------------------------------------------------------
 
 ADAPTER_MODEL = "bench-adapters"
