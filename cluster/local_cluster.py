@@ -84,7 +84,7 @@ def start(
     token_path = root / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
-    ports = {name: _free_port() for name in (*_HEAD_PORTS, *_NODE_PORTS)}
+    ports = _free_ports([*_HEAD_PORTS, *_NODE_PORTS])
     head = _launch(root, "head", _head_args(root, ports, head_cpus), token_path)
     cluster = LocalCluster(
         dir=str(root),
@@ -107,7 +107,7 @@ def add_worker(cluster: LocalCluster, cpus: int = 1, timeout_s: float = 90) -> i
     """Start one more worker node; its pid once the head counts it alive."""
     alive = len(_alive_nodes(cluster))
     index = len(cluster.worker_pids)
-    ports = {name: _free_port() for name in _NODE_PORTS}
+    ports = _free_ports(_NODE_PORTS)
     args = [
         "--address",
         cluster.gcs_address,
@@ -275,10 +275,15 @@ def _alive_nodes(cluster: LocalCluster) -> list[dict]:
     return body["data"]["result"]["result"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(names) -> dict[str, int]:
+    """A free port for each name, all different: every socket stays bound until all are
+    picked (one at a time, the kernel may hand a just-closed port out again; seen once: the
+    GCS and the metrics exporter were given the same port, and the head refused to start)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in names]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return {name: sock.getsockname()[1] for name, sock in zip(names, socks, strict=True)}
 
 
 def _process_tree(pid: int) -> list[int]:
