@@ -282,17 +282,23 @@ def _header_dtypes(path: Path) -> set[str]:
     }
 
 
-def refuse_remote_code(directory: str | Path, trust_remote_code: bool) -> None:
+def refuse_remote_code(
+    directory: str | Path, trust_remote_code: bool, *, check_model_type: bool = True
+) -> None:
     """Raise RemoteCodeRefused if loading `directory` would import code shipped inside it.
 
     Runs on the files alone, before transformers opens the directory: transformers decides about
     remote code only once it is already resolving classes from the directory's config.
+    `check_model_type=False` (a Predictor on an exported engine: the model comes from ONNX, the
+    tokenizer from tokenizer.json, and transformers builds nothing from the config) skips the
+    test of a model_type transformers does not know, which imports transformers (about 1 CPU-s
+    of an actor's start); auto_map and unreadable files are refused either way.
     """
     if trust_remote_code:
         return
     directory = Path(directory)
     for name in ("config.json", "tokenizer_config.json"):
-        reason = _remote_code_reason(directory / name)
+        reason = _remote_code_reason(directory / name, check_model_type)
         if reason:
             raise RemoteCodeRefused(
                 f"{directory} ships its own code ({name}: {reason}) and remote code is off; "
@@ -301,7 +307,7 @@ def refuse_remote_code(directory: str | Path, trust_remote_code: bool) -> None:
             )
 
 
-def _remote_code_reason(path: Path) -> str | None:
+def _remote_code_reason(path: Path, check_model_type: bool = True) -> str | None:
     if not path.is_file():
         return None
     try:
@@ -313,7 +319,7 @@ def _remote_code_reason(path: Path) -> str | None:
     if content.get("auto_map"):
         return f"auto_map {sorted(content['auto_map'])}"
     model_type = content.get("model_type")
-    if path.name == "config.json" and model_type is not None:
+    if check_model_type and path.name == "config.json" and model_type is not None:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         if model_type not in CONFIG_MAPPING_NAMES:

@@ -556,7 +556,9 @@ class _TokenIds:
             return None
         from tokenizers import Tokenizer
 
-        _refuse_shipped_code(directory, trust_remote_code)
+        from jobs.checkpoint import refuse_remote_code
+
+        refuse_remote_code(directory, trust_remote_code, check_model_type=False)
 
         try:
             backend = Tokenizer.from_file(str(files[0]))
@@ -601,37 +603,14 @@ def _read_model_config(directory: Path, meta: Any, trust_remote_code: bool) -> A
     import json
     import types
 
+    from jobs.checkpoint import refuse_remote_code
     from jobs.modeling import resolve_base_model
 
     source = directory
     if not (directory / "config.json").is_file():  # an adapter: the architecture is the base's
         source = Path(resolve_base_model(meta.base_model))
-        _refuse_shipped_code(source, trust_remote_code)
+        refuse_remote_code(source, trust_remote_code, check_model_type=False)
     return types.SimpleNamespace(**json.loads((source / "config.json").read_text()))
-
-
-def _refuse_shipped_code(directory: Path, trust_remote_code: bool) -> None:
-    """jobs.checkpoint.refuse_remote_code for a Predictor on an exported engine: a config or
-    tokenizer config that maps classes to code in the folder (auto_map) is refused the same way.
-    Its other test, a model_type transformers does not know, imports transformers (about 1 CPU-s
-    of an actor's start) and guards what transformers would build; here config.json is read as
-    plain JSON, the tokenizer by `tokenizers`, the model from ONNX, and nothing of the folder is
-    imported. A torch variant opened after all goes through load_checkpoint, which checks all."""
-    import json
-
-    from jobs.checkpoint import RemoteCodeRefused, refuse_remote_code
-
-    if trust_remote_code:
-        return
-    for name in ("config.json", "tokenizer_config.json"):
-        path = directory / name
-        try:
-            content = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            content = None
-        if not isinstance(content, dict) or content.get("auto_map"):
-            refuse_remote_code(directory, trust_remote_code)  # raises, with its message
-            raise RemoteCodeRefused(f"{path}: unreadable or ships its own code")
 
 
 def _answer(label: str | None, score: float, *, usable: bool) -> dict[str, Any]:
