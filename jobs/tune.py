@@ -28,7 +28,13 @@ from cluster import init_ray
 from cluster.storage import delete_folder, filesystem_uri, read_json, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
-from jobs.finetune import build_trainer, checkpoint_folder, loop_inputs, registrable_directory
+from jobs.finetune import (
+    build_trainer,
+    checkpoint_folder,
+    loop_inputs,
+    registrable_directory,
+    train_env,
+)
 from jobs.modeling import check_base_model
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
@@ -92,7 +98,7 @@ class _TrialSetup:
     metric: str
     mode: str
     # Ray Train settings for each trial's run (set in the trial's actor, which Ray Train passes
-    # on to the run's controller and workers): _train_env
+    # on to the run's controller and workers): jobs.finetune.train_env
     train_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -224,28 +230,8 @@ def _trial_setup(
         train_storage=f"{experiment}/train",
         metric=config.tune.metric_name(config.promote),
         mode=config.tune.mode,
-        train_env=_train_env(),
+        train_env=train_env(),
     )
-
-
-_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
-def _train_env() -> dict[str, str]:
-    """Without a preemption watcher on the local Ray this process started (no RAY_ADDRESS, one
-    node): Ray Train starts one more actor per run to watch for nodes being drained, which
-    cannot happen there, and its start was 1.3 CPU-s of each trial's (AVX512-BF16, 2 cores,
-    measured). Its documented switch is Ray Train's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER; a value
-    the user set is kept, and a cluster keeps Ray Train's default."""
-    import ray
-
-    if _PREEMPTION_WATCHER in os.environ or os.environ.get("RAY_ADDRESS"):
-        return {}
-    if not ray.is_initialized():
-        return {}
-    if len([node for node in ray.nodes() if node.get("Alive")]) != 1:
-        return {}
-    return {_PREEMPTION_WATCHER: "0"}
 
 
 # --- the search -------------------------------------------------------------------------------

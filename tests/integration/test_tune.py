@@ -299,22 +299,25 @@ def test_resume_after_the_driver_is_killed_keeps_the_finished_trials(
 def test_sha_pauses_every_trial_at_the_rung_and_the_kept_one_continues_its_run(
     ray_session, tmp_path, tiny_bert
 ):
-    # 3 trials, 2 at a time, one rung at epoch 1 (factor 3): all three reach epoch 1 before the
-    # best one trains epoch 2, and that one continues its own Train run and MLflow run.
+    # 2 trials, one at a time, one rung at epoch 1 (factor 2): both reach epoch 1 before the
+    # better one trains epoch 2, and that one continues its own Train run and MLflow run. The
+    # first trial (seed 3: learning rate 3e-2, against 1e-6 for the second) is the better, so
+    # it waits PAUSED at the rung, where ASHA would have let it go on alone.
     halving = {
         "name": "tune-sha",
         "train.epochs": 2,
-        "tune.num_samples": 3,
+        "tune.num_samples": 2,
+        "tune.max_concurrent_trials": 1,
         "tune.scheduler": "sha",
-        "tune.asha.reduction_factor": 3,
+        "tune.asha.reduction_factor": 2,
     }
     config = with_overrides(_config(tmp_path, tiny_bert), halving)
     load.main(config)
     result = tune.main(config)
 
     by_epochs = sorted(result.trials, key=lambda t: t.epochs)
-    assert [t.epochs for t in by_epochs] == [1, 1, 2], result.trials
-    assert [t.stopped_early for t in by_epochs] == [True, True, False]
+    assert [t.epochs for t in by_epochs] == [1, 2], result.trials
+    assert [t.stopped_early for t in by_epochs] == [True, False]
     winner = by_epochs[-1]
     assert result.winner_trial_id == winner.trial_id
     client = _client(config)

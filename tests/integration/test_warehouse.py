@@ -117,6 +117,49 @@ def test_split_through_ray_data_gives_the_exact_counts(ray_session, cfg, tickets
     assert not train & held and train | held == set(range(ROWS))
 
 
+def test_one_worker_reads_every_row_itself_and_two_get_whole_validation(ray_session):
+    """jobs.training_data.EveryEvalRowConfig: one worker gets each dataset unsplit (no split
+    coordinator) with the run's execution options; two workers get equal train shards and
+    validation shards that hold every row between them."""
+    import copy
+
+    import ray
+    from ray.data import DataContext
+
+    from jobs.training_data import EveryEvalRowConfig
+
+    datasets = {
+        "train": ray.data.range(11, override_num_blocks=3),
+        "validation": ray.data.range(9, override_num_blocks=3),
+    }
+    ordered = copy.deepcopy(DataContext.get_current().execution_options)
+    ordered.preserve_order = True
+    config = EveryEvalRowConfig(execution_options={"train": ordered})
+
+    (alone,) = config.configure(datasets, 1, None, None)
+    assert {name: type(it).__name__ for name, it in alone.items()} == {
+        "train": "DataIteratorImpl",
+        "validation": "DataIteratorImpl",
+    }
+    assert [row["id"] for row in alone["train"].iter_rows()] == list(range(11))  # in order
+    assert sorted(row["id"] for row in alone["validation"].iter_rows()) == list(range(9))
+    assert sorted(row["id"] for row in alone["train"].iter_rows()) == list(range(11))  # again
+
+    pair = config.configure(datasets, 2, None, None)
+    seen = {name: [[], []] for name in datasets}
+
+    def consume(rank: int) -> None:
+        for name in datasets:
+            seen[name][rank] = [row["id"] for row in pair[rank][name].iter_rows()]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # a split hands out blocks only while both ranks read
+        list(pool.map(consume, [0, 1]))
+    assert len(seen["train"][0]) == len(seen["train"][1])  # equal: at most one row dropped
+    assert sorted(seen["validation"][0] + seen["validation"][1]) == list(range(9))
+
+
 # --- predictions ----------------------------------------------------------------------------
 
 SCORED_AT = dt.datetime(2024, 6, 1, 2, 30)

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster.hardware import cpu_has_native_bf16
-from jobs import tune
+from jobs import finetune
 from tests.helpers import make_lora_checkpoint, run_in_fresh_process
 
 LABELS = ["card_arrival", "lost_card", "refund"]
@@ -80,7 +80,7 @@ def test_lora_leaves_bitsandbytes_out_and_qlora_still_imports_it(tiny_bert, tmp_
         ({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, 1, {}),  # the user's own choice
     ],
 )
-def test_trials_skip_the_preemption_watcher_on_the_local_ray_only(
+def test_runs_skip_the_preemption_watcher_on_the_local_ray_only(
     monkeypatch, env, alive_nodes, expected
 ):
     for name in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
@@ -90,4 +90,4 @@ def test_trials_skip_the_preemption_watcher_on_the_local_ray_only(
     nodes = [{"Alive": True}] * alive_nodes + [{"Alive": False}]
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    assert tune._train_env() == expected
+    assert finetune.train_env() == expected
