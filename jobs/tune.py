@@ -121,6 +121,7 @@ def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
         _write_state(experiment, parent_run_id, data.snapshot_id, finished=False)
         setup = _trial_setup(config, lineage, parent_run_id, experiment)
         grid = _tuner(config, data, setup, experiment, resume).fit()
+        _forget_assigned_runs(setup)
         trials = _summarize_trials(config, grid, setup)
         result = _register_winner(config, data, grid, setup, trials)
         _write_state(experiment, parent_run_id, data.snapshot_id, finished=True)
@@ -429,6 +430,13 @@ def _assigned_run(setup: _TrialSetup, trial_id: str) -> str:
     return run_id.decode()
 
 
+def _forget_assigned_runs(setup: _TrialSetup) -> None:
+    from ray.experimental import internal_kv
+
+    prefix = _run_key(setup, "")
+    internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_RUNS_NAMESPACE)
+
+
 class _TrialRuns(Callback):
     """In the driver, as Tune starts a trial and before its function runs: the trial's nested
     MLflow run (its own earlier one when it is started again, or a new one with its params),
@@ -441,7 +449,7 @@ class _TrialRuns(Callback):
         self._client = None
 
     def __getstate__(self) -> dict:  # saved with the experiment, restored by --resume
-        return {"_setup": self._setup, "_client": None}
+        return {**self.__dict__, "_client": None}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         from mlflow import MlflowClient

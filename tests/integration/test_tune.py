@@ -118,6 +118,10 @@ def test_parent_run_has_a_nested_run_per_trial_with_params_and_epoch_metrics(sea
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= trial.epochs
         if not trial.stopped_early:
             assert steps == list(range(1, EPOCHS + 1))
+    # The driver handed each trial its run in Ray's key-value store, and cleared it after.
+    from ray.experimental import internal_kv
+
+    assert internal_kv._internal_kv_list(f"{result.parent_run_id}/", namespace="raylift-tune") == []
 
 
 def test_exactly_the_winner_is_registered_with_its_lineage(searched):
