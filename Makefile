@@ -29,7 +29,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/pytest -q -rs -p no:cacheprovider tests/unit tests/integration tests/e2e
+	$(BIN)/pytest -q -rs -p no:cacheprovider -n 2 tests/unit tests/integration tests/e2e
 
 bench: setup
 	$(BIN)/pytest -q -s -p no:cacheprovider tests/benchmarks
