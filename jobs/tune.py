@@ -120,8 +120,10 @@ def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
     with _parent_run(config, lineage, state.get("parent_run_id")) as parent_run_id:
         _write_state(experiment, parent_run_id, data.snapshot_id, finished=False)
         setup = _trial_setup(config, lineage, parent_run_id, experiment)
-        grid = _tuner(config, data, setup, experiment, resume).fit()
-        _forget_assigned_runs(setup)
+        try:
+            grid = _tuner(config, data, setup, experiment, resume).fit()
+        finally:
+            _forget_assigned_runs(setup)
         trials = _summarize_trials(config, grid, setup)
         result = _register_winner(config, data, grid, setup, trials)
         _write_state(experiment, parent_run_id, data.snapshot_id, finished=True)
@@ -388,7 +390,7 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     from ray.tune.integration.ray_train import TuneReportCallback
 
     overrides = dict(sample[_OVERRIDES])
-    config = with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
+    config = _trial_config(setup, overrides)
     trial_id = tune.get_context().get_trial_id()
     os.environ.update(setup.train_env)  # read by trainer.fit(), passed on to the run
     # A trial started again (after the sha scheduler paused it at a rung, after a failure, or
@@ -411,6 +413,11 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     # trial the scheduler stops is torn down while its fit() unwinds, and a FAILED written from
     # here could land after the driver had already closed the run as FINISHED (seen in CI).
     trainer.fit()
+
+
+def _trial_config(setup: _TrialSetup, overrides: dict[str, Any]) -> LifecycleConfig:
+    """The search's config with a trial's sample applied."""
+    return with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
 
 
 _RUNS_NAMESPACE = "raylift-tune"
@@ -463,7 +470,7 @@ class _TrialRuns(Callback):
             log.info("trial %s: continuing run %s from its latest checkpoint", trial, run_id)
         else:
             overrides = dict(trial.config[_OVERRIDES])
-            config = with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
+            config = _trial_config(setup, overrides)
             run_id = _start_trial_run(self._client, setup, trial.trial_id, config, overrides)
         internal_kv._internal_kv_put(
             _run_key(setup, trial.trial_id), run_id, overwrite=True, namespace=_RUNS_NAMESPACE
