@@ -43,6 +43,7 @@ __all__ = [
     "check_base_model",
     "load_checkpoint",
     "load_tokenizer",
+    "quiet_head_load",
     "read_checkpoint_meta",
     "resolve_base_model",
     "save_checkpoint",
@@ -331,11 +332,10 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
     if (directory / "adapter_config.json").is_file():
         if not (directory / "adapter_model.safetensors").is_file():
             raise ValueError(f"{directory}: adapter weights must be adapter_model.safetensors")
-        # The base has no head yet (the adapter brings it, as modules_to_save), and transformers
-        # would log a "LOAD REPORT: classifier MISSING" warning from every actor and replica.
+        # The base has no head yet (the adapter brings it, as modules_to_save).
         base_path = resolve_base_model(meta.base_model)
         refuse_remote_code(base_path, trust_remote_code)
-        with _log_level("transformers.modeling_utils", logging.ERROR):
+        with quiet_head_load():
             base = _load_head_model(base_path, task, meta.labels, trust_remote_code, "full")
         with without_bitsandbytes():  # loading and merging an adapter never needs it
             import peft
@@ -352,11 +352,21 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
 
 
 @contextlib.contextmanager
-def _log_level(name: str, level: int) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    previous = logger.level
-    logger.setLevel(level)
+def quiet_head_load() -> Iterator[None]:
+    """Loading a base whose head the adapter brings: transformers' load report would warn
+    "classifier MISSING" from every actor and replica. Quieting it (its logger's level at
+    ERROR) also makes transformers 5 check the model's tensor-parallel plan, which logs "The
+    following layers were not sharded" on a model that is not sharded at all: that logger is
+    quieted too."""
+    loggers = [logging.getLogger(name) for name in _HEAD_LOAD_LOGGERS]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(previous)
+        for logger, level in zip(loggers, previous, strict=True):
+            logger.setLevel(level)
+
+
+_HEAD_LOAD_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")

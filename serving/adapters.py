@@ -230,8 +230,8 @@ class AdapterPool:
                 return
             from jobs.modeling import (
                 _load_head_model,
-                _log_level,
                 load_tokenizer,
+                quiet_head_load,
                 resolve_base_model,
             )
             from jobs.tasks import get_task
@@ -241,7 +241,7 @@ class AdapterPool:
             base_path = resolve_base_model(home.base_model)
             started = time.perf_counter()
             # The head is each adapter's own (modules_to_save): the base's is never used.
-            with _log_level("transformers.modeling_utils", logging.ERROR):
+            with quiet_head_load():
                 model = _load_head_model(
                     base_path, task, home.labels, self._trust_remote_code, "full"
                 )

@@ -8,6 +8,9 @@ zero, so an untrained adapter is a no-op that a lost adapter would imitate).
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 from jobs import modeling
@@ -52,3 +55,33 @@ def test_logits_after_loading_equal_logits_before_saving(tiny_bert, tmp_path, mo
     torch.testing.assert_close(after, seen["saved"], atol=1e-5, rtol=1e-4)
     # The check can fail: losing the moved weights would give logits this far off.
     assert (seen["saved"] - seen["untrained"]).abs().max() > 0.1
+
+
+def test_loading_an_adapter_logs_no_load_report_or_sharding_warning(tiny_bert, tmp_path):
+    # transformers warns "classifier MISSING" for the head the adapter brings, and, when that
+    # warning is quieted, "The following layers were not sharded" for a model that is not
+    # sharded: both were printed by every scoring actor and replica.
+    directory = make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS)
+    quieted, plain = _transformers_warnings(lambda: load_checkpoint(directory)), None
+    with pytest.MonkeyPatch.context() as patch:  # the same load without the quieting warns
+        patch.setattr(modeling, "_HEAD_LOAD_LOGGERS", ())
+        plain = _transformers_warnings(lambda: load_checkpoint(directory))
+
+    assert not [m for m in quieted if "not sharded" in m or "MISSING" in m], quieted
+    assert [m for m in plain if "MISSING" in m], plain  # the check can fail
+    assert logging.getLogger("transformers.modeling_utils").level == logging.NOTSET  # put back
+
+
+def _transformers_warnings(load) -> list[str]:
+    """What transformers warned during load(). Its loggers do not propagate to the root
+    logger (caplog would see nothing), so the handler goes on theirs."""
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    library = logging.getLogger("transformers")
+    library.addHandler(handler)
+    try:
+        load()
+    finally:
+        library.removeHandler(handler)
+    return seen
