@@ -43,12 +43,13 @@ __all__ = [
     "check_base_model",
     "load_checkpoint",
     "load_tokenizer",
-    "quiet_head_load",
     "read_checkpoint_meta",
     "resolve_base_model",
     "save_checkpoint",
     "write_checkpoint_meta",
 ]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_META = "raylift.json"  # its content: jobs.checkpoint.CheckpointMeta
 
@@ -197,10 +198,53 @@ def _load_head_model(
             llm_int8_skip_modules=list(task.head_modules),
         )
     auto = getattr(transformers, task.auto_model)
-    model = auto.from_pretrained(path, **kwargs)
+    with _without_load_report():
+        model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    _check_loading(loading, task, path)
     if method == "qlora":
         _keep_4bit_weights_trainable(model)
     return model
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Drop transformers' LOAD REPORT, which _check_loading reads from the loading info instead:
+    with a new head it is a "classifier MISSING" warning from every worker, actor and replica.
+    A filter on that one message, not the logger's level: at ERROR, transformers 5 also checks a
+    tensor-parallel plan and warns "The following layers were not sharded" on any model."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    only_reports = _DropLoadReport()
+    logger.addFilter(only_reports)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_reports)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _check_loading(loading: dict[str, Any], task: Task, path: str) -> None:
+    """What loading a base did: a new head is missing from it (expected); any other missing
+    weight is newly initialised at random, which the user must hear about."""
+    missing = [k for k in loading.get("missing_keys", ()) if not task.is_head_parameter(k)]
+    if missing:
+        log.warning(
+            "%s: %d weight(s) missing from the checkpoint, initialised at random: %s",
+            path,
+            len(missing),
+            ", ".join(sorted(missing)[:20]),
+        )
+    unexpected = sorted(loading.get("unexpected_keys", ()))
+    if unexpected:  # normal when the checkpoint was saved with another head (e.g. masked LM)
+        log.info(
+            "%s: %d weight(s) not used by the model: %s",
+            path,
+            len(unexpected),
+            ", ".join(unexpected[:20]),
+        )
 
 
 def _keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
@@ -335,8 +379,7 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
         # The base has no head yet (the adapter brings it, as modules_to_save).
         base_path = resolve_base_model(meta.base_model)
         refuse_remote_code(base_path, trust_remote_code)
-        with quiet_head_load():
-            base = _load_head_model(base_path, task, meta.labels, trust_remote_code, "full")
+        base = _load_head_model(base_path, task, meta.labels, trust_remote_code, "full")
         with without_bitsandbytes():  # loading and merging an adapter never needs it
             import peft
 
@@ -349,24 +392,3 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
         raise ValueError(f"{directory}: no model.safetensors or adapter_model.safetensors")
     model = model.float().eval()
     return LoadedModel(model, load_tokenizer(str(directory), trust_remote_code), meta, task)
-
-
-@contextlib.contextmanager
-def quiet_head_load() -> Iterator[None]:
-    """Loading a base whose head the adapter brings: transformers' load report would warn
-    "classifier MISSING" from every actor and replica. Quieting it (its logger's level at
-    ERROR) also makes transformers 5 check the model's tensor-parallel plan, which logs "The
-    following layers were not sharded" on a model that is not sharded at all: that logger is
-    quieted too."""
-    loggers = [logging.getLogger(name) for name in _HEAD_LOAD_LOGGERS]
-    previous = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, previous, strict=True):
-            logger.setLevel(level)
-
-
-_HEAD_LOAD_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")

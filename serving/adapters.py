@@ -231,7 +231,6 @@ class AdapterPool:
             from jobs.modeling import (
                 _load_head_model,
                 load_tokenizer,
-                quiet_head_load,
                 resolve_base_model,
             )
             from jobs.tasks import get_task
@@ -241,10 +240,7 @@ class AdapterPool:
             base_path = resolve_base_model(home.base_model)
             started = time.perf_counter()
             # The head is each adapter's own (modules_to_save): the base's is never used.
-            with quiet_head_load():
-                model = _load_head_model(
-                    base_path, task, home.labels, self._trust_remote_code, "full"
-                )
+            model = _load_head_model(base_path, task, home.labels, self._trust_remote_code, "full")
             model = model.float().eval()
             self._tokenizer = load_tokenizer(base_path, self._trust_remote_code)
             self._task = task

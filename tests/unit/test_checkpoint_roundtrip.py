@@ -9,8 +9,8 @@ zero, so an untrained adapter is a no-op that a lost adapter would imitate).
 from __future__ import annotations
 
 import logging
+import shutil
 
-import pytest
 import torch
 
 from jobs import modeling
@@ -58,18 +58,38 @@ def test_logits_after_loading_equal_logits_before_saving(tiny_bert, tmp_path, mo
 
 
 def test_loading_an_adapter_logs_no_load_report_or_sharding_warning(tiny_bert, tmp_path):
-    # transformers warns "classifier MISSING" for the head the adapter brings, and, when that
-    # warning is quieted, "The following layers were not sharded" for a model that is not
-    # sharded: both were printed by every scoring actor and replica.
-    directory = make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS)
-    quieted, plain = _transformers_warnings(lambda: load_checkpoint(directory)), None
-    with pytest.MonkeyPatch.context() as patch:  # the same load without the quieting warns
-        patch.setattr(modeling, "_HEAD_LOAD_LOGGERS", ())
-        plain = _transformers_warnings(lambda: load_checkpoint(directory))
+    # transformers warns "classifier MISSING" for the head the adapter brings, and, if its
+    # logger is turned down to hide that, "The following layers were not sharded" for a model
+    # that is not sharded: either was printed by every scoring actor and replica.
+    import transformers
 
-    assert not [m for m in quieted if "not sharded" in m or "MISSING" in m], quieted
-    assert [m for m in plain if "MISSING" in m], plain  # the check can fail
-    assert logging.getLogger("transformers.modeling_utils").level == logging.NOTSET  # put back
+    directory = make_lora_checkpoint(tiny_bert, tmp_path / "ckpt", LABELS)
+    ours = _transformers_warnings(lambda: load_checkpoint(directory))
+    plain = _transformers_warnings(  # the check can fail: transformers' own load does warn
+        lambda: transformers.AutoModelForSequenceClassification.from_pretrained(
+            tiny_bert, num_labels=len(LABELS)
+        )
+    )
+
+    assert not [m for m in ours if "not sharded" in m or "LOAD REPORT" in m], ours
+    assert [m for m in plain if "LOAD REPORT" in m and "classifier" in m], plain
+
+
+def test_a_base_missing_weights_beyond_the_head_is_reported(tiny_bert, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-base"
+    shutil.copytree(tiny_bert, broken)
+    weights = load_file(broken / "model.safetensors")
+    lost = next(k for k in weights if "encoder.layer.1.output.dense.weight" in k)
+    save_file({k: v for k, v in weights.items() if k != lost}, broken / "model.safetensors")
+
+    with caplog.at_level(logging.WARNING, logger="jobs.modeling"):
+        make_lora_checkpoint(str(broken), tmp_path / "ckpt", LABELS)
+
+    reports = [r.getMessage() for r in caplog.records if r.name == "jobs.modeling"]
+    assert len(reports) == 1 and "encoder.layer.1.output.dense.weight" in reports[0], reports
+    assert "classifier" not in reports[0]  # the new head is expected to be missing
 
 
 def _transformers_warnings(load) -> list[str]:
