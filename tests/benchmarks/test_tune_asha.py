@@ -6,9 +6,10 @@ BANKING77, 9 trials of at most 9 epochs, so that there are rungs at epochs 1 and
 three searches fit about 40 minutes on 2 cores. Run by `make bench`; prints a table and ratios
 and writes them to .raylift/bench/tune_asha.json; asserts nothing about time.
 
-Why sha: the embedded Ray of a 2-core machine runs one trial at a time, and asynchronous ASHA
-lets a trial go on when it is in the top third of the trials that reached the rung *so far*:
-the first ones always go on. sha waits at each rung for every trial.
+Why sha: the embedded Ray of a 2-core machine runs few trials at a time (two of this config's
+1-worker trials), and asynchronous ASHA lets a trial go on when it is in the top third of the
+trials that reached the rung *so far*: the first ones always go on. sha waits at each rung for
+every trial.
 
 Target (DESIGN.md): ASHA's best trial within 1 point of the full-budget best, with <= 40% of
 the full-budget compute.
