@@ -280,7 +280,7 @@ def _param_space(config: LifecycleConfig) -> dict[str, Any]:
 
 
 def _scheduler(config: LifecycleConfig, concurrent: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     if config.tune.scheduler == "fifo":
         return FIFOScheduler()
@@ -298,7 +298,9 @@ def _scheduler(config: LifecycleConfig, concurrent: int):
             num_trials=config.tune.num_samples,
             max_running=concurrent,
         )
-    return ASHAScheduler(
+    from jobs.asha import ResumableASHA  # ASHA whose rungs survive --resume
+
+    return ResumableASHA(
         time_attr="epoch",
         max_t=config.train.epochs,
         grace_period=config.tune.asha.grace_period,
