@@ -8,7 +8,10 @@ config: every node (or pod) holds them in its environment.
 
 Folders whose content never changes (a base model on S3, a registered version's checkpoint) are
 downloaded once per node into a cache (`cache_dir()`: RAYLIFT_CACHE_DIR, else
-~/.cache/raylift) and reused by every process there (`cached_folder`).
+~/.cache/raylift) and reused by every process there (`cached_folder`). Each new download evicts
+the least recently used entries that have been idle an hour while the cache holds more than
+RAYLIFT_CACHE_MAX_GB (20 by default): every promotion brings another version's checkpoint and
+engines, and a long-lived node would otherwise fill its disk.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ from typing import Any
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "CACHE_MAX_GB_ENV",
+    "ENGINE_PICKS_DIR",
+    "OPENVINO_CACHE_DIR",
     "S3_ENDPOINT_ENV",
     "cache_dir",
     "cached_folder",
     "delete_folder",
     "download_folder",
+    "evict_least_recently_used",
     "filesystem_uri",
     "folder_digest",
     "is_object_storage",
@@ -58,6 +65,15 @@ SQLITE_PREFIX = "sqlite:///"
 CACHE_DIR_ENV = "RAYLIFT_CACHE_DIR"
 _DEFAULT_CACHE_DIR = "~/.cache/raylift"
 _SOURCE_FILE = "source.txt"  # beside each cached folder: the URI it was downloaded from
+CACHE_MAX_GB_ENV = "RAYLIFT_CACHE_MAX_GB"
+# Folders under the cache whose every file is one entry (serving.engines writes both): OpenVINO's
+# compiled blobs, and the engine `auto` picked for a version on this node.
+OPENVINO_CACHE_DIR = "openvino-cache"
+ENGINE_PICKS_DIR = "engine-picks"
+_DEFAULT_CACHE_MAX_GB = 20.0
+# An entry used (or written) this recently is never evicted: a process may be reading it. Loads
+# read a cached folder within seconds of asking for it; an hour leaves a wide margin.
+_EVICT_IDLE_S = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -293,13 +309,86 @@ def cached_folder(
     name = uri.rstrip("/").rpartition("/")[2] or "folder"
     digest = hashlib.sha256(f"{uri.rstrip('/')}\n{version}".encode()).hexdigest()[:20]
     entry = cache_dir() / kind / digest
-    if not (entry / name).is_dir():  # renamed into place only when complete: no lock to read
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(entry.parent / f"{digest}.lock"):
-            if not (entry / name).is_dir():
-                shutil.rmtree(entry, ignore_errors=True)  # a copy someone emptied by hand
-                _download_entry(uri, entry, name, fetch or download_folder)
+    if (entry / name).is_dir():  # renamed into place only when complete: no lock to read
+        _mark_used(entry)
+        return entry / name
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(entry.parent / f"{digest}.lock"):
+        if not (entry / name).is_dir():
+            shutil.rmtree(entry, ignore_errors=True)  # a copy someone emptied by hand
+            _download_entry(uri, entry, name, fetch or download_folder)
+    evict_least_recently_used(keep=entry)
     return entry / name
+
+
+def _mark_used(entry: Path) -> None:
+    """The entry's last use is its source file's time (eviction reads it)."""
+    with contextlib.suppress(OSError):  # a read-only cache is used, not evicted
+        os.utime(entry / _SOURCE_FILE)
+
+
+def evict_least_recently_used(keep: Path | None = None) -> list[Path]:
+    """Delete cached entries, least recently used first, until the cache holds at most
+    RAYLIFT_CACHE_MAX_GB. Entries are downloaded folders (with their source file) and OpenVINO's
+    compiled blobs; one used in the last hour, or `keep`, is never deleted. Returns the deleted."""
+    limit = _cache_limit_bytes()
+    entries = _cache_entries(cache_dir())
+    total = sum(size for _, size, _ in entries)
+    evicted: list[Path] = []
+    now = time.time()
+    for path, size, used in sorted(entries, key=lambda e: e[2]):
+        if total <= limit:
+            break
+        if path == keep or now - used < _EVICT_IDLE_S:
+            continue
+        try:
+            _delete_entry(path)
+        except OSError as error:  # a read-only or shared cache: leave it as it is
+            log.warning("cache: cannot evict %s: %s", path, error)
+            continue
+        log.info(
+            "cache: evicted %s (%.1f MB, unused %.1f h)", path, size / 1e6, (now - used) / 3600
+        )
+        evicted.append(path)
+        total -= size
+    return evicted
+
+
+def _cache_limit_bytes() -> float:
+    raw = os.environ.get(CACHE_MAX_GB_ENV)
+    try:
+        gigabytes = float(raw) if raw else _DEFAULT_CACHE_MAX_GB
+    except ValueError:
+        gigabytes = -1.0
+    if not gigabytes > 0:
+        raise ValueError(
+            f"{CACHE_MAX_GB_ENV}={raw!r}: give the most gigabytes this node's cache may hold, "
+            f"a positive number (default {_DEFAULT_CACHE_MAX_GB:g})"
+        )
+    return gigabytes * 1e9
+
+
+def _cache_entries(root: Path) -> list[tuple[Path, int, float]]:
+    """(path, bytes, last used) of each evictable entry under the cache folder."""
+    found = []
+    for source in root.glob(f"*/*/{_SOURCE_FILE}"):  # kind/digest/source.txt
+        entry = source.parent
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        found.append((entry, size, source.stat().st_mtime))
+    for folder in (OPENVINO_CACHE_DIR, ENGINE_PICKS_DIR):
+        for file in (root / folder).glob("*"):
+            if file.is_file():
+                stat = file.stat()
+                found.append((file, stat.st_size, stat.st_mtime))
+    return found
+
+
+def _delete_entry(path: Path) -> None:
+    if path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    with _file_lock(path.parent / f"{path.name}.lock"):  # not while it is being downloaded
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _download_entry(uri: str, entry: Path, name: str, fetch: Callable[[str, Path], Any]) -> None:

@@ -47,6 +47,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from cluster import hardware
+from cluster.storage import ENGINE_PICKS_DIR, OPENVINO_CACHE_DIR
 
 __all__ = [
     "CALIBRATION_S",
@@ -86,9 +87,8 @@ MAX_ACCURACY_DROP = 0.002
 _OPSET = 17
 # How long `auto` may spend timing candidates (their loading not counted), all of them together.
 CALIBRATION_S = 1.5
-PICKS_DIR = "engine-picks"  # under cluster.storage.cache_dir(): auto's picks on this node
+PICKS_DIR = ENGINE_PICKS_DIR  # under cluster.storage.cache_dir(): auto's picks on this node
 PICK_TTL_S = 7 * 24 * 3600  # then auto measures again
-OPENVINO_CACHE_DIR = "openvino-cache"  # under the cache folder: OpenVINO's compiled blobs
 # Probe batch: BANKING77 texts average 16 tokens; rows fill the Predictor's token budget.
 _PROBE_WIDTH = 16
 

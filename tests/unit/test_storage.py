@@ -278,6 +278,48 @@ def test_cached_folder_downloads_once_into_place_and_leaves_nothing_half_written
     assert (copy / "config.json").is_file() and fetched == [uri, uri, other]
 
 
+def test_new_downloads_evict_the_least_recently_used_idle_entries_over_the_cap(
+    tmp_path, monkeypatch
+):
+    import os
+    import time
+
+    from cluster import storage
+
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAYLIFT_CACHE_MAX_GB", str(2500 / 1e9))  # room for two 1,000-byte models
+    uris = [_model_folder(tmp_path / "src" / f"v{i}").as_uri() for i in range(4)]
+    day = 24 * 3600
+    v0 = storage.cached_folder(uris[0], "checkpoints", key="k")
+    v1 = storage.cached_folder(uris[1], "checkpoints", key="k")
+    blob = tmp_path / "cache" / "openvino-cache" / "blob"
+    blob.parent.mkdir()
+    blob.write_bytes(b"x" * 100)
+    for path, age in ((v0.parent / "source.txt", 3 * day), (v1.parent / "source.txt", 2 * day)):
+        os.utime(path, (time.time() - age,) * 2)
+    os.utime(blob, (time.time() - 4 * day,) * 2)
+    assert storage.cached_folder(uris[0], "checkpoints", key="k") == v0  # used again: now fresh
+
+    v2 = storage.cached_folder(uris[2], "checkpoints", key="k")  # over the cap
+
+    assert not blob.exists() and not v1.parent.exists()  # the two least recently used
+    assert v0.is_dir() and v2.is_dir()  # then it fits: nothing more is evicted
+    # entries used within the hour are never evicted, even over the cap
+    v3 = storage.cached_folder(uris[3], "checkpoints", key="k")
+    assert v0.is_dir() and v2.is_dir() and v3.is_dir()
+    # an evicted entry downloads again when asked for
+    assert storage.cached_folder(uris[1], "checkpoints", key="k") == v1 and v1.is_dir()
+
+
+def test_a_bad_cache_cap_names_the_variable_and_the_fix(tmp_path, monkeypatch):
+    from cluster import storage
+
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAYLIFT_CACHE_MAX_GB", "lots")
+    with pytest.raises(ValueError, match="RAYLIFT_CACHE_MAX_GB='lots': .* a positive number"):
+        storage.evict_least_recently_used()
+
+
 def test_two_processes_of_one_node_wait_for_one_download(tmp_path):
     import multiprocessing
 
