@@ -329,8 +329,9 @@ def _mark_used(entry: Path) -> None:
 
 def evict_least_recently_used(keep: Path | None = None) -> list[Path]:
     """Delete cached entries, least recently used first, until the cache holds at most
-    RAYLIFT_CACHE_MAX_GB. Entries are downloaded folders (with their source file) and OpenVINO's
-    compiled blobs; one used in the last hour, or `keep`, is never deleted. Returns the deleted."""
+    RAYLIFT_CACHE_MAX_GB. Entries are downloaded folders (with their source file), OpenVINO's
+    compiled blobs and engine picks; one used in the last hour, or `keep`, is never deleted.
+    Returns the deleted."""
     limit = _cache_limit_bytes()
     entries = _cache_entries(cache_dir())
     total = sum(size for _, size, _ in entries)

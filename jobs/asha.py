@@ -12,8 +12,8 @@ storage (Tune's own record of every result the trial reported); if that file can
 the trial's last result, which Tune restores with it, is all that goes back.
 
 This subclass reads ASHA's private bookkeeping (`_trial_info`, each bracket's `_rungs`,
-`_metric_op`), written against Ray 2.60; if those are not there, it warns once and leaves the
-rungs as Ray restores them.
+`_metric_op`), written against Ray 2.60; if those are not there, it warns and leaves the rungs
+as Ray restores them.
 """
 
 from __future__ import annotations
