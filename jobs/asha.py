@@ -38,7 +38,9 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        if trial.last_result:  # a restored trial: it reported before the driver died
+        # A restored trial reported epochs before the driver died; a new one's last result
+        # holds only its trial id, and its storage has no trial folder yet.
+        if trial.last_result.get(self._time_attr) is not None:
             self._record_history(trial)
 
     def _record_history(self, trial: Trial) -> None:
@@ -75,7 +77,7 @@ def _reported_results(trial: Trial) -> list[dict[str, Any]]:
         path = (PurePosixPath(trial.path) / _RESULTS_FILE).as_posix()
         with trial.storage.storage_filesystem.open_input_stream(path) as stream:
             lines = stream.read().decode().splitlines()
-    except (OSError, AttributeError, TypeError) as error:
+    except (OSError, AttributeError, TypeError, RuntimeError) as error:
         log.warning("tune --resume: no result history for trial %s (%s)", trial.trial_id, error)
         return []
     results = []

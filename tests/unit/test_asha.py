@@ -91,7 +91,20 @@ def test_a_trial_without_readable_history_keeps_its_last_result(tmp_path, caplog
     assert "no result history for trial t0" in caplog.text
 
 
-def test_a_fresh_trial_adds_nothing_to_the_rungs(tmp_path):
+class _FreshTrial:
+    """A trial the searcher just created: Tune's last result holds only its id, and its
+    storage has no trial folder yet (Ray raises on `trial.path`)."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+        self.last_result = {"trial_id": trial_id}
+
+    @property
+    def path(self):
+        raise RuntimeError("Should not access `trial_fs_path` without setting `trial_dir_name`")
+
+
+def test_a_fresh_trial_adds_nothing_to_the_rungs_and_reads_no_history():
     scheduler = _asha()
-    scheduler.on_trial_add(None, _Trial("t0", str(tmp_path / "t0")))
+    scheduler.on_trial_add(None, _FreshTrial("t0"))
     assert all(recorded == {} for _, recorded in scheduler._trial_info["t0"]._rungs)
