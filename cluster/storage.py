@@ -313,7 +313,7 @@ def cached_folder(
         _mark_used(entry)
         return entry / name
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(entry.parent / f"{digest}.lock"):
+    with _entry_lock(entry):
         if not (entry / name).is_dir():
             shutil.rmtree(entry, ignore_errors=True)  # a copy someone emptied by hand
             _download_entry(uri, entry, name, fetch or download_folder)
@@ -388,8 +388,13 @@ def _delete_entry(path: Path) -> None:
     if path.is_file():
         path.unlink(missing_ok=True)
         return
-    with _file_lock(path.parent / f"{path.name}.lock"):  # not while it is being downloaded
+    with _entry_lock(path):  # not while it is being downloaded
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _entry_lock(entry: Path) -> contextlib.AbstractContextManager[None]:
+    """The lock a cached entry is downloaded and evicted under (a file beside it)."""
+    return _file_lock(entry.parent / f"{entry.name}.lock")
 
 
 def _download_entry(uri: str, entry: Path, name: str, fetch: Callable[[str, Path], Any]) -> None:
