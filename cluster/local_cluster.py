@@ -85,11 +85,12 @@ def start(
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
     ports = _free_ports([*_HEAD_PORTS, *_NODE_PORTS])
-    head = _launch(root, "head", _head_args(root, ports, head_cpus), token_path)
+    gcs_address = f"127.0.0.1:{ports['port']}"
+    head = _launch(root, "head", _head_args(root, ports, head_cpus), token_path, gcs_address)
     cluster = LocalCluster(
         dir=str(root),
         address=f"http://127.0.0.1:{ports['dashboard-port']}",
-        gcs_address=f"127.0.0.1:{ports['port']}",
+        gcs_address=gcs_address,
         token_path=str(token_path),
         head_pid=head.pid,
     )
@@ -117,7 +118,9 @@ def add_worker(cluster: LocalCluster, cpus: int = 1, timeout_s: float = 90) -> i
         json.dumps({WORKER_RESOURCE: 1}),
         *_node_args(Path(cluster.dir, f"ray-worker-{index}"), ports),
     ]
-    worker = _launch(Path(cluster.dir), f"worker-{index}", args, Path(cluster.token_path))
+    worker = _launch(
+        Path(cluster.dir), f"worker-{index}", args, Path(cluster.token_path), cluster.gcs_address
+    )
     cluster.worker_pids.append(worker.pid)
     cluster.save()
     _wait_for_nodes(cluster, alive + 1, timeout_s)
@@ -225,9 +228,17 @@ def _node_args(temp_dir: Path, ports: dict[str, int]) -> list[str]:
     ]
 
 
-def _launch(root: Path, name: str, args: list[str], token_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+def _launch(
+    root: Path, name: str, args: list[str], token_path: Path, gcs_address: str
+) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     env.update(
+        # Inherited by every process the node starts. Ray code that finds "its" cluster by
+        # itself (Ray Train's placement-group cleaner asks the state API with no address) would
+        # otherwise see each Ray on the machine and fail ("Found multiple active Ray
+        # instances"); the cleaner then never removed a dead run's placement group, and the
+        # next run waited for its CPUs without end (seen with two test sessions' Rays).
+        RAY_ADDRESS=gcs_address,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_path),
         RAY_USAGE_STATS_ENABLED="0",
