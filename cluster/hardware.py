@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Literal
 
-__all__ = ["cpu_has_native_bf16", "resolve_precision"]
+__all__ = ["cpu_has_native_bf16", "cuda_has_native_bf16", "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,22 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(requested: str, use_gpu: bool) -> Precision:
-    """'auto' → bf16 where the device does it natively, else fp32; explicit values honoured,
-    except bf16 on a CPU without native bf16, which falls back to fp32 with a warning."""
+def cuda_has_native_bf16() -> bool:
+    """True where the current GPU computes bf16 natively (compute capability 8.0, Ampere, and
+    later). torch's plain `is_bf16_supported()` also says True where bf16 is only emulated
+    (a V100, a T4), which would make `auto` pick the slow path there."""
     import torch
 
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(requested: str, use_gpu: bool) -> Precision:
+    """'auto' → bf16 where the device does it natively, else fp32 on a CPU and fp16
+    (DeepSpeed's loss-scaled mode) on a GPU; explicit values honoured, except bf16 on a CPU
+    without native bf16, which falls back to fp32 with a warning."""
     if use_gpu:
         if requested == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if cuda_has_native_bf16() else "fp16"
         return requested  # type: ignore[return-value]
     native = cpu_has_native_bf16()
     if requested == "auto":

@@ -3,15 +3,18 @@
 Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage from the config), reads
 its shard of the tokenized Ray Data stream, trains with per-batch padding over length-sorted
 windows, evaluates on its validation shard, and reports metrics plus a safetensors checkpoint.
+With train.use_gpu (NCCL, one GPU per worker) each batch and the loop's own collectives (stop
+flags, loss and row sums, the evaluation state) go to the rank's GPU, and the sums come back.
 
 Every checkpoint also holds `state/`: what resuming needs (the DeepSpeed engine's trainable
 weights, optimizer and LR schedule as `engine.save_checkpoint` writes them, one shard per rank;
-each rank's torch RNG; and `progress.json`: epoch, batches of it already trained, the epoch's
-running loss). Checkpoints come at each epoch end (weights + tokenizer + raylift.json + state/)
-and, with train.checkpoint_every_steps, within epochs (state/ only). A restarted worker group
-(Ray Train FailureConfig) or a resumed run (`raylift finetune --resume`) gets the latest one from
-`ray.train.get_checkpoint()`, loads it on every rank, skips the batches of the epoch already
-trained and carries on. Registration never takes state/ (jobs.finetune.registrable_directory).
+each rank's torch RNG, CUDA's too on a GPU; and `progress.json`: epoch, batches of it already
+trained, the epoch's running loss). Checkpoints come at each epoch end (weights + tokenizer +
+raylift.json + state/) and, with train.checkpoint_every_steps, within epochs (state/ only). A
+restarted worker group (Ray Train FailureConfig) or a resumed run (`raylift finetune --resume`)
+gets the latest one from `ray.train.get_checkpoint()`, loads it on every rank, skips the batches
+of the epoch already trained and carries on. Registration never takes state/
+(jobs.finetune.registrable_directory).
 """
 
 from __future__ import annotations
@@ -339,7 +342,8 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
     from transformers import get_linear_schedule_with_warmup
 
     train = config.train
-    _choose_cpu_allreduce(train.shm_allreduce)
+    if not train.use_gpu:  # reading DeepSpeed's op table probes every op (compilers, on a GPU)
+        _choose_cpu_allreduce(train.shm_allreduce)
     precision = resolve_precision(train.precision, train.use_gpu)
     model = build_model(config.model, task, inputs.labels, precision, zero_stage=train.zero_stage)
     steps_per_epoch = math.ceil(inputs.train_rows / world_size / train.batch_size)
@@ -512,11 +516,33 @@ class FirstBatchAhead:
 
 def _all_ranks_have(has_batch: bool) -> tuple[bool, bool]:
     """(any rank has a batch, every rank has one): keeps collectives in step on uneven shards."""
+    flags = _summed_over_ranks(torch.tensor([int(has_batch), int(not has_batch)]))
+    return bool(flags[0] > 0), bool(flags[1] == 0)
+
+
+def _rank_device() -> torch.device:
+    """Where this rank's model inputs and collectives go: its GPU under NCCL, which reduces CUDA
+    tensors only (the current device: DeepSpeed's engine set it from LOCAL_RANK and put the
+    model there), else the CPU (gloo)."""
     import torch.distributed as dist
 
-    flags = torch.tensor([int(has_batch), int(not has_batch)])
-    dist.all_reduce(flags)
-    return bool(flags[0] > 0), bool(flags[1] == 0)
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _summed_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every rank, on the CPU (reduced on the rank's device)."""
+    import torch.distributed as dist
+
+    on_device = tensor.to(_rank_device())  # the tensor itself on the CPU
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def _on_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch's model inputs on `device`; flags (use_cache) stay as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 @dataclass
@@ -592,7 +618,7 @@ def _train_epoch(
 
 def _train_step(engine, batch, tally: _EpochTally, sequences: list[np.ndarray]) -> None:
     inputs, weight = batch
-    loss = engine(**inputs).loss
+    loss = engine(**_on_device(inputs, _rank_device())).loss
     engine.backward(loss)
     engine.step()
     tally.last_loss = float(loss.detach())
@@ -639,7 +665,8 @@ def _evaluate(
     engine.eval()
     collate = collate or BatchInputs(task, pad_id)
     batches = _stream(shard, train, rng=None)
-    state = task.eval_state(n)
+    device = _rank_device()
+    state = task.eval_state(n)  # on the CPU: accumulate moves each batch's figures to it
     loss_sum, rows = 0.0, 0
     dummy = None
     while True:
@@ -648,17 +675,16 @@ def _evaluate(
         if not any_have:
             break
         if item is None:  # ZeRO-3 gathers weights in forward: every rank must take part
-            dummy = dummy or pad_batch([np.array([pad_id])], pad_id)
+            dummy = dummy or _on_device(pad_batch([np.array([pad_id])], pad_id), device)
             engine(**dummy)
             continue
         inputs, _ = collate(item, training=False)
+        inputs = _on_device(inputs, device)
         out = engine(**inputs)
         loss_sum += float(out.loss) * len(item[0])
         rows += len(item[0])
         task.accumulate(state, out.logits, inputs["labels"])
-    import torch.distributed as dist
-
-    dist.all_reduce(state)  # the task's state is a sum over batches, so over ranks too
+    state = _summed_over_ranks(state)  # a sum over batches, so over ranks too
     metrics = task.metrics(state.numpy())
     return {
         "val_loss": _global_mean(loss_sum, rows),
@@ -668,11 +694,7 @@ def _evaluate(
 
 
 def _global_sum(value: float) -> float:
-    import torch.distributed as dist
-
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor[0])
+    return float(_summed_over_ranks(torch.tensor([float(value)], dtype=torch.float64))[0])
 
 
 def _global_mean(total: float, count: int) -> float:
