@@ -24,7 +24,8 @@ when the version offers nothing else). The pick is remembered on the node (`PICK
 the cache folder, for PICK_TTL_S) for the same version folder, variants, threads, probe shape,
 CPU and runtime versions: the next actor or replica there opens that one variant only, without
 building the torch model or timing anything (about 6 s of an `auto` actor's start on 2
-AVX512-BF16 cores).
+AVX512-BF16 cores). On a GPU torch runs, whatever the engine asked, and nothing is timed: the
+other runtimes here are CPU builds, and torch is the reference they were checked against.
 """
 
 from __future__ import annotations
@@ -119,8 +120,13 @@ class Engine(Protocol):
 
 
 def runtime(engine: Engine) -> dict[str, Any]:
-    """{"engine", "precision", "threads"}: what `engine` actually runs."""
-    return {"engine": engine.name, "precision": engine.precision, "threads": engine.threads}
+    """{"engine", "precision", "threads"}: what `engine` actually runs; and "device" (cuda:0)
+    where that is not the CPU."""
+    found = {"engine": engine.name, "precision": engine.precision, "threads": engine.threads}
+    device = getattr(engine, "device", None)  # only the torch engine has one
+    if device is not None and device.type != "cpu":
+        found["device"] = str(device)
+    return found
 
 
 # -- the engines ------------------------------------------------------------------------------
@@ -138,12 +144,20 @@ class TorchEngine:
     autocast's (the same bf16 roundings). Measured on MiniLM-L6 (AVX512-BF16, 1 thread, 16-token
     texts, a loaded machine): 1 text 48 -> 33 ms, 8 texts 73 -> 46 ms, 16 texts 106 -> 58 ms.
     The copy costs half the fp32 size of the Linear weights (MiniLM-L6: 21 MB).
+
+    On a GPU (`device`) the model is moved there, in place (the caller's model object moves
+    with it), each batch goes there and its logits come back; the bf16 variant is the same.
     """
 
     name = "torch"
 
-    def __init__(self, model: Any, precision: Literal["fp32", "bf16"], threads: int):
-        self.model = model
+    def __init__(
+        self, model: Any, precision: Literal["fp32", "bf16"], threads: int, device: Any = "cpu"
+    ):
+        import torch
+
+        self.device = torch.device(device)
+        self.model = model if self.device.type == "cpu" else model.to(self.device)
         self.precision = precision
         self.threads = threads
         self._bf16_model: Any = None
@@ -158,12 +172,18 @@ class TorchEngine:
             # Autocast still runs layer norms and the head's softmax in fp32 (max score error
             # 0.026 vs 0.052 for bf16 weights everywhere on MiniLM, same 99.6% top-1
             # agreement with fp32).
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+            autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
         with torch.inference_mode(), autocast:
             for ids, mask in batches:
-                attention = None if mask is None else torch.from_numpy(mask)
-                logits = model(input_ids=torch.from_numpy(ids), attention_mask=attention)
-                yield logits.logits.float().numpy()
+                attention = None if mask is None else self._tensor(mask)
+                logits = model(input_ids=self._tensor(ids), attention_mask=attention)
+                yield logits.logits.float().cpu().numpy()  # .cpu(): itself on the CPU
+
+    def _tensor(self, array: np.ndarray) -> Any:
+        import torch
+
+        tensor = torch.from_numpy(array)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def _bf16_linear_copy(self) -> Any:
         if self._bf16_model is None:
@@ -307,9 +327,11 @@ def select_engine(
     model: Any,
     threads: int,
     probe: tuple[np.ndarray, np.ndarray],
+    device: Any = None,
 ) -> Engine:
     """The engine a Predictor runs: the one asked for if the version offers it, the fastest
-    offered one on `probe` for `auto`, torch otherwise (with a warning saying why).
+    offered one on `probe` for `auto`, torch otherwise (with a warning saying why); torch on
+    `device` when that is a GPU, with nothing timed.
 
     `model` is the torch model, or a function returning it (called only if a torch variant is
     opened: a named engine whose artifact opens never needs it)."""
@@ -319,6 +341,8 @@ def select_engine(
         raise ValueError(f"engine={engine!r}; use 'auto', 'torch', 'onnxruntime' or 'openvino'")
     if precision not in ("auto", "fp32", "bf16", "int8"):
         raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
+    if device is not None and device.type == "cuda":
+        return _torch_on_gpu(engine, precision, engines_meta, model, threads, device)
     offered, refused = _offered(directory, engines_meta)
     fallback = _torch_variant(precision, engines_meta)
     if engine == "torch":
@@ -352,6 +376,27 @@ def select_engine(
     if key is not None:
         _remember_pick(key, fastest)
     return fastest
+
+
+def _torch_on_gpu(engine, precision, engines_meta, model, threads: int, device) -> Engine:
+    """Torch on the GPU: bf16 autocast where asked (or auto) and the GPU has native bf16, else
+    fp32, as on a CPU. Never fp16: registration's gate measured the bf16 and fp32 variants
+    against the reference, never fp16, whose narrow range can also overflow where bf16's
+    does not."""
+    native = hardware.cuda_has_native_bf16()
+    if precision == "bf16" and not native:
+        log.warning("precision=bf16 asked on a GPU without native bf16: using fp32")
+    bf16 = precision != "fp32" and native and not _refused_torch_bf16(engines_meta)
+    chosen = "bf16" if bf16 else "fp32"
+    if engine not in ("auto", "torch") or precision == "int8":
+        log.warning(
+            "engine=%s precision=%s: the CPU runtimes do not run on a GPU; torch %s runs on %s",
+            engine,
+            precision,
+            chosen,
+            device,
+        )
+    return TorchEngine(_resolved(model), chosen, threads, device)
 
 
 def _pick_key(directory, engines_meta, candidates, threads: int, probe) -> str:
@@ -455,6 +500,13 @@ def _torch_variant(precision: str, engines_meta: Any) -> tuple[str, str]:
     and native, unless registration measured torch-bf16 on this version and refused it."""
     asked = "auto" if precision == "int8" else precision
     resolved = hardware.resolve_precision(asked, use_gpu=False)
+    if resolved == "bf16" and _refused_torch_bf16(engines_meta):
+        return ("torch", "fp32")
+    return ("torch", resolved)
+
+
+def _refused_torch_bf16(engines_meta: Any) -> bool:
+    """Whether registration measured torch-bf16 on this version and refused it (warned)."""
     failed = [
         v
         for v in (engines_meta.variants if engines_meta is not None else [])
@@ -462,13 +514,12 @@ def _torch_variant(precision: str, engines_meta: Any) -> tuple[str, str]:
         and not v.offered
         and v.agreement is not None
     ]
-    if resolved == "bf16" and failed:
+    if failed:
         log.warning(
             "torch-bf16 failed the engine gate for this model (%s): torch runs fp32",
             failed[0].reason,
         )
-        return ("torch", "fp32")
-    return ("torch", resolved)
+    return bool(failed)
 
 
 def _wanted(engine: str, precision: str) -> list[tuple[str, str]]:
@@ -646,6 +697,7 @@ def build_engines(
         precision="fp32",
         torch_threads=threads,
         trust_remote_code=trust_remote_code,
+        device="cpu",  # the variants checked are CPU runtimes, and the export traces on it
     )
     model = reference.engine.model
     export_onnx(model, Path(directory) / ONNX_FILE)

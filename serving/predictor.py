@@ -20,6 +20,10 @@ Speed on CPU comes from these, each measured (see the notes by the constants):
   fp32 with a warning;
 - an engine faster than torch where the version offers one (`serving.engines`).
 
+On a GPU (one visible to the process, or `device=`) the torch engine runs there instead: the
+model and each sub-batch move to the GPU, bf16 autocast where the GPU has native bf16 (else
+fp32), and `runtime` names the device. A causal-lm checkpoint generates on the CPU.
+
 One bad row never fails the batch it rides in:
 - a text that is not usable (`serving.text.is_usable_text`: null, empty, blank, not a string)
   gets label None and score NaN, so the scoring job can quarantine it and keep the rest;
@@ -93,8 +97,9 @@ class Predictor:
     Args:
         model_uri: checkpoint directory, or a registry URI (`models:/name@alias`).
         tracking_uri: MLflow tracking URI used to resolve registry URIs.
-        precision: "bf16" (fp32 on CPUs without native bf16), "fp32", "int8" (onnxruntime
-            only) or "auto" (the engine's fastest variant this CPU runs natively).
+        precision: "bf16" (fp32 on CPUs and GPUs without native bf16), "fp32", "int8"
+            (onnxruntime only) or "auto" (the engine's fastest variant this CPU runs natively;
+            bf16 on a GPU that has it).
         engine: "torch", "onnxruntime", "openvino", or "auto" (the fastest the version
             offers, by a short calibration here); one the version does not offer, or whose
             artifact is missing or damaged, falls back to torch with a warning.
@@ -115,6 +120,9 @@ class Predictor:
         calibration_rows: rows of the batch `auto` times the engines on; None fills the token
             budget (batch scoring's shape). Serve passes the few texts its batches hold under
             load: the fastest engine on 64 rows is not always the fastest on 8.
+        device: where the torch engine runs, "cpu" or "cuda[:N]"; None: the first visible GPU
+            if there is one, else the CPU. On a GPU torch runs whatever `engine` says (the
+            other runtimes are CPU builds). A causal-lm checkpoint runs on the CPU.
     """
 
     def __init__(
@@ -134,6 +142,7 @@ class Predictor:
         runtime_board: Any = None,
         generation_config: Any = None,
         calibration_rows: int | None = None,
+        device: str | None = None,
     ):
         if precision not in ("auto", "fp32", "bf16", "int8"):
             raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
@@ -146,6 +155,7 @@ class Predictor:
         self._trust_remote_code = trust_remote_code  # config's model.trust_remote_code only
         self._path = path
         self._load(path, engine)
+        self._device = _inference_device(device, self._task)
         self._text_column = text_column or self._meta.text_column
         self._passthrough = tuple(passthrough_columns)
         self._max_length = _clamp_max_length(
@@ -400,6 +410,7 @@ class Predictor:
             model=lambda: self._model,  # built only if a torch variant is opened
             threads=threads,
             probe=engines.probe_batch(int(self._model_config.vocab_size), rows),
+            device=self._device,
         )
         log.info("%s runs on %s", self._model_uri, engines.runtime(selected))
         return selected
@@ -489,6 +500,23 @@ class Predictor:
         for rows, logits in zip(chunks, engine.forward(padded), strict=True):
             out[rows] = logits
         return out
+
+
+def _inference_device(requested: str | None, task: Any) -> torch.device:
+    """`requested`, else the first visible GPU, else the CPU; the CPU for a checkpoint that
+    generates (serving.generation samples with CPU generators and CPU tensors)."""
+    if generation.is_generative(task):
+        if requested is not None and torch.device(requested).type != "cpu":
+            raise ValueError(
+                f"device={requested!r}: a {task.name} checkpoint generates on the CPU only; "
+                "leave device unset"
+            )
+        return torch.device("cpu")
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _resolve(model_uri: str, tracking_uri: str | None) -> tuple[str, str, str]:
