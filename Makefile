@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.raylift-installed
 CONFIG ?= configs/banking77/minilm_lora.yaml
 
-.PHONY: setup demo test lint format bench clean-state
+.PHONY: setup demo test test-gpu lint format bench clean-state
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ format: setup
 
 test: lint
 	$(BIN)/pytest -q -rs -p no:cacheprovider -n 2 tests/unit tests/integration tests/e2e
+
+# tests/gpu: the train loop and the Predictor on a CUDA GPU, without Ray; skipped elsewhere.
+test-gpu: setup
+	$(BIN)/pytest -q -rs -p no:cacheprovider tests/gpu
 
 bench: setup
 	$(BIN)/pytest -q -s -p no:cacheprovider tests/benchmarks

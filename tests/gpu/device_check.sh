@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# tests/gpu on a GPU machine that has torch, transformers, peft and pytest but not this project's
+# other needs: the wheels carried in .whl/ (deepspeed, bitsandbytes, peft, pydantic and theirs)
+# are installed under /tmp/site first. Run from the repo root; the log goes to $OUT/gpu.log.
+set -o pipefail
+export DS_BUILD_OPS=0 PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp}"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD" || exit 1
+nvidia-smi -L
+python3 - <<'PY'
+import importlib
+import sys
+
+print("python", sys.version.split()[0])
+for name in ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "pydantic"):
+    try:
+        module = importlib.import_module(name)
+        print(name, module.__version__, module.__file__)
+    except Exception as exc:  # noqa: BLE001  (shown, and the tests say the rest)
+        print(name, "failed to import:", type(exc).__name__, exc)
+PY
+python3 -m pytest -q -rs -p no:cacheprovider tests/gpu -x --timeout 400 2>&1 | tee "$OUT/gpu.log"
