@@ -19,4 +19,4 @@ for name in ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "pyda
     except Exception as exc:  # noqa: BLE001  (shown, and the tests say the rest)
         print(name, "failed to import:", type(exc).__name__, exc)
 PY
-python3 -m pytest -q -rs -p no:cacheprovider tests/gpu -x --timeout 400 2>&1 | tee "$OUT/gpu.log"
+python3 -m pytest -q -rs -p no:cacheprovider tests/gpu --timeout 300 2>&1 | tee "$OUT/gpu.log"
