@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 WORDS = (
@@ -271,3 +275,33 @@ def run_in_fresh_process(script: str, *args: str) -> dict:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def one_rank_process_group(backend: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A one-rank torch.distributed group (gloo on the CPU, nccl on cuda:0), as DeepSpeed and
+    the train loop's collectives need; `env` is set for its lifetime, beside the rank's own."""
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**(env or {}), "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        # DeepSpeed caches a clone of the world group; left stale, the next group's
+        # deepspeed.initialize fails ("Group ... is not registered").
+        from deepspeed.utils import groups
+
+        groups._WORLD_GROUP = None
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
