@@ -2,6 +2,14 @@
 # tests/gpu on a GPU machine that has torch, transformers, peft and pytest but not this project's
 # other needs: the wheels carried in .whl/ (deepspeed, bitsandbytes, peft, pydantic and theirs)
 # are installed under /tmp/site first. Run from the repo root; the log goes to $OUT/gpu.log.
+# .whl/ is not in git (ignored locally); fill it where pip reaches PyPI, for the GPU machine's
+# Python (3.12, manylinux x86-64), with the versions `make setup` installs here:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     bitsandbytes==0.50.2 peft==0.21.2 pydantic==2.14.4 pydantic_core==2.50.5 \
+#     annotated-types typing-inspection typing_extensions hjson
+#   .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 set -o pipefail
 export DS_BUILD_OPS=0 PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
