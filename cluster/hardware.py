@@ -26,14 +26,33 @@ def cpu_has_native_bf16() -> bool:
     `RAYLIFT_NATIVE_BF16=0` makes a bf16 CPU decide as an AVX2-only one would (precision
     `auto` → fp32, bf16 tests skipped), so both kinds' choices can be checked on one machine;
     it is inherited by Ray workers started from that environment.
-    """
-    import torch
 
+    On Linux the kernel's CPU flags answer, without importing torch (1.5 CPU-s, which a
+    scoring actor on an exported engine never needs otherwise); elsewhere torch's own checks.
+    """
     forced = os.environ.get(NATIVE_BF16_ENV)
     if forced in ("0", "1"):
         return forced == "1"
+    flags = _linux_cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_tile"})
+    import torch
+
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def _linux_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
+    """The first processor's flags in /proc/cpuinfo (the kernel lists only what it enables:
+    amx_tile only where it saves the AMX state); None where there is no such file."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as lines:
+            for line in lines:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return None
 
 
 def cuda_has_native_bf16() -> bool:

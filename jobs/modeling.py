@@ -13,9 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cluster.storage import (
     cached_folder,
@@ -33,6 +31,9 @@ from jobs.checkpoint import (
 )
 from jobs.config import ModelConfig
 from jobs.tasks import Task, forget_missing_bitsandbytes, get_task, without_bitsandbytes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -53,8 +54,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_META = "raylift.json"  # its content: jobs.checkpoint.CheckpointMeta
 
-# bitsandbytes' compute dtype for a 4-bit base, by resolved training precision.
-_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bitsandbytes' compute dtype for a 4-bit base, by resolved training precision (torch dtype
+# names: this module is imported by Predictors on exported engines, which never import torch).
+_COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Models that ship inside a PyPI package, usable with no hub access.
 _SHIPPED_MODELS = {
@@ -175,8 +177,9 @@ def _load_head_model(
     trust_remote_code: bool,
     method: str,
     precision: str = "fp32",
-    quant_storage: torch.dtype | None = None,
+    quant_storage: str | None = None,
 ) -> torch.nn.Module:
+    import torch
     import transformers
 
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
@@ -190,8 +193,9 @@ def _load_head_model(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_COMPUTE_DTYPES[precision],
-            bnb_4bit_quant_storage=quant_storage or torch.uint8,  # uint8: bitsandbytes' default
+            bnb_4bit_compute_dtype=getattr(torch, _COMPUTE_DTYPES[precision]),
+            # uint8: bitsandbytes' default
+            bnb_4bit_quant_storage=getattr(torch, quant_storage or "uint8"),
             # A new head is random and trained in full: quantizing it breaks its training
             # (peft's modules_to_save copy of a Linear4bit fails in bitsandbytes' forward). A
             # causal LM's lm_head stays unquantized too, as bitsandbytes' default would keep it.

@@ -24,9 +24,12 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Task",
@@ -64,10 +67,20 @@ _TASKS: dict[str, Task] = {}
 
 
 def register_task(task: Task) -> Task:
+    """Add `task`, checked: its head names, and the evaluation state it builds (which imports
+    torch)."""
+    _check_eval_state(task)
+    return _register(task)
+
+
+def _register(task: Task) -> Task:
+    """Add `task` without building its evaluation state: the built-in tasks below, registered
+    when this module is imported, so that a Predictor on an exported engine (no torch model)
+    does not import torch for them (1.5 CPU-s of each scoring actor's start, measured on 2
+    AVX512-BF16 cores); tests/unit/test_task_contract.py checks their states instead."""
     if task.name in _TASKS:
         raise ValueError(f"task {task.name!r} is already registered")
     _check_head_modules(task)
-    _check_eval_state(task)
     _TASKS[task.name] = task
     return task
 
@@ -146,6 +159,8 @@ def _check_head_modules(task: Task) -> None:
 
 
 def _check_eval_state(task: Task) -> None:
+    import torch
+
     for name in ("target_ids", "eval_state", "accumulate", "metrics", "postprocess"):
         if not callable(getattr(task, name)):
             raise ValueError(f"task {task.name!r}: {name} must be callable")
@@ -194,11 +209,15 @@ def _label_ids(values: np.ndarray, label_to_id: dict[str, int]) -> np.ndarray:
 
 def confusion_state(n_labels: int) -> torch.Tensor:
     """An empty confusion matrix (rows: truth, columns: prediction)."""
+    import torch
+
     return torch.zeros((n_labels, n_labels), dtype=torch.float64)
 
 
 def accumulate_confusion(state: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
     """Add one batch's top-1 predictions to the confusion matrix `state`, in place."""
+    import torch
+
     predicted = logits.detach().float().argmax(dim=-1).to(state.device)
     truth = targets.to(device=state.device, dtype=torch.long)
     ones = torch.ones(len(truth), dtype=state.dtype, device=state.device)
@@ -229,7 +248,7 @@ def _softmax_top1(logits: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np
     return np.asarray(labels, dtype=object)[top], probs[np.arange(len(top)), top]
 
 
-SEQUENCE_CLASSIFICATION = register_task(
+SEQUENCE_CLASSIFICATION = _register(
     Task(
         name="sequence-classification",
         auto_model="AutoModelForSequenceClassification",
@@ -252,6 +271,8 @@ def _no_label_map(values: np.ndarray, label_to_id: dict[str, int]) -> np.ndarray
 
 def token_loss_state(n_labels: int) -> torch.Tensor:
     """[summed NLL of the scored tokens (nats), tokens scored]; `n_labels` is unused."""
+    import torch
+
     return torch.zeros(2, dtype=torch.float64)
 
 
@@ -275,7 +296,7 @@ def _generates(logits: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.nd
     raise ValueError("causal-lm answers by generating text (Predictor generate), not by a label")
 
 
-CAUSAL_LM = register_task(
+CAUSAL_LM = _register(
     Task(
         name="causal-lm",
         auto_model="AutoModelForCausalLM",

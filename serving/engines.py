@@ -331,7 +331,7 @@ def select_engine(
 ) -> Engine:
     """The engine a Predictor runs: the one asked for if the version offers it, the fastest
     offered one on `probe` for `auto`, torch otherwise (with a warning saying why); torch on
-    `device` when that is a GPU, with nothing timed.
+    `device` ("cuda:N" or a torch.device) when that is a GPU, with nothing timed.
 
     `model` is the torch model, or a function returning it (called only if a torch variant is
     opened: a named engine whose artifact opens never needs it)."""
@@ -341,7 +341,7 @@ def select_engine(
         raise ValueError(f"engine={engine!r}; use 'auto', 'torch', 'onnxruntime' or 'openvino'")
     if precision not in ("auto", "fp32", "bf16", "int8"):
         raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
-    if device is not None and device.type == "cuda":
+    if device is not None and str(device).startswith("cuda"):
         return _torch_on_gpu(engine, precision, engines_meta, model, threads, device)
     offered, refused = _offered(directory, engines_meta)
     fallback = _torch_variant(precision, engines_meta)

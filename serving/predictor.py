@@ -45,15 +45,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from serving import engines, generation
 from serving.text import UNUSABLE_REASON, usable_mask
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["NON_FINITE_REASON", "Predictor"]
 
@@ -332,6 +336,8 @@ class Predictor:
         ]
         lengths = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=len(rows))
         order = np.argsort(lengths, kind="stable")
+        import torch
+
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if self._engine.precision == "bf16"
@@ -400,7 +406,7 @@ class Predictor:
     def _select_engine(
         self, path: str, engine: engines.EngineName, precision: Precision
     ) -> engines.Engine:
-        threads = self._torch_threads or torch.get_num_threads()
+        threads = self._torch_threads or _default_threads()
         rows = self._calibration_rows or max(1, self._sub_batch_tokens // 16)
         selected = engines.select_engine(
             engine,
@@ -452,8 +458,13 @@ class Predictor:
 
     def _apply_threads(self) -> None:
         # Torch's thread count is per OS thread under OpenMP; Serve and Ray Data may call us
-        # from a thread other than the one that built us, so check on every call (cheap).
-        if self._torch_threads and torch.get_num_threads() != self._torch_threads:
+        # from a thread other than the one that built us, so check on every call (cheap). A
+        # process that never imported torch (an exported engine's) runs no torch to set.
+        if not self._torch_threads or "torch" not in sys.modules:
+            return
+        import torch
+
+        if torch.get_num_threads() != self._torch_threads:
             torch.set_num_threads(self._torch_threads)
 
     def _predict(
@@ -502,21 +513,55 @@ class Predictor:
         return out
 
 
-def _inference_device(requested: str | None, task: Any) -> torch.device:
-    """`requested`, else the first visible GPU, else the CPU; the CPU for a checkpoint that
-    generates (serving.generation samples with CPU generators and CPU tensors)."""
+def _inference_device(requested: str | None, task: Any) -> str:
+    """`requested`, else the first visible GPU, else "cpu"; "cpu" for a checkpoint that
+    generates (serving.generation samples with CPU generators and CPU tensors). Asking torch
+    about GPUs imports it: where the machine has no GPU device at all, the answer is "cpu"
+    without that import (an exported engine's Predictor never needs torch)."""
     if generation.is_generative(task):
-        if requested is not None and torch.device(requested).type != "cpu":
+        if requested is not None and _device_type(requested) != "cpu":
             raise ValueError(
                 f"device={requested!r}: a {task.name} checkpoint generates on the CPU only; "
                 "leave device unset"
             )
-        return torch.device("cpu")
+        return "cpu"
     if requested is not None:
-        return torch.device(requested)
+        return requested if requested == "cpu" else str(_torch_device(requested))
+    if not _gpu_device_nodes():
+        return "cpu"
+    import torch
+
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def _torch_device(name: str) -> torch.device:
+    import torch
+
+    return torch.device(name)  # refuses a malformed name, with torch's own message
+
+
+def _device_type(name: str) -> str:
+    return "cpu" if name == "cpu" else _torch_device(name).type
+
+
+def _gpu_device_nodes() -> bool:
+    """Whether this machine shows a GPU to processes at all: NVIDIA's /dev/nvidia* (CUDA) or
+    AMD's /dev/kfd (ROCm). Without one, torch.cuda.is_available() is False on any build."""
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()
+
+
+def _default_threads() -> int:
+    """The thread count torch would use in this process, without importing torch for it:
+    OMP_NUM_THREADS where set (Ray sets it to an actor's CPUs), else torch's own default."""
+    with contextlib.suppress(KeyError, ValueError):
+        threads = int(os.environ["OMP_NUM_THREADS"])
+        if threads > 0:
+            return threads
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _resolve(model_uri: str, tracking_uri: str | None) -> tuple[str, str, str]:
@@ -699,6 +744,8 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray | N
 
 
 def _response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
     """Per row, jobs.instruct.token_nll: (summed nats, tokens scored) of next-token prediction
     over the labels that are not -100."""
     from jobs.instruct import IGNORE_INDEX

@@ -439,28 +439,35 @@ def test_auto_calibrates_on_the_rows_it_is_told(staged, monkeypatch):
     assert shapes == [(3, 16), (32, 16)]
 
 
-# A child process: this one has imported transformers already (other tests, tests.helpers).
-_NO_TRANSFORMERS_SCRIPT = """
+# A child process: this one has imported transformers and torch already (other tests,
+# tests.helpers). It imports what a scoring actor unpickles (jobs.score) and a replica runs.
+_NO_TORCH_SCRIPT = """
 import json, sys
+import jobs.score, serving.app
 from serving.predictor import Predictor
-predictor = Predictor(sys.argv[1], engine="openvino", precision="fp32", torch_threads=1)
+predictor = Predictor(sys.argv[1], engine=sys.argv[3], precision="fp32", torch_threads=1)
 labels = predictor({"text": json.loads(sys.argv[2])})["label"].tolist()
 print(json.dumps({"engine": predictor.runtime["engine"], "labels": labels,
-                  "transformers": "transformers" in sys.modules}))
+                  "imported": sorted(m for m in ("transformers", "torch") if m in sys.modules)}))
 """
 
 
-def test_an_engine_predictor_starts_without_transformers_and_labels_as_before(staged):
-    """A Predictor on an exported engine tokenizes with tokenizer.json on `tokenizers` alone and
-    skips the task's transformers check: no import of transformers (about 1 CPU-s of each
-    actor's start); the labels are the ones the transformers tokenizer gives."""
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_an_engine_predictor_starts_without_transformers_or_torch_and_labels_as_before(
+    staged, engine
+):
+    """A Predictor on an exported engine tokenizes with tokenizer.json on `tokenizers` alone,
+    skips the task's transformers check, reads the CPU's bf16 support from the kernel's flags
+    and finds no GPU device without asking torch: neither transformers nor torch is imported
+    (about 1 and 1.5 CPU-s of each actor's start); the labels are the ones the transformers
+    tokenizer gives."""
     from serving.predictor import Predictor
 
     directory, _ = staged
     texts = _texts(80, seed=6)
-    seen = run_in_fresh_process(_NO_TRANSFORMERS_SCRIPT, str(directory), json.dumps(texts))
-    assert seen["engine"] == "openvino" and seen["transformers"] is False
-    reference = Predictor(str(directory), engine="openvino", precision="fp32", torch_threads=1)
+    seen = run_in_fresh_process(_NO_TORCH_SCRIPT, str(directory), json.dumps(texts), engine)
+    assert seen["engine"] == engine and seen["imported"] == []
+    reference = Predictor(str(directory), engine=engine, precision="fp32", torch_threads=1)
     from jobs.modeling import load_tokenizer
 
     reference._tokenizer = load_tokenizer(str(directory))  # transformers' own tokenizer

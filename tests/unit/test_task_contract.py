@@ -10,7 +10,7 @@ import torch
 
 from jobs.config import ModelConfig, TrainConfig
 from jobs.modeling import build_model
-from jobs.tasks import get_task, register_task
+from jobs.tasks import get_task, register_task, task_names
 from jobs.train_loop import _param_groups
 
 TASK = get_task("sequence-classification")
@@ -93,3 +93,12 @@ def test_registration_checks_the_task_contract(change, message):
 def test_a_task_name_registers_once():
     with pytest.raises(ValueError, match="already registered"):
         register_task(TASK)
+
+
+@pytest.mark.parametrize("name", task_names())
+def test_every_built_in_task_builds_a_zeroed_float64_state(name):
+    """The built-in tasks are registered without building their state (that imports torch,
+    which a Predictor on an exported engine never needs): their contract is checked here."""
+    from jobs.tasks import _check_eval_state
+
+    _check_eval_state(get_task(name, check_libraries=False))
