@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+# FutureWarning, in every process that wraps or loads an adapter (each training worker, each
+# scoring actor and replica): a line per process that no user of raylift can act on.
+warnings.filterwarnings(
+    "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 CHECKPOINT_META = "raylift.json"  # its content: jobs.checkpoint.CheckpointMeta
 

@@ -273,6 +273,7 @@ def predict_rows(
         Predictor,
         fn_constructor_kwargs={
             "model_uri": model.uri,
+            "model_source": model.source,  # the pinned version's artifacts: no registry query
             "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
             "precision": score.precision,
             "engine": score.engine,

@@ -29,6 +29,7 @@ import random
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,14 @@ _PROGRESS_FILE = "progress.json"
 _ENGINE_TAG = "engine"  # DeepSpeed's checkpoint tag: state/engine/
 # Logged (step = optimizer step) each time training resumes from a checkpoint.
 RESUME_METRIC = "train_resumed_at_step"
+
+# DeepSpeed's ZeRO gathers call torch's all_gather_into_tensor, which torch deprecates with a
+# FutureWarning: a line from every rank of every run that no user of raylift can act on.
+warnings.filterwarnings(
+    "ignore",
+    message="`torch.distributed.all_gather_into_tensor` is deprecated",
+    category=FutureWarning,
+)
 
 # What train_func reports each epoch: the metrics tracking, registry tags and Tune read.
 REPORTED_METRICS = (

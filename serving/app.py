@@ -397,11 +397,13 @@ def _follows_alias(source: str) -> bool:
 
 def _pin(source: str, tracking_uri: str | None) -> dict[str, str]:
     """What `source` names now: {"uri": models:/name/N (never an alias) or a checkpoint
-    directory, "version": N or "local"}; asks the registry only, downloads nothing."""
+    directory, "version": N or "local", "source": where its artifacts are}; asks the registry
+    only, downloads nothing. Replicas load "source" when it is a local folder, without asking
+    the registry again (serving.registry.resolve_model)."""
     from serving.registry import resolve_version
 
     resolved = resolve_version(source, tracking_uri)
-    return {"uri": resolved.uri, "version": resolved.version or "local"}
+    return {"uri": resolved.uri, "version": resolved.version or "local", "source": resolved.source}
 
 
 def _group_by_predictor(predictors: list[Any]) -> list[tuple[Any, list[int]]]:
@@ -700,7 +702,9 @@ class ModelServer(OpenAIRoutes):
     async def _load(self, target: dict[str, str]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        predictor = await loop.run_in_executor(self._load_thread, self._build, target["uri"])
+        predictor = await loop.run_in_executor(
+            self._load_thread, self._build, target["uri"], target.get("source")
+        )
         replaced, self._predictor = self._predictor, predictor  # the swap: one reference
         self._loaded.set()
         self._load_error = None
@@ -715,11 +719,12 @@ class ModelServer(OpenAIRoutes):
             f"; replaced version {replaced.model_version}" if replaced is not None else "",
         )
 
-    def _build(self, uri: str) -> Any:
+    def _build(self, uri: str, source: str | None = None) -> Any:
         from serving.predictor import Predictor
 
         return Predictor(
             uri,
+            model_source=source,
             tracking_uri=self._tracking_uri,
             precision=self._config.precision,
             engine=self._config.engine,

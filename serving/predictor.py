@@ -127,6 +127,9 @@ class Predictor:
         device: where the torch engine runs, "cpu" or "cuda[:N]"; None: the first visible GPU
             if there is one, else the CPU. On a GPU torch runs whatever `engine` says (the
             other runtimes are CPU builds). A causal-lm checkpoint runs on the CPU.
+        model_source: where the driver that pinned `model_uri` (models:/name/N) found its
+            artifacts (serving.registry.resolve_version(...).source): a local folder there
+            loads without asking the registry again (serving.registry.resolve_model).
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class Predictor:
         generation_config: Any = None,
         calibration_rows: int | None = None,
         device: str | None = None,
+        model_source: str | None = None,
     ):
         if precision not in ("auto", "fp32", "bf16", "int8"):
             raise ValueError(f"precision={precision!r}; use 'auto', 'fp32', 'bf16' or 'int8'")
@@ -154,7 +158,9 @@ class Predictor:
             raise ValueError(f"engine={engine!r}; use 'auto', 'torch', 'onnxruntime' or 'openvino'")
         self._torch_threads = torch_threads
         self._apply_threads()
-        path, self._model_name, self._model_version = _resolve(model_uri, tracking_uri)
+        path, self._model_name, self._model_version = _resolve(
+            model_uri, tracking_uri, model_source
+        )
         self._model_uri = model_uri
         self._trust_remote_code = trust_remote_code  # config's model.trust_remote_code only
         self._path = path
@@ -336,7 +342,7 @@ class Predictor:
         ]
         lengths = np.fromiter((len(ids) for ids, _ in encoded), dtype=np.int64, count=len(rows))
         order = np.argsort(lengths, kind="stable")
-        import torch
+        import torch  # a causal-lm version: its torch model is loaded already
 
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
@@ -564,14 +570,14 @@ def _default_threads() -> int:
     return torch.get_num_threads()
 
 
-def _resolve(model_uri: str, tracking_uri: str | None) -> tuple[str, str, str]:
+def _resolve(model_uri: str, tracking_uri: str | None, source: str | None) -> tuple[str, str, str]:
     """(local checkpoint dir, model name, model version) for a directory or registry URI."""
     local = Path(model_uri).expanduser()
     if local.is_dir():
         return str(local), local.resolve().name, LOCAL_VERSION
     from serving.registry import resolve_model
 
-    resolved = resolve_model(model_uri, tracking_uri)
+    resolved = resolve_model(model_uri, tracking_uri, source)
     name = resolved.name or Path(resolved.path).name
     return resolved.path, name, resolved.version or LOCAL_VERSION
 
@@ -744,10 +750,10 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray | N
 
 
 def _response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
     """Per row, jobs.instruct.token_nll: (summed nats, tokens scored) of next-token prediction
     over the labels that are not -100."""
+    import torch
+
     from jobs.instruct import IGNORE_INDEX
 
     shifted = logits[:, :-1, :].float()

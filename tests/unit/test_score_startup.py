@@ -29,3 +29,48 @@ def test_a_whole_model_loads_without_peft_and_an_adapter_with_it(tiny_bert, tmp_
     lora = make_lora_checkpoint(tiny_bert, tmp_path / "lora", LABELS)
     seen = run_in_fresh_process(_SCRIPT, str(full), str(lora))
     assert seen == {"jobs.score": [], "full": [], "lora": ["peft"]}
+
+
+_PINNED_SCRIPT = """
+import json, sys
+from serving.predictor import Predictor
+uri, tracking, source = sys.argv[1:4]
+predictor = Predictor(uri, tracking_uri=tracking, model_source=source or None,
+                      precision="fp32", torch_threads=1)
+print(json.dumps({"name": predictor.model_name, "version": predictor.model_version,
+                  "label": predictor.predict_texts(["my card has not arrived"])[0]["label"],
+                  "mlflow": "mlflow" in sys.modules}))
+"""
+
+
+def test_an_actor_loads_the_version_its_driver_pinned_without_asking_mlflow(tiny_bert, tmp_path):
+    """jobs.score hands each actor the pinned version's artifact folder beside models:/name/N:
+    the actor loads it without importing MLflow (1.4 CPU-s of its start) or querying the
+    registry; the rows still carry the version's name and number. Without the folder, the
+    actor asks the registry, as before."""
+    from jobs import tracking
+    from jobs.config import validate_mapping
+    from serving.registry import resolve_version
+
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = validate_mapping(
+        {
+            "name": "pinned",
+            "registry": {
+                "tracking_uri": tracking_uri,
+                "model_name": "pinned",
+                "build_engines": False,
+            },
+        }
+    )
+    checkpoint = make_full_checkpoint(tiny_bert, tmp_path / "full", LABELS)
+    with tracking.tracked_run(config, {}) as run_id:
+        version = tracking.register(config, run_id, checkpoint, {}, {"val_accuracy": 0.5})
+    pinned = resolve_version(f"models:/pinned/{version}", tracking_uri)
+    assert pinned.source.startswith("file://")
+
+    loaded = run_in_fresh_process(_PINNED_SCRIPT, pinned.uri, tracking_uri, pinned.source)
+    asked = run_in_fresh_process(_PINNED_SCRIPT, pinned.uri, tracking_uri, "")
+    assert loaded == {**asked, "mlflow": False}
+    assert asked["mlflow"] is True and asked["name"] == "pinned" and asked["version"] == version
+    assert asked["label"] in LABELS

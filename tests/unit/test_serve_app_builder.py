@@ -49,7 +49,7 @@ def test_app_builder_applies_overrides_to_the_deployment(checkpoint):
     versions = _deployment(deployment.init_args[0])  # replicas ask ModelVersion what to load
     local = str(Path(checkpoint).resolve())
     assert versions.name == "ModelVersion"
-    assert versions.init_args == (local, {"uri": local, "version": "local"})
+    assert versions.init_args == (local, {"uri": local, "version": "local", "source": local})
     assert versions.init_kwargs["poll_interval_s"] == 10.0
     kwargs = deployment.init_kwargs
     assert kwargs["served_name"] == "ticket-router"
@@ -279,6 +279,8 @@ def test_build_app_pins_the_alias_to_its_version(registry_config):
     source, pinned = versions.init_args
 
     assert source == f"models:/{name}@production"
+    # the version's artifact folder rides along: replicas load it without asking the registry
+    assert pinned.pop("source").startswith("file://")
     assert pinned == {"uri": f"models:/{name}/1", "version": "1"}
 
 
@@ -308,9 +310,10 @@ def test_model_version_follows_the_alias_by_polling(registry_config):
         return first, unchanged, moved, waited
 
     first, unchanged, moved, waited = asyncio.run(scenario())
-    assert first == {"uri": f"models:/{name}/1", "version": "1"}
+    assert {k: first[k] for k in ("uri", "version")} == {"uri": f"models:/{name}/1", "version": "1"}
     assert unchanged == first
-    assert moved == {"uri": f"models:/{name}/2", "version": "2"}
+    assert {k: moved[k] for k in ("uri", "version")} == {"uri": f"models:/{name}/2", "version": "2"}
+    assert moved["source"] != first["source"]  # each version's own artifact folder
     assert waited < 5  # woken by the poll after the move, not by the 10 s timeout
 
 
