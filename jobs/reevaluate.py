@@ -4,11 +4,15 @@ Two versions trained on different snapshots carry metrics measured on different 
 one validation split and 0.85 on another say nothing about which model is better. This module
 rebuilds one pinned validation split (table, snapshot, fraction, seed: the candidate's lineage
 tags) exactly as training built it, and runs every version over those rows through the same
-`serving.predictor.Predictor`, as a Ray Data job:
+`serving.predictor.Predictor`, as one Ray Data job:
 
     read_table(@snapshot) → trainable rows → SplitFilter(keep="validation")
-      → map_batches(Predictor actors, models:/name/N) → (true label, prediction) pairs
-      → accuracy, macro-F1, per-slice accuracy
+      → map_batches(VersionLabels actors: a Predictor per version) → (true label, each
+        version's prediction) per row → accuracy, macro-F1, per-slice accuracy per version
+
+Every version labels the very same rows in one pass: the split is read once and one actor pool
+starts (each actor holds every version: two for a promotion), where a job per version read the
+rows again and started a pool again (about 10 s of a tiny promotion on 2 cores).
 
 A causal LM (task.type causal-lm) is scored instead of asked: its validation instructions
 (prompt, response, optional system column; the same usable-row rule and seeded split by key as
@@ -25,7 +29,8 @@ reported for that epoch (same rows, template, truncation and loss mask; tested).
 is measured as it is served, its adapter merged into the unquantized base, so its figure is not
 the one its training measured on the 4-bit base; both versions are still measured alike.
 
-The driver asks the registry for each version's number only; the actors download the artifacts.
+The driver asks the registry for each version's number and artifact folder only; the actors
+load the artifacts (from that folder where it is local, else through the registry).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "EvalRows",
     "Evaluation",
     "ResponseScorer",
+    "VersionLabels",
     "predictions",
     "reevaluate",
     "reevaluated_metrics",
@@ -139,10 +145,10 @@ def reevaluate(
     if reevaluated_metrics(config.task.type) == CAUSAL_LM_METRICS:
         instructions = _validation_instructions(config, rows)
         return {str(m.version): _score_responses(config, instructions, m) for m in pinned}
-    validation = _validation_rows(config, rows)
+    truth, labels = _labels(config, _validation_rows(config, rows), pinned)
     return {
-        str(model.version): _evaluate(config, validation, model, config.promote.slices)
-        for model in pinned
+        str(model.version): _evaluate(truth, predicted, config.promote.slices)
+        for model, predicted in zip(pinned, labels, strict=True)
     }
 
 
@@ -157,7 +163,8 @@ def predictions(
     model = registry.resolve_version(
         f"models:/{config.registry.model_name}/{version}", config.registry.tracking_uri
     )
-    return _predict(config, _validation_rows(config, rows), model)
+    truth, (predicted,) = _labels(config, _validation_rows(config, rows), [model])
+    return truth, predicted
 
 
 def _pinned(config: LifecycleConfig, rows: EvalRows) -> LifecycleConfig:
@@ -276,11 +283,11 @@ def _score_responses(
     config: LifecycleConfig, rows: ray.data.Dataset, model: registry.ResolvedVersion
 ) -> Evaluation:
     """val_loss and val_perplexity of `model` on `rows`, token-weighted as training's eval."""
-    import ray.data
 
+    from jobs import score
     from jobs.instruct import perplexity_metrics
 
-    score, task = config.score, config.task
+    task = config.task
     scored = rows.map_batches(
         ResponseScorer,
         fn_constructor_kwargs={
@@ -288,19 +295,9 @@ def _score_responses(
             "response_column": task.response_column,
             "system_column": task.system_column,
             # The scoring job's Predictor settings (score.*), as the classifier path uses them.
-            "model_uri": model.uri,
-            "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
-            "precision": score.precision,
-            "engine": score.engine,
-            "torch_threads": score.torch_threads,
-            "trust_remote_code": config.model.trust_remote_code,
-            "generation_config": score.generation,
+            **score.predictor_kwargs(config, model),
         },
-        batch_size=score.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=score.concurrency),
-        num_cpus=score.num_cpus,
-        udf_modifying_row_count=False,
+        **score.actor_pool(config),
     )
     nll, tokens, count = 0.0, 0, 0
     for batch in scored.iter_batches(batch_format="numpy"):
@@ -320,13 +317,7 @@ def _keep_true_label(batch: pa.Table, *, text_column: str, label_column: str) ->
     return pa.table({text_column: batch[text_column], _TRUE_LABEL: labels})
 
 
-def _evaluate(
-    config: LifecycleConfig,
-    rows: ray.data.Dataset,
-    model: registry.ResolvedVersion,
-    slices: Mapping[str, str],
-) -> Evaluation:
-    truth, predicted = _predict(config, rows, model)
+def _evaluate(truth: np.ndarray, predicted: np.ndarray, slices: Mapping[str, str]) -> Evaluation:
     unseen = sorted(set(slices) - {str(t) for t in truth})
     if unseen:  # a typo in promote.slices would otherwise just shrink its slice
         log.warning(
@@ -343,25 +334,53 @@ def _evaluate(
     )
 
 
-def _predict(
-    config: LifecycleConfig, rows: ray.data.Dataset, model: registry.ResolvedVersion
-) -> tuple[np.ndarray, np.ndarray]:
-    """(true labels, predicted labels) of every row, gathered in the driver (validation only)."""
+class VersionLabels:
+    """Ray Data UDF: each row's true label and every version's predicted label (None where the
+    text cannot be scored), from one Predictor per version, each loaded once per actor."""
+
+    def __init__(self, *, text_column: str, versions: list[dict[str, object]]):
+        from serving.predictor import Predictor
+
+        self._text_column = text_column
+        self._predictors = [Predictor(**predictor) for predictor in versions]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = batch[self._text_column]
+        out = {_TRUE_LABEL: batch[_TRUE_LABEL]}
+        for i, predictor in enumerate(self._predictors):
+            out[_predicted(i)] = predictor.predict_labels(texts)
+        return out
+
+
+def _predicted(i: int) -> str:
+    return f"_raylift_predicted_{i}"
+
+
+def _labels(
+    config: LifecycleConfig, rows: ray.data.Dataset, models: list[registry.ResolvedVersion]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(true labels, each model's predicted labels) of every row, gathered in the driver
+    (validation only), through the scoring job's Predictor settings (score.*)."""
     from jobs import score
 
-    # The scoring job's Predictor actors, settings and all (score.*): evaluation is batch
-    # scoring whose one passthrough column is the true label.
-    scoring = config.model_copy(
-        update={"score": config.score.model_copy(update={"key_columns": [_TRUE_LABEL]})}
+    labelled = rows.map_batches(
+        VersionLabels,
+        fn_constructor_kwargs={
+            "text_column": config.task.input_column,
+            "versions": [score.predictor_kwargs(config, model) for model in models],
+        },
+        **score.actor_pool(config),
     )
-    predicted = score.predict_rows(scoring, rows, model).select_columns([_TRUE_LABEL, "label"])
-    truth, labels = [], []
-    for batch in predicted.iter_batches(batch_format="numpy"):
+    truth: list[np.ndarray] = []
+    predicted: list[list[np.ndarray]] = [[] for _ in models]
+    for batch in labelled.iter_batches(batch_format="numpy"):
         truth.append(batch[_TRUE_LABEL].astype(object))
-        labels.append(batch["label"].astype(object))
+        for i, found in enumerate(predicted):
+            found.append(batch[_predicted(i)].astype(object))
     if not truth:
-        return np.zeros(0, dtype=object), np.zeros(0, dtype=object)
-    return np.concatenate(truth), np.concatenate(labels)
+        empty = np.zeros(0, dtype=object)
+        return empty, [empty for _ in models]
+    return np.concatenate(truth), [np.concatenate(found) for found in predicted]
 
 
 def _metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -48,7 +48,14 @@ if TYPE_CHECKING:
 # Each Predictor actor imports this module (UsableRows and StampRun run in it), so the warehouse
 # (pyiceberg: 0.2 s of an actor's start, measured) and the registry are imported where used.
 
-__all__ = ["COMPLETION_COLUMNS", "ScoreResult", "main", "predict_rows"]
+__all__ = [
+    "COMPLETION_COLUMNS",
+    "ScoreResult",
+    "actor_pool",
+    "main",
+    "predict_rows",
+    "predictor_kwargs",
+]
 
 # Columns batch generation adds to the input key columns (besides scored_at and run_date).
 COMPLETION_COLUMNS = (
@@ -263,33 +270,49 @@ def predict_rows(
 ) -> ray.data.Dataset:
     """`source` through the Predictor actors of `model` (scoring and re-evaluation share it);
     each actor posts its `Predictor.runtime` to `runtime_board` (a RuntimeBoard) if given."""
-    import ray.data
-
-    from serving import registry
     from serving.predictor import Predictor
 
-    score = config.score
     return source.map_batches(
         Predictor,
-        fn_constructor_kwargs={
-            "model_uri": model.uri,
-            "model_source": model.source,  # the pinned version's artifacts: no registry query
-            "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
-            "precision": score.precision,
-            "engine": score.engine,
-            "torch_threads": score.torch_threads,
-            "runtime_board": runtime_board,
-            "text_column": config.task.input_column,
-            "passthrough_columns": tuple(score.key_columns),
-            "trust_remote_code": config.model.trust_remote_code,
-            "generation_config": score.generation,  # used by a causal-lm version only
-        },
-        batch_size=score.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=score.concurrency),
-        num_cpus=score.num_cpus,
-        udf_modifying_row_count=False,  # one prediction per input row
+        fn_constructor_kwargs=predictor_kwargs(config, model, runtime_board=runtime_board),
+        **actor_pool(config),
     )
+
+
+def predictor_kwargs(
+    config: LifecycleConfig, model: registry.ResolvedVersion, **overrides: Any
+) -> dict[str, Any]:
+    """The Predictor settings of the scoring job (score.*) for `model`, as its actors get them."""
+    from serving import registry
+
+    score = config.score
+    return {
+        "model_uri": model.uri,
+        "model_source": model.source,  # the pinned version's artifacts: no registry query
+        "tracking_uri": registry.absolute_tracking_uri(config.registry.tracking_uri),
+        "precision": score.precision,
+        "engine": score.engine,
+        "torch_threads": score.torch_threads,
+        "text_column": config.task.input_column,
+        "passthrough_columns": tuple(score.key_columns),
+        "trust_remote_code": config.model.trust_remote_code,
+        "generation_config": score.generation,  # used by a causal-lm version only
+        **overrides,
+    }
+
+
+def actor_pool(config: LifecycleConfig) -> dict[str, Any]:
+    """map_batches arguments of the scoring job's actor pool (score.*): one output row per row."""
+    import ray.data
+
+    score = config.score
+    return {
+        "batch_size": score.batch_size,
+        "batch_format": "numpy",
+        "compute": ray.data.ActorPoolStrategy(size=score.concurrency),
+        "num_cpus": score.num_cpus,
+        "udf_modifying_row_count": False,
+    }
 
 
 def _quarantine(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> int:

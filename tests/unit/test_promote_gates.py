@@ -155,3 +155,29 @@ def test_every_metric_a_causal_lm_may_promote_on_can_be_measured_again():
     assert set(_CAUSAL_LM_METRICS) <= set(reevaluated_metrics("causal-lm"))
     assert reevaluated_metrics("causal-lm") == ("val_loss", "val_perplexity")
     assert reevaluated_metrics("sequence-classification") == REEVALUATED_METRICS
+
+
+def test_every_version_labels_the_same_rows_in_one_actor(tiny_bert, tmp_path):
+    """VersionLabels (one re-evaluation pass for every version): each row's true label beside
+    each version's label; a version whose label names are shuffled disagrees where they moved,
+    and a text that cannot be scored gets no label from either."""
+    from jobs.reevaluate import _TRUE_LABEL, VersionLabels, _predicted
+    from tests.helpers import make_full_checkpoint
+
+    labels = ["card_arrival", "lost_card", "refund"]
+    same = make_full_checkpoint(tiny_bert, tmp_path / "same", labels)
+    shuffled = make_full_checkpoint(tiny_bert, tmp_path / "shuffled", labels[1:] + labels[:1])
+    one = {"precision": "fp32", "torch_threads": 1, "engine": "torch"}
+    labeller = VersionLabels(
+        text_column="text",
+        versions=[{"model_uri": str(same), **one}, {"model_uri": str(shuffled), **one}],
+    )
+    texts = np.array(["card arrived late", "", "refund my fee", "lost my card"], dtype=object)
+    out = labeller({"text": texts, _TRUE_LABEL: np.array(labels + ["refund"], dtype=object)})
+
+    assert list(out) == [_TRUE_LABEL, _predicted(0), _predicted(1)]
+    assert list(out[_TRUE_LABEL]) == labels + ["refund"]
+    first, second = out[_predicted(0)], out[_predicted(1)]
+    assert first[1] is None and second[1] is None
+    moved = dict(zip(labels, labels[1:] + labels[:1], strict=True))  # same weights, new names
+    assert [moved[a] for a in first[[0, 2, 3]]] == list(second[[0, 2, 3]])
