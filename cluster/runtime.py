@@ -34,6 +34,16 @@ _MIN_EMBEDDED_CPUS = 4
 # hub downloads); Ray Data's own bars are handled in `configure_progress`.
 _NO_TQDM_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
+# Every Ray worker of a raylift job. Ray Train (2.60) replaces print in its workers with one
+# that, where stdout is wrapped (a Ray worker's always is), prints and also logs the line
+# through the root logger to the same stdout: every progress line of the train loop reached
+# the job's log twice. Its documented switch turns that off; prints go to stdout once.
+_WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
 # What the command's config keeps on this machine's disk (key → value) and whether the config
 # allows it on several nodes; set by the CLI once the config is loaded, checked by `init_ray`
 # once it has joined a cluster and can count its nodes.
@@ -91,7 +101,7 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **quiet_env}
+    env_vars = {**_WORKER_ENV, **quiet_env}
     if NATIVE_BF16_ENV in os.environ:  # every worker decides precision as the driver was told
         env_vars[NATIVE_BF16_ENV] = os.environ[NATIVE_BF16_ENV]
     if address:

@@ -86,9 +86,14 @@ def _base_weights(tiny_bert: str) -> dict[str, torch.Tensor]:
 
 
 def test_full_finetune_under_zero3_saves_consolidated_trained_weights(
-    ray_session, tmp_path, tiny_bert
+    ray_session, tmp_path, tiny_bert, capfd
 ):
     result = _trained(tmp_path, tiny_bert, "full", zero_stage=3, workers=2, precision="fp32")
+    # Rank 0's progress lines reach the driver's output once each: Ray Train's print patch
+    # wrote each one twice (to Ray's wrapped stdout and through the root logger to it).
+    forwarded = capfd.readouterr()
+    lines = (forwarded.out + forwarded.err).splitlines()
+    assert sum("raylift.train: checkpoint at epoch 1 end" in line for line in lines) == 1
     saved = load_file(Path(result.checkpoint_path) / "model.safetensors")
     base = _base_weights(tiny_bert)
     # Every base weight saved whole: gathered from both ranks, not one rank's ZeRO-3 part.
