@@ -268,8 +268,9 @@ def predict_rows(
     model: registry.ResolvedVersion,
     runtime_board: Any = None,
 ) -> ray.data.Dataset:
-    """`source` through the Predictor actors of `model` (scoring and re-evaluation share it);
-    each actor posts its `Predictor.runtime` to `runtime_board` (a RuntimeBoard) if given."""
+    """`source` through the Predictor actors of `model`; each actor posts its
+    `Predictor.runtime` to `runtime_board` (a RuntimeBoard) if given. Re-evaluation's
+    VersionLabels actors take the same settings (`predictor_kwargs`, `actor_pool`)."""
     from serving.predictor import Predictor
 
     return source.map_batches(
