@@ -14,6 +14,7 @@ __all__ = [
     "declare_local_state",
     "embedded_logical_cpus",
     "init_ray",
+    "name_this_cluster",
     "progress_bars_wanted",
 ]
 
@@ -119,9 +120,27 @@ def init_ray(address: str | None = None) -> None:
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        runtime_env={"env_vars": env_vars},
+        runtime_env={
+            "env_vars": env_vars,
+            "worker_process_setup_hook": f"{__name__}.{name_this_cluster.__name__}",
+        },
         log_to_driver=True,
     )
+
+
+def name_this_cluster() -> None:
+    """The embedded Ray's worker setup hook: RAY_ADDRESS names this Ray in each of its workers.
+
+    A Ray started by `ray.init()` records its address nowhere, so Ray code that looks for
+    "its" cluster by itself finds every Ray on the machine. Ray Train's placement-group
+    cleaner does (it asks the state API without an address): beside another Ray (a `ray
+    start` cluster, another embedded run) it failed with "Found multiple active Ray
+    instances", and a run that died would then keep its placement group, so the next run
+    waited for CPUs without end. Seen with the two-node test's cluster beside the test
+    session's Ray. Connected clusters need nothing: `ray start` records its address."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def _refuse_local_state_on_many_nodes() -> None:

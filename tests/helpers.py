@@ -163,9 +163,10 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
     return validate_mapping(config)
 
 
-# One HTTP port for the Serve apps the integration tests deploy: a module deletes its apps and
-# leaves Serve running for the next (a Serve start and shutdown cost about 3 s each here); a
-# module that needs other HTTP options (test_serve_limits' request timeout) restarts it.
+# One HTTP port for the Serve apps the integration and e2e tests deploy: a module deletes its
+# apps and leaves Serve running for the next (a Serve start and shutdown cost about 3 s each
+# here, and two actor processes); a module that needs other HTTP options (test_serve_limits'
+# request timeout) restarts it, and shuts it down after.
 SERVE_PORT = 8123
 # score: one actor on half a CPU, one thread, fp32: small Ray Data jobs that fit beside the rest
 TINY_SCORE = {

@@ -23,6 +23,7 @@ import pytest
 from jobs import finetune, load, promote, score, warehouse
 from jobs.config import validate_mapping
 from serving import tags
+from tests.helpers import SERVE_PORT as PORT
 from tests.helpers import load_prompts_table, make_ticket_rows, make_tiny_llama
 from tests.s3_server import export_s3_env, running_s3_server
 
@@ -30,7 +31,6 @@ openai = pytest.importorskip("openai")
 
 INTENTS = ["card_arrival", "lost_card", "refund"]
 MODEL = "instruct-e2e"
-PORT = 8141
 RUN_DATE = "2026-11-25"
 PROMPTS = "support.prompts"
 COMPLETIONS = "support.completions"
@@ -216,8 +216,7 @@ def test_promote_serve_through_openai_then_batch_generation(trained, config, s3,
                 )
             )
     finally:
-        serve.delete(MODEL)
-        serve.shutdown()
+        serve.delete(MODEL)  # Serve stays up for the next module (tests.helpers.SERVE_PORT)
 
     assert answer.model == MODEL and answer.system_fingerprint == f"version-{trained.version}"
     assert answer.choices[0].message.content == expected.text

@@ -11,7 +11,7 @@ import pytest
 
 from jobs import finetune, load, promote, score
 from serving import tags as tag_names
-from tests.helpers import make_ticket_rows, tiny_lifecycle
+from tests.helpers import SERVE_PORT, make_ticket_rows, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund", "exchange_rate"]
 
@@ -33,7 +33,7 @@ def lifecycle_config(tmp_path_factory, tiny_bert):
         registry={"experiment": "e2e", "model_name": "e2e-router", "build_engines": True},
         promote={"min_value": 0.0},
         serve={
-            "port": 8131,
+            "port": SERVE_PORT,
             "num_cpus": 0.5,
             "torch_threads": 1,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},

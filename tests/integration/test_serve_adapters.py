@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SERVE_PORT as PORT
 from tests.helpers import make_full_checkpoint, make_lora_checkpoint, make_tiny_bert
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up", "exchange_rate"]
-PORT = 8128
 MODEL = "adapter-router"
 CACHE = 2  # serve.max_adapters_per_replica
 TEXT = {"texts": ["card arrived late"]}
@@ -105,8 +105,7 @@ def endpoint(registry):
     config, _ = registry
     url = deploy(config)
     yield url
-    serve.delete(MODEL)
-    serve.shutdown()
+    serve.delete(MODEL)  # Serve stays up for the next module (tests.helpers.SERVE_PORT)
 
 
 def _post(url: str, path: str, headers: dict | None = None):

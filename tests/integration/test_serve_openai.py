@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SERVE_PORT as PORT
 from tests.helpers import make_tiny_llama
 
 openai = pytest.importorskip("openai")
 
-PORT = 8129
 MODEL = "tiny-assistant"
 TOKEN_ENV = "RAYLIFT_TEST_OPENAI_TOKEN"
 TOKEN = "not-a-real-secret-4f0a9d"
@@ -136,8 +136,7 @@ def served(ray_session, tmp_path_factory):
     }
     local[f"{MODEL}@challenger"] = local[f"{MODEL}/3"]
     yield url, local
-    serve.delete(MODEL)
-    serve.shutdown()
+    serve.delete(MODEL)  # Serve stays up for the next module (tests.helpers.SERVE_PORT)
 
 
 @pytest.fixture(scope="module")
