@@ -150,22 +150,32 @@ def test_long_and_nan_texts_do_not_fail_the_texts_batched_with_them(client):
 
     handle = serve.get_app_handle(MODEL)
     texts = ["card arrived late", LONG_TEXT, f"payment {NAN_WORD} at the atm", "refund pending"]
-    before = handle.batch_stats.remote().result()
-    with ThreadPoolExecutor(max_workers=len(texts)) as pool:
-        separate = list(pool.map(lambda text: _predict(client, [text]), texts))
+    # Four requests at once share a batch when they reach the replica within the batch wait
+    # (0.2 s). On a loaded machine they sometimes arrive further apart (seen once: 4 batches),
+    # so the round is repeated until some of them shared one: every round's answers count.
+    for _ in range(5):
+        before = handle.batch_stats.remote().result()
+        with ThreadPoolExecutor(max_workers=len(texts)) as pool:
+            separate = list(pool.map(lambda text: _predict(client, [text]), texts))
+        batches = handle.batch_stats.remote().result()["batches"] - before["batches"]
+        assert [r.status_code for r in separate] == [200] * 4, [r.text for r in separate]
+        _assert_only_the_nan_text_fails([r.json()["predictions"][0] for r in separate])
+        if batches < len(texts):
+            break
+    else:
+        pytest.fail("in 5 rounds, no two of the 4 concurrent requests shared a batch")
     together = _predict(client, texts)
-    after = handle.batch_stats.remote().result()
-
-    assert [r.status_code for r in separate] == [200] * 4, [r.text for r in separate]
-    assert after["batches"] - before["batches"] < 5  # some of the 8 texts shared a batch
     assert together.status_code == 200, together.text
-    for answers in ([r.json()["predictions"][0] for r in separate], together.json()["predictions"]):
-        nan_answer = answers[2]
-        assert nan_answer["label"] is None and nan_answer["score"] is None
-        assert "not finite" in nan_answer["error"]
-        for answer in answers[:2] + answers[3:]:
-            assert answer["label"] in LABELS and 0 < answer["score"] <= 1
-            assert answer["error"] is None
+    _assert_only_the_nan_text_fails(together.json()["predictions"])
+
+
+def _assert_only_the_nan_text_fails(answers: list[dict]) -> None:
+    nan_answer = answers[2]
+    assert nan_answer["label"] is None and nan_answer["score"] is None
+    assert "not finite" in nan_answer["error"]
+    for answer in answers[:2] + answers[3:]:
+        assert answer["label"] in LABELS and 0 < answer["score"] <= 1
+        assert answer["error"] is None
 
 
 def _stalled_request(path: str, body_length: int = 40) -> socket.socket:
