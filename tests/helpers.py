@@ -163,6 +163,15 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
     return validate_mapping(config)
 
 
+def session_ray_address() -> str:
+    """The connected Ray's GCS address, for Ray's state API: without one, the API looks for a
+    Ray among the machine's processes and fails when it finds several (the two-node test runs
+    its own cluster beside the session's Ray)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 # One HTTP port for the Serve apps the integration and e2e tests deploy: a module deletes its
 # apps and leaves Serve running for the next (a Serve start and shutdown cost about 3 s each
 # here, and two actor processes); a module that needs other HTTP options (test_serve_limits'

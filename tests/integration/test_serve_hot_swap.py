@@ -14,7 +14,7 @@ import pytest
 
 from serving import tags
 from tests.helpers import SERVE_PORT as PORT
-from tests.helpers import make_lora_checkpoint
+from tests.helpers import make_lora_checkpoint, session_ray_address
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 MODEL = "swap-router"
@@ -262,14 +262,15 @@ def _alive_replicas() -> list:
         filters=[
             ("class_name", "=", f"ServeReplica:{MODEL}:ModelServer"),
             ("state", "=", "ALIVE"),
-        ]
+        ],
+        address=session_ray_address(),
     )
 
 
 def _actor_state(actor_id: str) -> str:
     from ray.util.state import get_actor
 
-    found = get_actor(actor_id)
+    found = get_actor(actor_id, address=session_ray_address())
     return found.state if found is not None else "GONE"
 
 

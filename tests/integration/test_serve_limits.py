@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.helpers import SERVE_PORT as PORT
+from tests.helpers import session_ray_address
 from tests.integration.test_serve_app import _config as serve_app_config
 from tests.unit.test_predictor import LABELS, NAN_WORD, make_fragile_checkpoint
 
@@ -84,7 +85,8 @@ def _replica_rss(app_name: str) -> int:
         filters=[
             ("class_name", "=", f"ServeReplica:{app_name}:ModelServer"),
             ("state", "=", "ALIVE"),
-        ]
+        ],
+        address=session_ray_address(),
     )
     assert len(replicas) == 1, replicas
     return psutil.Process(replicas[0].pid).memory_info().rss

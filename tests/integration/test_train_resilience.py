@@ -27,7 +27,7 @@ import yaml
 from jobs import finetune, load
 from jobs.config import with_overrides
 from jobs.train_loop import RESUME_METRIC
-from tests.helpers import make_ticket_rows, tiny_lifecycle
+from tests.helpers import make_ticket_rows, session_ray_address, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 EPOCHS = 2
@@ -80,7 +80,12 @@ def _checkpoints(config) -> list[str]:
 def _workers(exclude: set[str] = frozenset()) -> dict[str, dict]:
     from ray.util.state import list_actors
 
-    found = list_actors(filters=[("class_name", "=", WORKER)], limit=1000, detail=True)
+    found = list_actors(
+        filters=[("class_name", "=", WORKER)],
+        limit=1000,
+        detail=True,
+        address=session_ray_address(),
+    )
     return {
         a.actor_id: {"pid": a.pid, "state": a.state} for a in found if a.actor_id not in exclude
     }
