@@ -25,43 +25,29 @@ os.environ.setdefault("RAYLIFT_CACHE_DIR", _CACHE_DIR)
 
 from tests.helpers import make_tiny_bert  # noqa: E402
 
-# The two-node test runs its own Ray cluster (cluster/local_cluster.py), never the session's.
-OWN_CLUSTER_TESTS = "tests/integration/test_cluster.py"
-
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers. One runs every test that uses the session's
-    Ray, in collection order, on that one Ray (ray_session; module fixtures, and a Serve
-    instance handed from module to module). The other first runs the two-node test, which
-    starts its own cluster, then the unit tests, which never start Ray.
+    """`make test` runs two pytest-xdist workers: one runs every test that uses Ray, in
+    collection order, on the session's one Ray (ray_session; module fixtures, and a Serve
+    instance handed from module to module), while the other runs the unit tests, which never
+    start Ray and use one core. The Ray tests leave about a quarter of the 2 cores idle (waits
+    on processes starting, on polls), and the unit tests alone took about 110 s of one core
+    (AVX512-BF16, 2 cores). pytest-xdist's own --dist loadgroup would express this with
+    markers, but it cannot rename test ids under pytest 9.2, so the Ray tests are one scope of
+    its loadscope scheduling instead: the largest, handed out first.
 
-    The Ray tests alone leave about a fifth of the 2 cores idle (waits on processes starting,
-    on polls); the two-node test (about 135 s) and the unit tests (about 150 s) fill it. The
-    two-node test goes first, beside the Train and Ray Data tests, so that it never runs beside
-    the Serve tests that time requests under load. Measured (2 cores, AVX512-BF16): the
-    suite took 948 s with the two-node test among the Ray tests.
-
-    pytest-xdist's own --dist loadgroup would express the grouping with markers, but it cannot
-    rename test ids under pytest 9.2, so each group is one scope of its loadscope scheduling,
-    handed out in the order below before the unit modules."""
+    Tried and measured (2 cores, AVX512-BF16): the two-node test (its own cluster, no session
+    Ray) on the unit tests' worker, beside the Ray tests. Four runs took 859-1,011 s against
+    948-961 s for this split: the two cores are busy enough that the tests beside it slowed
+    by about what it saved."""
     from xdist.scheduler import LoadScopeScheduling
-
-    first = ("tests using Ray", "the two-node test")  # the first worker takes the first
 
     class RayTestsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith("tests/unit/"):
                 return super()._split_scope(nodeid)
-            if nodeid.startswith(OWN_CLUSTER_TESTS):
-                return first[1]
-            return first[0]
-
-        def _assign_work_unit(self, node) -> None:
-            for scope in reversed(first):
-                if scope in self.workqueue:
-                    self.workqueue.move_to_end(scope, last=False)
-            super()._assign_work_unit(node)
+            return "tests using Ray"
 
     return RayTestsTogether(config, log)
 
