@@ -137,7 +137,7 @@ def name_this_cluster() -> None:
     start` cluster, another embedded run) it failed with "Found multiple active Ray
     instances", and a run that died would then keep its placement group, so the next run
     waited for CPUs without end. Seen with the two-node test's cluster beside the test
-    session's Ray. Connected clusters need nothing: `ray start` records its address."""
+    session's Ray. A cluster the command joins (`address`, RAY_ADDRESS) is left as it is."""
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

@@ -165,8 +165,8 @@ def tiny_lifecycle(root: Path, tiny_bert: str, rows: list[dict], name: str, **se
 
 def session_ray_address() -> str:
     """The connected Ray's GCS address, for Ray's state API: without one, the API looks for a
-    Ray among the machine's processes and fails when it finds several (the two-node test runs
-    its own cluster beside the session's Ray)."""
+    Ray among the machine's processes and fails when it finds several (a developer's own Ray,
+    or the two-node test's cluster had it run beside the session's)."""
     import ray
 
     return ray.get_runtime_context().gcs_address
