@@ -39,8 +39,9 @@ def pytest_xdist_make_scheduler(config, log):
 
     Tried and measured (2 cores, AVX512-BF16): the two-node test (its own cluster, no session
     Ray) on the unit tests' worker, beside the Ray tests. Four runs took 859-1,011 s against
-    948-961 s for this split: the two cores are busy enough that the tests beside it slowed
-    by about what it saved."""
+    948-1,083 s for this split, on a machine that slowed through the session; fitted against
+    the time, -27 +- 36 s. The two cores are busy enough that the tests beside it slowed by
+    about what it saved."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayTestsTogether(LoadScopeScheduling):
