@@ -164,11 +164,9 @@ def _step_of(checkpoint_dir_name: str) -> int:
 
 def _start_driver(config, root: Path) -> tuple[subprocess.Popen, Path]:
     """`python -m jobs.finetune` in its own process, on the session's Ray."""
-    import ray
-
     config_file = root / "finetune.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": session_ray_address()}
     log = root / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(

@@ -20,7 +20,7 @@ import yaml
 from jobs import load, tune
 from jobs.config import config_hash, with_overrides
 from serving import tags
-from tests.helpers import TINY_SCORE, make_ticket_rows, tiny_lifecycle
+from tests.helpers import TINY_SCORE, make_ticket_rows, session_ray_address, tiny_lifecycle
 
 LABELS = ["card_arrival", "lost_card", "refund"]
 # ASHA's rungs are epochs 1 and 2. A tiny epoch takes about a second, so a stop can land an
@@ -230,15 +230,13 @@ def _runs_by_trial(config, parent_run_id: str) -> dict[str, list]:
 
 def _kill_after_a_trial_finished(config, config_file: Path, log: Path) -> set[str]:
     """Run `python -m jobs.tune` on this Ray; SIGKILL it once a trial has finished."""
-    import ray
-
     experiment = tune._experiment_path(config)
     # Tune saves its experiment state (what a restore reads) at most every 10 s by default:
     # the driver saves it every second, so the kill lands about a second after the first trial
     # ends rather than up to 10 s later (while the second trial starts, and is then lost).
     env = {
         **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_ADDRESS": session_ray_address(),
         "TUNE_GLOBAL_CHECKPOINT_S": "1",
     }
     with log.open("w") as out:
