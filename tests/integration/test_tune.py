@@ -258,20 +258,31 @@ def _kill_after_a_trial_finished(config, config_file: Path, log: Path) -> set[st
     return done
 
 
-def test_resume_after_the_driver_is_killed_keeps_the_finished_trials(
+def test_a_killed_sha_search_resumes_and_the_kept_trial_continues_its_run(
     ray_session, tmp_path, tiny_bert
 ):
-    # Two one-epoch trials, one at a time: the kill lands after the first, the second is left.
-    resumable = {
-        "name": "tune-resume",
-        "train.epochs": 1,
+    """Synchronous halving and --resume together (one search: each of them is a Train run or
+    more, and the pause at a rung is the harder case of a restart).
+
+    2 trials, one at a time, one rung at epoch 1 (factor 2). The first trial (seed 3: learning
+    rate 3e-2, against 1e-6 for the second) is the better, so it waits PAUSED at the rung, where
+    ASHA would have let it go on alone. When the second reaches the rung it is stopped, and the
+    driver is killed then, while the kept trial is about to continue. The resumed search rebuilds
+    the rung from the restored trials, does not rerun the stopped one, and the kept one trains
+    epoch 2 in its own Train run and MLflow run."""
+    halving = {
+        "name": "tune-sha",
+        "train.epochs": 2,
         "tune.num_samples": 2,
         "tune.max_concurrent_trials": 1,
-        "tune.scheduler": "fifo",
+        "tune.scheduler": "sha",
+        "tune.asha.reduction_factor": 2,
     }
-    config = with_overrides(_config(tmp_path, tiny_bert), resumable)
+    config = with_overrides(_config(tmp_path, tiny_bert), halving)
     config_file = tmp_path / "tune.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    # Unsorted: the search space's key order is the order the searcher draws in, so sorting the
+    # keys would change the samples (and which trial is the better one) from the in-process run.
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     load.main(config)
     finished = _kill_after_a_trial_finished(config, config_file, tmp_path / "driver.log")
     parent_run_id = json.loads(
@@ -285,48 +296,24 @@ def test_resume_after_the_driver_is_killed_keeps_the_finished_trials(
     result = tune.main(config, resume=True)
 
     assert result.parent_run_id == parent_run_id
-    assert len(result.trials) == 2
-    after = _runs_by_trial(config, parent_run_id)
-    for trial_id in finished:  # not rerun: still its one run, the one the result names
-        assert [r.info.run_id for r in after[trial_id]] == [r.info.run_id for r in before[trial_id]]
-        summary = next(t for t in result.trials if t.trial_id == trial_id)
-        assert summary.run_id == before[trial_id][0].info.run_id
-    for trial in result.trials:
-        if trial.trial_id not in finished:  # run (again) by the resumed search, and closed
-            assert _client(config).get_run(trial.run_id).info.status == "FINISHED"
-    versions = _client(config).search_model_versions(f"name='{config.registry.model_name}'")
-    assert len(versions) == 1
-
-
-def test_sha_pauses_every_trial_at_the_rung_and_the_kept_one_continues_its_run(
-    ray_session, tmp_path, tiny_bert
-):
-    # 2 trials, one at a time, one rung at epoch 1 (factor 2): both reach epoch 1 before the
-    # better one trains epoch 2, and that one continues its own Train run and MLflow run. The
-    # first trial (seed 3: learning rate 3e-2, against 1e-6 for the second) is the better, so
-    # it waits PAUSED at the rung, where ASHA would have let it go on alone.
-    halving = {
-        "name": "tune-sha",
-        "train.epochs": 2,
-        "tune.num_samples": 2,
-        "tune.max_concurrent_trials": 1,
-        "tune.scheduler": "sha",
-        "tune.asha.reduction_factor": 2,
-    }
-    config = with_overrides(_config(tmp_path, tiny_bert), halving)
-    load.main(config)
-    result = tune.main(config)
-
     by_epochs = sorted(result.trials, key=lambda t: t.epochs)
     assert [t.epochs for t in by_epochs] == [1, 2], result.trials
     assert [t.stopped_early for t in by_epochs] == [True, False]
-    winner = by_epochs[-1]
+    loser, winner = by_epochs
+    assert finished == {loser.trial_id}  # the stopped trial was the one that had ended
     assert result.winner_trial_id == winner.trial_id
     client = _client(config)
     runs = _runs_by_trial(config, result.parent_run_id)
+    # Not rerun, and not reopened: the stopped trial keeps its one run, the one the result names;
+    # the paused trial continued its run (across the pause and the driver's death).
     assert {trial_id: len(r) for trial_id, r in runs.items()} == {
         t.trial_id: 1 for t in result.trials
-    }  # a paused trial continued its run rather than opening another
+    }
+    assert [r.info.run_id for r in runs[loser.trial_id]] == [
+        r.info.run_id for r in before[loser.trial_id]
+    ]
+    assert loser.run_id == before[loser.trial_id][0].info.run_id
+    assert client.get_run(winner.run_id).info.status == "FINISHED"
     history = {t.trial_id: client.get_metric_history(t.run_id, "val_loss") for t in result.trials}
     assert [m.step for m in history[winner.trial_id]] == [1, 2]  # no epoch trained twice
     rung_reached = {trial_id: h[0].timestamp for trial_id, h in history.items()}
@@ -341,3 +328,5 @@ def test_sha_pauses_every_trial_at_the_rung_and_the_kept_one_continues_its_run(
     assert {"epoch001-end", "epoch002-end"} <= {p.name for p in train_run.iterdir()}
     winner_row = client.get_run(winner.run_id).data.metrics
     assert winner_row["val_loss"] == history[winner.trial_id][1].value
+    versions = client.search_model_versions(f"name='{config.registry.model_name}'")
+    assert len(versions) == 1
