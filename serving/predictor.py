@@ -74,9 +74,9 @@ _SUB_BATCH_TOKENS = 1024
 _MAX_SUB_BATCH_ROWS = 256
 # On a GPU such passes leave it waiting on the CPU, which tokenizes and pads. Measured on an
 # H200 (16 CPU threads; MiniLM-L6's shape, 77 labels; 50,015 BANKING77 rows in calls of 1,024
-# rows, as a scoring actor makes them; bf16; tests/benchmarks/test_gpu_scoring.py): 8,570
-# rows/s at 1,024 tokens and <= 256 rows, 14,201 at 8,192 tokens, 15,186 at 32,768 tokens and
-# <= 4,096 rows.
+# rows, as a scoring actor makes them; bf16; tests/benchmarks/test_gpu_scoring.py), two runs:
+# 8,570 and 8,408 rows/s at 1,024 tokens (<= 256 rows), 14,201 and 18,172 at 8,192 tokens,
+# 15,186 and 15,124 at 32,768 tokens and <= 4,096 rows (the steadiest).
 _GPU_SUB_BATCH_TOKENS = 32_768
 _GPU_MAX_SUB_BATCH_ROWS = 4_096
 
