@@ -280,3 +280,14 @@ def test_sub_batches_cover_every_row_within_the_token_budget():
     for chunk in chunks:
         assert len(chunk) == 1 or len(chunk) * lengths[chunk].max() <= 50
     assert len(chunks[-1]) == 1  # the 90-token row exceeds the budget alone and runs alone
+
+
+def test_sub_batches_stop_at_the_row_cap_within_a_large_budget():
+    """A GPU's budget (32,768 tokens) holds thousands of short rows: the row cap still cuts."""
+    from serving.predictor import _sub_batches
+
+    lengths = np.full(10, 4)
+    chunks = list(_sub_batches(np.arange(10), lengths, budget=32_768, max_rows=4))
+
+    assert [len(chunk) for chunk in chunks] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(10))
