@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+from serving.predictor import _sub_batches
+
 COPIES = int(os.environ.get("RAYLIFT_GPU_BENCH_COPIES", "5"))
 PASSES = 2
 CALL_ROWS = 1_024  # score.batch_size: rows per Predictor call
@@ -79,14 +81,6 @@ def checkpoint(tmp_path_factory) -> tuple[str, bool]:
     return str(make_full_checkpoint(str(base), directory, labels, model, max_length=64)), real
 
 
-def _budget_runs(order: np.ndarray, lengths: np.ndarray, tokens: int):
-    start = 0
-    for end in range(1, len(order) + 1):
-        if end == len(order) or (end - start + 1) * lengths[order[end]] > tokens:
-            yield order[start:end]
-            start = end
-
-
 @torch.inference_mode()
 def _tight_loop(model, tokenizer, texts: list[str], tokens: int) -> float:
     device = torch.device("cuda")
@@ -97,7 +91,8 @@ def _tight_loop(model, tokenizer, texts: list[str], tokens: int) -> float:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         order = np.argsort(lengths, kind="stable")
         pending = []
-        for picked in _budget_runs(order, lengths, tokens):
+        # the Predictor's own split by token budget, with no row cap
+        for picked in _sub_batches(order, lengths, tokens, max_rows=len(order)):
             batch = tokenizer.pad({"input_ids": [ids[i] for i in picked]}, return_tensors="pt")
             batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast("cuda", dtype=torch.bfloat16):
