@@ -182,6 +182,9 @@ class TorchEngine:
             # On a GPU the passes are only queued: each batch's logits stay there until every
             # batch of the call is in, then come back in one copy. The CPU pads and sends the
             # next batch while the GPU computes, where a copy back per batch waited for each.
+            # On an H200 with MiniLM-L6 the two measured within noise of each other (a tight
+            # loop, tests/benchmarks/test_gpu_scoring.py's first run): the CPU that tokenizes
+            # was the limit there, so this matters where the model is the slower side.
             pending = [self._logits(model, ids, mask) for ids, mask in batches]
             if not pending:
                 return
