@@ -54,6 +54,19 @@ def make_tiny_bert(directory: Path) -> str:
     return str(directory)
 
 
+def windows_by_length(tokenizer, texts: list[str], window: int, max_length: int = 64):
+    """The benchmarks' tight loops tokenize `texts` `window` rows at a time and sort each window
+    by length: yields (offset of the window, token ids, lengths, row order by length)."""
+    import numpy as np
+
+    for start in range(0, len(texts), window):
+        ids = tokenizer(texts[start : start + window], truncation=True, max_length=max_length)[
+            "input_ids"
+        ]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        yield start, ids, lengths, np.argsort(lengths, kind="stable")
+
+
 def make_ticket_rows(n: int, labels: list[str], seed: int = 0) -> list[dict]:
     """`n` rows of text and category where each category has its own words (learnable)."""
     import random

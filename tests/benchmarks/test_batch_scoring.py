@@ -30,6 +30,7 @@ import torch
 from jobs.checkpoint import CheckpointMeta
 from jobs.datasets import banking77_path
 from jobs.modeling import load_checkpoint, resolve_base_model, save_checkpoint
+from tests.helpers import windows_by_length
 
 ROWS = 10_003  # all of BANKING77's training texts
 GROWTH = 10  # the memory check scores a table this many times larger
@@ -122,10 +123,7 @@ def tight_loop(model_dir: str, texts: list[str], bf16: bool, batches=_token_budg
     torch.set_num_threads(CORES)
     start = time.perf_counter()
     predictions = np.empty(len(texts), dtype=np.int64)
-    for w in range(0, len(texts), WINDOW):
-        ids = tokenizer(texts[w : w + WINDOW], truncation=True, max_length=64)["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(lengths, kind="stable")
+    for w, ids, lengths, order in windows_by_length(tokenizer, texts, WINDOW):
         for picked in batches(order, lengths, size):
             batch = tokenizer.pad({"input_ids": [ids[i] for i in picked]}, return_tensors="pt")
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from serving.predictor import _sub_batches
+from tests.helpers import windows_by_length
 
 COPIES = int(os.environ.get("RAYLIFT_GPU_BENCH_COPIES", "5"))
 PASSES = 2
@@ -86,10 +87,7 @@ def _tight_loop(model, tokenizer, texts: list[str], tokens: int) -> float:
     device = torch.device("cuda")
     start = time.perf_counter()
     predictions = np.empty(len(texts), dtype=np.int64)
-    for w in range(0, len(texts), WINDOW):
-        ids = tokenizer(texts[w : w + WINDOW], truncation=True, max_length=64)["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(lengths, kind="stable")
+    for w, ids, lengths, order in windows_by_length(tokenizer, texts, WINDOW):
         pending = []
         # the Predictor's own split by token budget, with no row cap
         for picked in _sub_batches(order, lengths, tokens, max_rows=len(order)):
