@@ -589,7 +589,10 @@ class ModelVersion:
 # -- the deployment --------------------------------------------------------------------------
 
 
-@serve.deployment(name="ModelServer")
+# A stopping replica (scale-down, delete, rollout) sleeps one wait loop before it first counts
+# its ongoing requests: Serve's 2 s default kept every idle replica 2 s past its last answer.
+# The time it may take to finish them stays Serve's default (graceful_shutdown_timeout_s, 20 s).
+@serve.deployment(name="ModelServer", graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(app)
 class ModelServer(OpenAIRoutes):
     """One replica: the Predictor of the version ModelVersion names, behind batched routes."""
