@@ -503,13 +503,18 @@ _ADAPTER_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# A stopping replica (scale-down, delete, rollout) sleeps one wait loop before it first counts
+# its ongoing requests: Serve's 2 s default kept every idle replica 2 s past its last answer.
+_DRAIN_WAIT_LOOP_S = 0.5
+
+
 # Its requests are long polls with nothing to finish: no reason to wait 20 s for them on delete.
 @serve.deployment(
     name="ModelVersion",
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
     graceful_shutdown_timeout_s=1,
-    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_wait_loop_s=_DRAIN_WAIT_LOOP_S,
 )
 class ModelVersion:
     """The registry version the app serves, one for all replicas.
@@ -589,10 +594,9 @@ class ModelVersion:
 # -- the deployment --------------------------------------------------------------------------
 
 
-# A stopping replica (scale-down, delete, rollout) sleeps one wait loop before it first counts
-# its ongoing requests: Serve's 2 s default kept every idle replica 2 s past its last answer.
-# The time it may take to finish them stays Serve's default (graceful_shutdown_timeout_s, 20 s).
-@serve.deployment(name="ModelServer", graceful_shutdown_wait_loop_s=0.5)
+# The time a replica may take to finish its requests stays Serve's default
+# (graceful_shutdown_timeout_s, 20 s).
+@serve.deployment(name="ModelServer", graceful_shutdown_wait_loop_s=_DRAIN_WAIT_LOOP_S)
 @serve.ingress(app)
 class ModelServer(OpenAIRoutes):
     """One replica: the Predictor of the version ModelVersion names, behind batched routes."""
