@@ -282,6 +282,10 @@ def _batching(serve_config: ServeConfig) -> dict[str, Any]:
 # Created inside the replica (Ray metrics belong to the process that records them); Serve adds
 # the deployment, replica and application tags itself.
 
+# Ray exports metrics every max(1 s, RAY_metrics_report_interval_ms) and its agent keeps a gauge
+# for two exports: a refresh each second keeps a replica's gauges at any interval, for a few
+# microseconds of the event loop.
+_GAUGE_REFRESH_S = 1.0
 _LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -357,6 +361,7 @@ class _ReplicaMetrics:
             "raylift_adapter_cache_misses_total", description="Adapter requests that had to load."
         )
         self._queued = 0
+        self._model_info: dict[tuple[tuple[str, str], ...], int] = {}  # tags -> value set
 
     def queued(self, change: int) -> None:
         self._queued += change
@@ -364,8 +369,23 @@ class _ReplicaMetrics:
 
     def serving(self, predictor: Any, replaced: Any | None) -> None:
         if replaced is not None:
-            self.model_info.set(0, tags=_runtime_tags(replaced))
-        self.model_info.set(1, tags=_runtime_tags(predictor))
+            self._model_info[tuple(_runtime_tags(replaced).items())] = 0
+        self._model_info[tuple(_runtime_tags(predictor).items())] = 1
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the gauges again to the values they hold. Ray's metrics agent drops a gauge
+        series not set within two export intervals (20 s by default): set once at load,
+        raylift_model_info left /metrics 20 s later (seen, and reproduced with a bare actor)."""
+        self.queued_texts.set(self._queued)
+        for tags, value in self._model_info.items():
+            self.model_info.set(value, tags=dict(tags))
+
+    async def keep_fresh(self) -> None:
+        """`refresh` every _GAUGE_REFRESH_S, for the replica's life."""
+        while True:
+            await asyncio.sleep(_GAUGE_REFRESH_S)
+            self.refresh()
 
 
 def _runtime_tags(predictor: Any) -> dict[str, str]:
@@ -647,7 +667,9 @@ class ModelServer(OpenAIRoutes):
         self._batching = _batching(serve_config)
         self._batcher = _TextBatcher(self._predict_batch, 1, 0.0)  # sizes: reconfigure()
         self.reconfigure(self._batching)
-        self._follower = asyncio.get_running_loop().create_task(self._follow())
+        loop = asyncio.get_running_loop()
+        self._follower = loop.create_task(self._follow())
+        self._gauges = loop.create_task(self._metrics.keep_fresh())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's user_config: batch size and wait."""

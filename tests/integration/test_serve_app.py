@@ -85,6 +85,7 @@ def endpoint(ray_session, tiny_bert, tmp_path_factory, s3_checkpoint):
     target = serve.RunTarget(secured, name=SECURED, route_prefix="/secured")
     serve.run_many([target], wait_for_applications_running=False)
     url = deploy(_config(MODEL), model_uri=checkpoint)
+    _DEPLOYED_AT.append(time.monotonic())  # the model is loaded once deploy returns
     _wait_running(SECURED)
     yield url
     serve.delete(SECURED)
@@ -353,6 +354,10 @@ def test_auth_without_the_token_in_the_environment_fails_at_build(monkeypatch):
 PREDICT_ROUTE = "/v1/models/{model_name}/predict"
 # Ray records metrics in each worker and exports them every few seconds (10 s by default).
 EXPORT_BOUND_S = 45.0
+# Ray's metrics agent drops a gauge series not set again within two exports of 10 s: the model's
+# info gauge, set at load and first exported up to an interval later, must outlive both.
+GAUGE_TTL_S = 30.0
+_DEPLOYED_AT: list[float] = []
 
 
 def _samples(metrics_url: str) -> list:
@@ -398,6 +403,9 @@ def test_the_request_counter_grows_by_the_requests_sent(endpoint):
         time.sleep(1)
         samples = _samples(url)
 
+    while time.monotonic() < _DEPLOYED_AT[-1] + GAUGE_TTL_S + 5:
+        time.sleep(1)
+        samples = _samples(url)
     names = {s.name for s in samples if s.labels.get("application") == MODEL}
     assert {
         "ray_raylift_request_latency_s_bucket",
