@@ -87,6 +87,9 @@ def configure_progress(bars: bool) -> dict[str, str]:
     if bars:
         return {}
     os.environ.update(_NO_TQDM_ENV)  # this driver's own tqdm users
+    # The driver prints its workers' lines behind a "(Actor pid=N)" prefix in terminal colours
+    # unless RAY_COLOR_PREFIX=0 (read as each line is printed): escape codes in a log file.
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     return dict(_NO_TQDM_ENV)
 
 

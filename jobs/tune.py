@@ -27,6 +27,7 @@ from typing import Any
 from ray.tune import Callback
 
 from cluster import init_ray
+from cluster.runtime import progress_bars_wanted
 from cluster.storage import delete_folder, filesystem_uri, read_json, write_json
 from jobs import tracking
 from jobs.config import LifecycleConfig, config_hash, with_overrides
@@ -365,6 +366,7 @@ def _tuner(
         return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
     concurrent = concurrent_trials(config, ray.cluster_resources())
     log.info("tune: %d trials, %d at a time", config.tune.num_samples, concurrent)
+    tables, epochs = progress_bars_wanted(), config.train.epochs
     storage, _, name = experiment.rpartition("/")
     return tune.Tuner(
         trainable,
@@ -381,7 +383,12 @@ def _tuner(
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=config.tune.max_failures),
-            callbacks=[_TrialRuns(setup)],
+            # On a terminal, Tune's own status tables; in a log (`ray job logs`, CI), where a
+            # 30 s table of every trial and a boxed config per trial start bury the run, one
+            # line per trial event instead (_TrialLines). Saved with the experiment: --resume
+            # keeps the choice the search started with.
+            verbose=1 if tables else 0,
+            callbacks=[_TrialRuns(setup), *([] if tables else [_TrialLines(setup.metric, epochs)])],
         ),
     )
 
@@ -477,6 +484,65 @@ class _TrialRuns(Callback):
         internal_kv._internal_kv_put(
             _run_key(setup, trial.trial_id), run_id, overwrite=True, namespace=_RUNS_NAMESPACE
         )
+
+
+class _TrialLines(Callback):
+    """One log line per trial event, in the driver: started (with its sample), each epoch's
+    metric, ended (all its epochs, or stopped early by the scheduler) or failed, with how many
+    trials are running, waiting and done."""
+
+    def __init__(self, metric: str, epochs: int):
+        self._metric = metric
+        self._epochs = epochs
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        sample = ", ".join(f"{k}={_short(v)}" for k, v in trial.config[_OVERRIDES].items())
+        others = _counts([t for t in trials if t is not trial])
+        log.info("tune: trial %s started: %s (others: %s)", trial.trial_id, sample, others)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self._metric)
+        if value is not None:
+            epoch = result.get("epoch", result.get("training_iteration"))
+            log.info("tune: trial %s epoch %s: %s %.4g", trial.trial_id, epoch, self._metric, value)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        epoch = result.get("epoch")
+        how = (
+            f"finished its {self._epochs} epochs"
+            if epoch == self._epochs
+            else f"stopped early after epoch {epoch}"
+        )
+        value = _short(result.get(self._metric, "-"))
+        others = [t for t in trials if t is not trial]
+        log.info(
+            "tune: trial %s %s, %s %s (others: %s)",
+            trial.trial_id,
+            how,
+            self._metric,
+            value,
+            _counts(others),
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.warning("tune: trial %s failed (%s)", trial.trial_id, _counts(trials))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _counts(trials: list) -> str:
+    """How many of `trials` run, wait (pending or paused) and are done (failed ones included,
+    and counted apart)."""
+    statuses = [t.status for t in trials]
+    running = statuses.count("RUNNING")
+    waiting = statuses.count("PENDING") + statuses.count("PAUSED")
+    failed = statuses.count("ERROR")
+    done = statuses.count("TERMINATED") + failed
+    counts = f"{running} running, {waiting} waiting, {done} done"
+    return f"{counts} ({failed} failed)" if failed else counts
 
 
 def _start_trial_run(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,7 @@ class Killed:
     finished: set[str]
     runs_before: dict[str, list]
     parent_run_id: str
+    driver_log: str  # what `python -m jobs.tune` printed (its stdout was a file, not a terminal)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,8 @@ def killed_and_resumed(ray_session, tmp_path_factory, tiny_bert):
     # keys would change the samples from those of the config the tests read.
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     load.main(config)
-    finished = _kill_after_a_trial_finished(config, config_file, root / "driver.log")
+    driver_log = root / "driver.log"
+    finished = _kill_after_a_trial_finished(config, config_file, driver_log)
     parent_run_id = json.loads(
         (Path(tune._experiment_path(config)) / "raylift_tune.json").read_text()
     )["parent_run_id"]
@@ -97,7 +100,7 @@ def killed_and_resumed(ray_session, tmp_path_factory, tiny_bert):
     with pytest.raises(ValueError, match="unfinished search .* --resume"):
         tune.main(config)  # a fresh start would silently drop the finished trials
     result = tune.main(config, resume=True)
-    return config, result, Killed(finished, runs_before, parent_run_id)
+    return config, result, Killed(finished, runs_before, parent_run_id, driver_log.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +318,21 @@ def test_a_killed_search_resumes_without_rerunning_its_finished_trials(killed_an
     # nested-run test checks every trial's history).
     cut_off = set(killed.runs_before) - killed.finished
     assert cut_off, f"no trial was running at the kill: {killed.runs_before}"
+
+
+def test_a_search_logged_to_a_file_prints_lines_not_tables(killed_and_resumed):
+    """Off a terminal (`ray job logs`, CI) the driver prints a line per trial event instead of
+    Tune's status table every 30 s and a boxed config per trial, and its workers' lines carry
+    no terminal colour codes."""
+    _, _, killed = killed_and_resumed
+    log = killed.driver_log
+    assert "Trial status:" not in log and "started with configuration" not in log
+    assert "\x1b[36m(" not in log  # Ray's coloured "(Actor pid=N)" prefix
+    assert "(TrainController pid=" in log  # the workers' lines are still there
+    started = [line for line in log.splitlines() if "tune: trial " in line and " started: " in line]
+    assert started and all("train.learning_rate=" in line for line in started)
+    for trial_id in killed.finished:
+        assert re.search(
+            rf"tune: trial {trial_id} (stopped early after epoch \d|finished its {EPOCHS} epochs)",
+            log,
+        ), log[-3000:]

@@ -24,7 +24,7 @@ def clean_progress_state(monkeypatch):
     context = DataContext.get_current()
     for attr in ("use_ray_tqdm", "enable_operator_progress_bars", "enable_progress_bars"):
         monkeypatch.setattr(context, attr, getattr(context, attr))
-    for name in QUIET_ENV:
+    for name in (*QUIET_ENV, "RAY_COLOR_PREFIX"):
         monkeypatch.setenv(name, "unset-by-test")  # recorded, so teardown restores the original
         monkeypatch.delenv(name)
     monkeypatch.delenv("RAYLIFT_PROGRESS_BARS", raising=False)
@@ -53,6 +53,14 @@ def test_off_a_terminal_ray_data_logs_lines_and_workers_draw_no_bars(clean_progr
     assert context.enable_progress_bars  # the periodic progress lines stay
     assert env == {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     assert {name: os.environ[name] for name in QUIET_ENV} == env
+    # the driver prints its workers' lines without terminal colours around their prefixes
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+
+
+def test_a_colour_choice_of_the_user_is_kept(clean_progress_state, monkeypatch):
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    configure_progress(bars=False)
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"
 
 
 def test_on_a_terminal_the_bars_stay(clean_progress_state):
@@ -60,4 +68,47 @@ def test_on_a_terminal_the_bars_stay(clean_progress_state):
     context.use_ray_tqdm = context.enable_operator_progress_bars = False
     assert configure_progress(bars=True) == {}
     assert (context.use_ray_tqdm, context.enable_operator_progress_bars) == (True, True)
-    assert not any(name in os.environ for name in QUIET_ENV)
+    assert not any(name in os.environ for name in (*QUIET_ENV, "RAY_COLOR_PREFIX"))
+
+
+def _trial(trial_id: str, status: str, sample: dict):
+    from ray.tune.experiment import Trial
+
+    trial = Trial("__fake", config={"overrides": sample}, trial_id=trial_id, stub=True)
+    trial.status = status
+    return trial
+
+
+def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog):
+    """Off a terminal `raylift tune` replaces Tune's 30 s status tables with these lines."""
+    from jobs.tune import _OVERRIDES, _TrialLines
+
+    assert _OVERRIDES == "overrides"
+    lines = _TrialLines("val_accuracy", epochs=5)
+    sample = {"train.learning_rate": 0.000595103, "model.lora.r": 64}
+    first = _trial("a_00000", "RUNNING", sample)
+    trials = [
+        first,
+        _trial("a_00001", "PENDING", sample),
+        _trial("a_00002", "PAUSED", sample),
+        _trial("a_00003", "TERMINATED", sample),
+        _trial("a_00004", "ERROR", sample),
+    ]
+    with caplog.at_level("INFO", logger="jobs.tune"):
+        lines.on_trial_start(iteration=1, trials=trials, trial=first)
+        lines.on_trial_result(
+            iteration=2, trials=trials, trial=first, result={"epoch": 1, "val_accuracy": 0.81234}
+        )
+        first.update_last_result({"epoch": 1, "val_accuracy": 0.81234})
+        lines.on_trial_complete(iteration=3, trials=trials, trial=first)
+        first.update_last_result({"epoch": 5, "val_accuracy": 0.9})
+        lines.on_trial_complete(iteration=4, trials=trials, trial=first)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tune: trial a_00000 started: train.learning_rate=0.0005951, model.lora.r=64 "
+        "(others: 0 running, 2 waiting, 2 done (1 failed))",
+        "tune: trial a_00000 epoch 1: val_accuracy 0.8123",
+        "tune: trial a_00000 stopped early after epoch 1, val_accuracy 0.8123 "
+        "(others: 0 running, 2 waiting, 2 done (1 failed))",
+        "tune: trial a_00000 finished its 5 epochs, val_accuracy 0.9 "
+        "(others: 0 running, 2 waiting, 2 done (1 failed))",
+    ]
