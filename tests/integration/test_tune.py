@@ -236,18 +236,15 @@ def test_report_of_one_run_draws_its_curves(searched, tmp_path):
     assert not (tmp_path / "confusion.png").exists()
 
 
-def _terminated_trials(experiment: str) -> set[str]:
-    """Trials Tune's own experiment state (what a restore reads) holds as TERMINATED."""
-    import json
-
-    done = set()
+def _trial_statuses(experiment: str) -> dict[str, str]:
+    """Each trial's status in Tune's own experiment state (what a restore reads)."""
+    statuses = {}
     for state in Path(experiment).glob("experiment_state-*.json"):
         with contextlib.suppress(ValueError):  # caught mid-write
             for trial_json, _ in json.loads(state.read_text())["trial_data"]:
                 trial = json.loads(trial_json)
-                if trial["status"] == "TERMINATED":
-                    done.add(trial["trial_id"])
-    return done
+                statuses[trial["trial_id"]] = trial["status"]
+    return statuses
 
 
 def _runs_by_trial(config, parent_run_id: str) -> dict[str, list]:
@@ -266,7 +263,9 @@ def _runs_by_trial(config, parent_run_id: str) -> dict[str, list]:
 
 
 def _kill_after_a_trial_finished(config, config_file: Path, log: Path) -> set[str]:
-    """Run `python -m jobs.tune` on this Ray; SIGKILL it once a trial has finished."""
+    """Run `python -m jobs.tune` on this Ray; SIGKILL it once a trial has finished while
+    another runs (the two first trials can also end together, with no trial yet running: in
+    CI, one stopped at its first rung just before the other finished). Returns the finished."""
     experiment = tune._experiment_path(config)
     # Tune saves its experiment state (what a restore reads) at most every 10 s by default:
     # the driver saves it every second, so the kill lands about a second after the first trial
@@ -285,9 +284,13 @@ def _kill_after_a_trial_finished(config, config_file: Path, log: Path) -> set[st
             stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 300
-    while not (done := _terminated_trials(experiment)):
+    while True:
+        statuses = _trial_statuses(experiment)
+        done = {trial for trial, status in statuses.items() if status == "TERMINATED"}
+        if done and "RUNNING" in statuses.values():
+            break
         assert driver.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "no trial finished in 300 s"
+        assert time.monotonic() < deadline, f"no trial ended beside a running one: {statuses}"
         time.sleep(0.2)
     driver.kill()
     assert driver.wait(timeout=30) == -signal.SIGKILL
