@@ -497,8 +497,7 @@ class _TrialLines(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         sample = ", ".join(f"{k}={_short(v)}" for k, v in trial.config[_OVERRIDES].items())
-        others = _counts([t for t in trials if t is not trial])
-        log.info("tune: trial %s started: %s (others: %s)", trial.trial_id, sample, others)
+        log.info("tune: trial %s started: %s (%s)", trial.trial_id, sample, _others(trials, trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self._metric)
@@ -509,39 +508,33 @@ class _TrialLines(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
         epoch = result.get("epoch")
-        how = (
-            f"finished its {self._epochs} epochs"
-            if epoch == self._epochs
-            else f"stopped early after epoch {epoch}"
-        )
+        if epoch is None:  # stopped before its first report (a time budget, say)
+            how = "stopped before its first epoch"
+        elif epoch == self._epochs:
+            how = f"finished its {epoch} epochs"
+        else:
+            how = f"stopped early after epoch {epoch}"
         value = _short(result.get(self._metric, "-"))
-        others = [t for t in trials if t is not trial]
-        log.info(
-            "tune: trial %s %s, %s %s (others: %s)",
-            trial.trial_id,
-            how,
-            self._metric,
-            value,
-            _counts(others),
-        )
+        others = _others(trials, trial)
+        log.info("tune: trial %s %s, %s %s (%s)", trial.trial_id, how, self._metric, value, others)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        log.warning("tune: trial %s failed (%s)", trial.trial_id, _counts(trials))
+        log.warning("tune: trial %s failed (%s)", trial.trial_id, _others(trials, trial))
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _counts(trials: list) -> str:
-    """How many of `trials` run, wait (pending or paused) and are done (failed ones included,
-    and counted apart)."""
-    statuses = [t.status for t in trials]
+def _others(trials: list, trial: Any) -> str:
+    """How many trials besides `trial` run, wait (pending or paused) and are done (failed ones
+    included, and counted apart)."""
+    statuses = [t.status for t in trials if t is not trial]
     running = statuses.count("RUNNING")
     waiting = statuses.count("PENDING") + statuses.count("PAUSED")
     failed = statuses.count("ERROR")
     done = statuses.count("TERMINATED") + failed
-    counts = f"{running} running, {waiting} waiting, {done} done"
+    counts = f"others: {running} running, {waiting} waiting, {done} done"
     return f"{counts} ({failed} failed)" if failed else counts
 
 

@@ -103,6 +103,8 @@ def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog):
         lines.on_trial_complete(iteration=3, trials=trials, trial=first)
         first.update_last_result({"epoch": 5, "val_accuracy": 0.9})
         lines.on_trial_complete(iteration=4, trials=trials, trial=first)
+        lines.on_trial_complete(iteration=5, trials=trials, trial=trials[1])  # no report yet
+        lines.on_trial_error(iteration=6, trials=trials, trial=trials[4])
     assert [r.getMessage() for r in caplog.records] == [
         "tune: trial a_00000 started: train.learning_rate=0.0005951, model.lora.r=64 "
         "(others: 0 running, 2 waiting, 2 done (1 failed))",
@@ -111,4 +113,7 @@ def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog):
         "(others: 0 running, 2 waiting, 2 done (1 failed))",
         "tune: trial a_00000 finished its 5 epochs, val_accuracy 0.9 "
         "(others: 0 running, 2 waiting, 2 done (1 failed))",
+        "tune: trial a_00001 stopped before its first epoch, val_accuracy - "
+        "(others: 1 running, 1 waiting, 2 done (1 failed))",
+        "tune: trial a_00004 failed (others: 1 running, 2 waiting, 1 done)",
     ]
