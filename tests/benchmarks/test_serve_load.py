@@ -1,5 +1,6 @@
-"""Online serving under load: a closed-loop client on 127.0.0.1 (asyncio + httpx, bounded in
-requests and time) at 1, 4, 16 and 64 concurrent clients, single-text requests, against
+"""Online serving under load: a closed-loop client on 127.0.0.1 (asyncio streams, one HTTP/1.1
+keep-alive connection per client, bounded in requests and time) at 1, 4, 16 and 64 concurrent
+clients, single-text requests, against
 
   (a) the raylift endpoint (serving.app, the demo config's serve section, one replica),
   (b) the raw batched Predictor in a loop: batches of `clients` texts, the model's ceiling,
@@ -11,40 +12,51 @@ and the memory and latency of LoRA adapters multiplexed on one replica (serving.
 Run by `make bench`; prints tables and ratios, asserts only that requests succeed.
 
 Targets at 16 clients: (a) >= 0.7x the lesser of (b) and (d), and >= 3x (c). The client runs
-on the same cores as the servers (2 here), so every contender pays for it alike.
+on the same cores as the servers (2 here), so every contender pays for it alike; it is raw
+asyncio streams because httpx cost more than the servers it measured (`_Connection`). The
+contenders are all up at once and take turns, ROUNDS times per level, and the ratios at 16
+clients are printed per round too: the machine's speed moves within minutes.
 
 For (a) and (d) the bench also prints the CPU each process spent per request (Serve's proxy,
 the ingress replica, the client with the driver, the rest of Ray), from psutil over the
-processes of this Ray. Measured (AVX512-BF16, 2 cores, shared machine, 16 clients): (a) 13.4 to
-15.1 ms a request, of which the ModelServer replica 6.0 to 7.6 (the model 1.85 of it), the proxy
-3.3 to 4.1, the client 1.2; (d) 8.5 ms, the proxy 3.6 and the NoOp replica 3.1. Most of Serve's
-cost is the proxy path: the proxy itself, and in the replica fetching each request's body and
-disconnect from the proxy by actor calls.
+processes of this Ray. Measured (AVX512-BF16, 2 cores, shared machine, 16 clients, two runs):
+(a) 16.4 to 19.2 ms a request, of which the ModelServer replica 9.3 to 10.8 and the proxy 5.2 to
+5.9; (d) 8.2 to 13.7 ms, of which the proxy 4.0 to 6.2 and the NoOp replica 3.4 to 5.7 (the same
+code: the machine's speed); the client 0.2 to 0.4. In the replica, OpenVINO ran a text of a
+5-6 text batch in about 3 ms (13 ms a batch measured alone, 1 thread), Serve's own request path
+took most of the rest, and raylift's request metrics about 5%. Most of Serve's cost is the
+proxy path: the proxy itself, and in the replica fetching each request's body and disconnect
+from the proxy by actor calls.
 
 Ray Serve's direct ingress (the ingress replica runs its own HTTP server, on a port from 30000
 to 31000; Serve's proxy on :8000 still answers too) removes that path. Set it for the whole
 run, Ray's processes included: `RAY_SERVE_ENABLE_DIRECT_INGRESS=1
 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1 pytest -s tests/benchmarks/test_serve_load.py`;
 (a) and (d) are then sent to the ingress replica's own port. Measured so (same machine, 16
-clients, two runs): (a) 236 and 250 req/s at 5.1 to 5.6 ms of CPU a request (replica 3.1 to
-3.4, client 1.3 to 1.5), (d) 561 and 721 req/s. Not raylift's default: no load balancer spreads
-clients over the replicas' ports (HAProxy, which Serve pairs with it, is not installed here), a
-restarted replica may come back on another port, and an ingress replica drains for at least
-RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default) when it stops.
+clients, one run, one contender after the other): (a) 210 req/s at 6.6 ms of CPU a request
+(replica 5.7, client 0.2), (d) 1,256 req/s at 1.0 ms; (b) was then the lesser ceiling. Not
+raylift's default: no load balancer spreads clients over the replicas' ports (HAProxy, which
+Serve pairs with it, is not installed here), a restarted replica may come back on another
+port, and an ingress replica drains for at least RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+(30 s by default) when it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,7 +66,13 @@ from ray import serve
 from jobs.datasets import banking77_path
 
 CLIENTS = (1, 4, 16, 64)
-SECONDS = 5.0  # measured per level, after WARMUP_S
+# Each contender is measured at each level in ROUNDS slices of SECONDS, the contenders taking
+# turns within a round (in a rotating order), so that all of them meet the machine in the same
+# state: on this shared 2-core machine the same no-op deployment cost 8.2 ms of CPU a request in
+# one run and 13.7 in the next, and contenders measured one after the other minutes apart gave
+# ratios that moved by half.
+ROUNDS = 3
+SECONDS = 3.0  # measured per slice, after WARMUP_S
 WARMUP_S = 1.0
 MAX_REQUESTS = 20_000  # per level: the bound besides time
 PORT = 8129  # (a) and (d) share Serve's proxy
@@ -62,6 +80,7 @@ PLAIN_PORT = 8139
 MODEL = "bench-router"
 NOOP = "bench-noop"
 P99_BOUND_S = 0.100
+REQUEST_TIMEOUT_S = 60.0
 
 
 def _texts(limit: int = 2_000) -> list[str]:
@@ -85,70 +104,185 @@ class Level:
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if len(self.latencies) else float("nan")
 
+    @classmethod
+    def merged(cls, slices: list[Level]) -> Level:
+        """One level from its slices: requests and seconds summed, latencies pooled."""
+        return cls(
+            slices[0].clients,
+            sum(lv.requests for lv in slices),
+            sum(lv.failed for lv in slices),
+            sum(lv.seconds for lv in slices),
+            np.concatenate([lv.latencies for lv in slices]),
+            sum(lv.answered for lv in slices),
+        )
+
 
 # -- the load client --------------------------------------------------------------------------
 
 
-async def _closed_loop(url: str, clients: int, texts: list[str]) -> Level:
-    """`clients` workers, each sending its next request when the last one is answered."""
-    import httpx
+class _Connection:
+    """One keep-alive HTTP/1.1 connection of the load client: each request written as bytes,
+    each answer read by its Content-Length (or its chunks). The client shares the 2 cores with
+    the servers it measures, so it must cost them little: httpx's AsyncClient spent 1.7 to 1.8
+    ms of CPU a request at 16 clients and 8.7 to 10 ms at 64 (its pool), more than the no-op
+    Serve deployment's replica, so at 64 clients the bench measured httpx."""
 
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
+        self._head = (
+            f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, body: bytes) -> int:
+        """The answer's status, or 0 where none came. A kept connection the server had closed
+        (uvicorn closes one after a 500 without saying so) is made again and the request sent
+        once more, as httpx does; a failure on a new connection is a failure, and so is an
+        answer that takes over REQUEST_TIMEOUT_S."""
+        while True:
+            new = self._streams is None
+            try:
+                return await asyncio.wait_for(self._exchange(body), REQUEST_TIMEOUT_S)
+            except TimeoutError:
+                await self.close()
+                return 0
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                await self.close()
+                if new:
+                    return 0
+
+    async def _exchange(self, body: bytes) -> int:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self._host, self._port)
+        reader, writer = self._streams
+        writer.write(self._head + b"%d\r\n\r\n" % len(body) + body)
+        status, length, chunked, closing = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+        if chunked:
+            while size := int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+                await reader.readexactly(size + 2)
+            await reader.readuntil(b"\r\n")
+        else:
+            await reader.readexactly(length)
+        if closing:
+            await self.close()
+        return status
+
+    async def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
+def _parse_head(head: bytes) -> tuple[int, int, bool, bool]:
+    """(status, Content-Length, chunked, closing) of an HTTP/1.1 answer's status line and
+    headers."""
+    lines = head.split(b"\r\n")
+    status, length, chunked, closing = int(lines[0].split(b" ", 2)[1]), 0, False, False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+        elif name == b"connection":
+            closing = b"close" in value.lower()
+    return status, length, chunked, closing
+
+
+async def _closed_loop(url: str, clients: int, texts: list[str], seconds: float = SECONDS) -> Level:
+    """`clients` workers, each on its own connection, sending its next request when the last
+    one is answered, for `seconds` after WARMUP_S."""
+    bodies = [json.dumps({"texts": [text]}).encode() for text in texts]
     latencies: list[float] = []
     failed = 0
     sent = 0
     answered = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
-        start = time.perf_counter()
-        measure_from = start + WARMUP_S
-        stop = measure_from + SECONDS
+    connections = [_Connection(url) for _ in range(clients)]
+    start = time.perf_counter()
+    measure_from = start + WARMUP_S
+    stop = measure_from + seconds
 
-        async def worker(k: int) -> None:
-            nonlocal failed, sent, answered
-            i = k
-            while time.perf_counter() < stop and sent < MAX_REQUESTS:
-                sent += 1
-                began = time.perf_counter()
-                try:
-                    answer = await http.post(url, json={"texts": [texts[i % len(texts)]]})
-                    ok = answer.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                done = time.perf_counter()
-                answered += 1
-                if began >= measure_from:
-                    if ok:
-                        latencies.append(done - began)
-                    else:
-                        failed += 1
-                i += clients
+    async def worker(k: int) -> None:
+        nonlocal failed, sent, answered
+        i = k
+        while time.perf_counter() < stop and sent < MAX_REQUESTS:
+            sent += 1
+            began = time.perf_counter()
+            ok = await connections[k].post(bodies[i % len(bodies)]) == 200
+            done = time.perf_counter()
+            answered += 1
+            if began >= measure_from:
+                if ok:
+                    latencies.append(done - began)
+                else:
+                    failed += 1
+            i += clients
 
+    try:
         await asyncio.gather(*(worker(k) for k in range(clients)))
-        elapsed = time.perf_counter() - measure_from
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
+    elapsed = time.perf_counter() - measure_from
     return Level(clients, len(latencies), failed, elapsed, np.asarray(latencies), answered)
 
 
-def _load(url: str, texts: list[str], between=None, cpu: list[str] | None = None) -> list[Level]:
-    """Every level of CLIENTS in turn; `between(clients)` runs after each level; `cpu` gets a
-    line per level: CPU milliseconds per request of each process of this Ray (`_cpu_by_process`)."""
-    levels = []
+def _http_slice(url: str, texts: list[str]):
+    """measure(clients) -> Level: one slice of closed-loop load on `url`."""
+    return lambda clients: asyncio.run(_closed_loop(url, clients, texts))
+
+
+def _cpu_line(clients: int, spent: dict[str, float], answered: int) -> str:
+    """CPU milliseconds per request of each process of this Ray (`_cpu_by_process`)."""
+    done = max(answered, 1)
+    parts = sorted(spent.items(), key=lambda kv: -kv[1])
+    return (
+        f"{clients} clients: {sum(spent.values()) / done * 1e3:.1f} ms CPU a request ("
+        + ", ".join(f"{k} {v / done * 1e3:.2f}" for k, v in parts if v / done >= 5e-5)
+        + ")"
+    )
+
+
+@dataclass
+class Contender:
+    name: str  # "(a) raylift endpoint": its first three characters key the ratios
+    measure: Any  # measure(clients) -> Level, one slice
+    cpu: bool = False  # print the CPU of this Ray's processes per request
+    after: Any = None  # after(clients) -> None, run after each of its slices
+
+
+def _rounds(contenders: list[Contender]) -> tuple[dict[str, list[Level]], list[str], list[dict]]:
+    """Every level of CLIENTS, ROUNDS times, the contenders taking turns (the order rotates
+    from round to round). Returns each contender's merged levels, its CPU lines, and per round
+    the rate of each contender at each level (rates[round][key][clients])."""
+    slices = {c.name: {n: [] for n in CLIENTS} for c in contenders}
+    spent = {c.name: {n: {} for n in CLIENTS} for c in contenders}
+    rates: list[dict] = [{c.name[:3]: {} for c in contenders} for _ in range(ROUNDS)]
     for clients in CLIENTS:
-        before = _cpu_by_process()
-        level = asyncio.run(_closed_loop(url, clients, texts))
-        if cpu is not None:
-            spent = _cpu_by_process()
-            spent = {k: v - before.get(k, 0.0) for k, v in spent.items()}
-            done = max(level.answered, 1)
-            parts = sorted(spent.items(), key=lambda kv: -kv[1])
-            cpu.append(
-                f"{clients} clients: {sum(spent.values()) / done * 1e3:.1f} ms CPU a request ("
-                + ", ".join(f"{k} {v / done * 1e3:.2f}" for k, v in parts if v / done >= 5e-5)
-                + ")"
-            )
-        levels.append(level)
-        if between is not None:
-            between(clients)
-    return levels
+        for r in range(ROUNDS):
+            turn = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+            for contender in turn:
+                before = _cpu_by_process() if contender.cpu else {}
+                level = contender.measure(clients)
+                if contender.cpu:
+                    total = spent[contender.name][clients]
+                    for role, seconds in _cpu_by_process().items():
+                        total[role] = total.get(role, 0.0) + seconds - before.get(role, 0.0)
+                if contender.after is not None:
+                    contender.after(clients)
+                slices[contender.name][clients].append(level)
+                rates[r][contender.name[:3]][clients] = level.rate
+    results = {name: [Level.merged(by[n]) for n in CLIENTS] for name, by in slices.items()}
+    cpu_lines = [
+        f"{c.name[:3]} "
+        + _cpu_line(n, spent[c.name][n], sum(lv.answered for lv in slices[c.name][n]))
+        for c in contenders
+        if c.cpu
+        for n in CLIENTS
+    ]
+    return results, cpu_lines, rates
 
 
 # -- where the CPU goes -----------------------------------------------------------------------
@@ -203,13 +337,14 @@ def _direct_ingress_url(url: str, deployment: str) -> str:
     raise AssertionError(f"direct ingress is on, but no {deployment} replica listens itself")
 
 
-def _predictor_loop(predictor, texts: list[str]) -> list[Level]:
-    """(b): batches of `clients` texts back to back; each text's latency is its batch's."""
-    levels = []
-    for clients in CLIENTS:
+def _predictor_slice(predictor, texts: list[str]):
+    """measure(clients) -> Level for (b): batches of `clients` texts back to back for SECONDS;
+    each text's latency is its batch's."""
+
+    def measure(clients: int) -> Level:
         latencies, i = [], 0
-        deadline = time.perf_counter() + SECONDS
         start = time.perf_counter()
+        deadline = start + SECONDS
         while time.perf_counter() < deadline:
             batch = [texts[(i + k) % len(texts)] for k in range(clients)]
             began = time.perf_counter()
@@ -217,8 +352,9 @@ def _predictor_loop(predictor, texts: list[str]) -> list[Level]:
             latencies += [time.perf_counter() - began] * clients
             i += clients
         elapsed = time.perf_counter() - start
-        levels.append(Level(clients, len(latencies), 0, elapsed, np.asarray(latencies)))
-    return levels
+        return Level(clients, len(latencies), 0, elapsed, np.asarray(latencies), len(latencies))
+
+    return measure
 
 
 # -- the contenders ---------------------------------------------------------------------------
@@ -328,10 +464,12 @@ def _wait_port(port: int, timeout_s: float = 120) -> None:
     raise AssertionError(f"nothing listens on {port} after {timeout_s} s")
 
 
-def _plain_endpoint(checkpoint: str, scratch: Path, texts: list[str]) -> list[Level]:
+@contextlib.contextmanager
+def _plain_endpoint(checkpoint: str, scratch: Path):
+    """(c) up on PLAIN_PORT: uvicorn serving _PLAIN_SERVER over a plain Hugging Face directory
+    of the same model, as a user would have it; yields its predict URL."""
     from jobs.modeling import load_checkpoint
 
-    # A plain Hugging Face directory of the same model, as a user would have it.
     loaded = load_checkpoint(checkpoint)
     loaded.model.save_pretrained(scratch / "plain-model")
     loaded.tokenizer.save_pretrained(scratch / "plain-model")
@@ -346,7 +484,7 @@ def _plain_endpoint(checkpoint: str, scratch: Path, texts: list[str]) -> list[Le
     server = subprocess.Popen(command, env=env, cwd=scratch)
     try:
         _wait_port(PLAIN_PORT)
-        return _load(f"http://127.0.0.1:{PLAIN_PORT}/v1/models/{MODEL}/predict", texts)
+        yield f"http://127.0.0.1:{PLAIN_PORT}/v1/models/{MODEL}/predict"
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -398,78 +536,89 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
     texts = _texts()
     config = _demo_config()
     serve_cfg = config.serve
-    results: dict[str, list[Level]] = {}
+    contenders: list[Contender] = []
     notes = [f"(a), (b): serve section {_serve_knobs(serve_cfg)}"]
     if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
         notes.append("(a), (d): Serve's direct ingress, sent to the ingress replica's own port")
+    batch_stats: dict[int, dict[str, int]] = {n: {"batches": 0, "texts": 0} for n in CLIENTS}
 
-    if "a" in CONTENDERS:
-        url = deploy(config, model_uri=checkpoint)
-        handle = serve.get_app_handle(MODEL)
-        seen = [handle.batch_stats.remote().result()]
+    with contextlib.ExitStack() as up:
+        if "a" in CONTENDERS:
+            url = deploy(config, model_uri=checkpoint)
+            up.callback(serve.delete, MODEL)
+            handle = serve.get_app_handle(MODEL)
+            seen = [handle.batch_stats.remote().result()]
 
-        def batches(clients: int) -> None:
-            seen.append(handle.batch_stats.remote().result())
-            done = {k: seen[-1][k] - seen[-2][k] for k in ("batches", "texts")}
-            notes.append(
-                f"(a) {clients} clients: {done['texts'] / max(done['batches'], 1):.1f} texts "
-                f"per batch ({done['batches']} batches)"
-            )
+            def batches(clients: int) -> None:
+                seen.append(handle.batch_stats.remote().result())
+                for key in ("batches", "texts"):
+                    batch_stats[clients][key] += seen[-1][key] - seen[-2][key]
 
-        try:
             info = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
             notes.append(f"(a) runs {info['engine']}-{info['precision']}, {info['threads']}t")
-            cpu: list[str] = []
-            results["(a) raylift endpoint"] = _load(
-                _direct_ingress_url(f"{url}/v1/models/{MODEL}/predict", "ModelServer"),
-                texts,
-                batches,
-                cpu,
+            predict = _direct_ingress_url(f"{url}/v1/models/{MODEL}/predict", "ModelServer")
+            contenders.append(
+                Contender("(a) raylift endpoint", _http_slice(predict, texts), True, batches)
             )
-            notes += [f"(a) {line}" for line in cpu]
-        finally:
-            serve.delete(MODEL)
-
-    if "d" in CONTENDERS:
-        serve.run(NoOp.bind(), name=NOOP, route_prefix="/")
-        try:
-            cpu = []
-            results["(d) no-op Serve deployment"] = _load(
-                _direct_ingress_url(f"http://127.0.0.1:{PORT}/v1/models/{MODEL}/predict", "NoOp"),
-                texts,
-                cpu=cpu,
+        if "d" in CONTENDERS:
+            # Beside (a) on the same proxy, under its own prefix: the same route below it.
+            serve.run(NoOp.bind(), name=NOOP, route_prefix=f"/{NOOP}")
+            up.callback(serve.delete, NOOP)
+            noop = f"http://127.0.0.1:{PORT}/{NOOP}/v1/models/{MODEL}/predict"
+            noop = _direct_ingress_url(noop, "NoOp")
+            contenders.append(
+                Contender("(d) no-op Serve deployment", _http_slice(noop, texts), True)
             )
-            notes += [f"(d) {line}" for line in cpu]
-        finally:
-            serve.delete(NOOP)
+        if "b" in CONTENDERS:
+            predictor = Predictor(
+                checkpoint,
+                precision=serve_cfg.precision,
+                engine=serve_cfg.engine,
+                torch_threads=serve_cfg.torch_threads,
+                calibration_rows=serve_cfg.calibration_texts,
+            )
+            runtime = predictor.runtime
+            notes.append(
+                f"(b) runs {runtime['engine']}-{runtime['precision']}, {runtime['threads']}t"
+            )
+            contenders.append(
+                Contender("(b) batched Predictor loop", _predictor_slice(predictor, texts))
+            )
+        if "c" in CONTENDERS:
+            plain = up.enter_context(_plain_endpoint(checkpoint, tmp_path))
+            contenders.append(
+                Contender("(c) plain FastAPI + transformers", _http_slice(plain, texts))
+            )
+        results, cpu_lines, rates = _rounds(contenders)
     serve.shutdown()
 
-    if "b" in CONTENDERS:
-        predictor = Predictor(
-            checkpoint,
-            precision=serve_cfg.precision,
-            engine=serve_cfg.engine,
-            torch_threads=serve_cfg.torch_threads,
-            calibration_rows=serve_cfg.calibration_texts,
-        )
-        runtime = predictor.runtime
-        notes.append(f"(b) runs {runtime['engine']}-{runtime['precision']}, {runtime['threads']}t")
-        results["(b) batched Predictor loop"] = _predictor_loop(predictor, texts)
-        del predictor
-
-    if "c" in CONTENDERS:
-        results["(c) plain FastAPI + transformers"] = _plain_endpoint(checkpoint, tmp_path, texts)
-
+    if "a" in CONTENDERS:
+        notes += [
+            f"(a) {n} clients: {done['texts'] / max(done['batches'], 1):.1f} texts per batch "
+            f"({done['batches']} batches)"
+            for n, done in batch_stats.items()
+        ]
+    notes += cpu_lines
     by_name = {name[:3]: {lv.clients: lv for lv in levels} for name, levels in results.items()}
     at16 = {key: levels[16].rate for key, levels in by_name.items()}
     print(f"\nserving under load ({_cpu()}; the client shares these cores)")
+    print(f"{ROUNDS} rounds of {SECONDS:g} s slices per contender and level, taking turns")
     print("\n".join(notes))
     print(_table(results))
+    per_round = [{key: by_level[16] for key, by_level in r.items()} for r in rates]
     if {"(a)", "(b)", "(d)"} <= set(at16):
         ceiling = min(at16["(b)"], at16["(d)"])
-        print(f"at 16 clients: (a)/min(b,d) = {at16['(a)'] / ceiling:.2f}x (target >= 0.7x)")
+        each = [r["(a)"] / min(r["(b)"], r["(d)"]) for r in per_round]
+        print(
+            f"at 16 clients: (a)/min(b,d) = {at16['(a)'] / ceiling:.2f}x (target >= 0.7x); "
+            f"by round {', '.join(f'{x:.2f}' for x in each)}"
+        )
     if {"(a)", "(c)"} <= set(at16):
-        print(f"at 16 clients: (a)/(c) = {at16['(a)'] / at16['(c)']:.2f}x (target >= 3x)")
+        each = [r["(a)"] / r["(c)"] for r in per_round]
+        print(
+            f"at 16 clients: (a)/(c) = {at16['(a)'] / at16['(c)']:.2f}x (target >= 3x); "
+            f"by round {', '.join(f'{x:.2f}' for x in each)}"
+        )
     for name, levels in results.items():
         print(f"highest throughput with p99 < 100 ms, {name}: {_best_under_bound(levels)}")
     failed = {name: sum(lv.failed for lv in levels) for name, levels in results.items()}
@@ -479,6 +628,7 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
 # -- the endpoint per inference engine (issue 11) ---------------------------------------------
 
 ENGINE_CLIENTS = 16
+ENGINE_S = 6.0  # measured per variant, after WARMUP_S
 # Each variant the bench version offers (torch fp32 and bf16, onnxruntime fp32, openvino fp32
 # and bf16), and auto; a bf16 variant where the CPU has no native bf16 is skipped.
 ONLINE_VARIANTS = (
@@ -495,7 +645,6 @@ ONLINE_REPORT = Path(__file__).resolve().parents[2] / ".raylift/bench/serve_engi
 @pytest.mark.parametrize("variant", ONLINE_VARIANTS)
 def test_endpoint_per_engine(ray_session, checkpoint, variant):
     """(a) at 16 clients with serve.engine / serve.precision set to each variant."""
-    import json
 
     import httpx
 
@@ -511,7 +660,7 @@ def test_endpoint_per_engine(ray_session, checkpoint, variant):
         info = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
         before = _cpu_by_process()
         level = asyncio.run(
-            _closed_loop(f"{url}/v1/models/{MODEL}/predict", ENGINE_CLIENTS, _texts())
+            _closed_loop(f"{url}/v1/models/{MODEL}/predict", ENGINE_CLIENTS, _texts(), ENGINE_S)
         )
         spent = sum(_cpu_by_process().values()) - sum(before.values())
     finally:
