@@ -32,13 +32,15 @@ Ray Serve's direct ingress (the ingress replica runs its own HTTP server, on a p
 to 31000; Serve's proxy on :8000 still answers too) removes that path. Set it for the whole
 run, Ray's processes included: `RAY_SERVE_ENABLE_DIRECT_INGRESS=1
 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1 pytest -s tests/benchmarks/test_serve_load.py`;
-(a) and (d) are then sent to the ingress replica's own port. Measured so (same machine, 16
-clients, one run, one contender after the other): (a) 210 req/s at 6.6 ms of CPU a request
-(replica 5.7, client 0.2), (d) 1,256 req/s at 1.0 ms; (b) was then the lesser ceiling. Not
-raylift's default: no load balancer spreads clients over the replicas' ports (HAProxy, which
-Serve pairs with it, is not installed here), a restarted replica may come back on another
-port, and an ingress replica drains for at least RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
-(30 s by default) when it stops.
+(a) and (d) are then sent to the ingress replica's own port. Measured so (same machine, all
+four taking turns, 16 clients): (a) 192 req/s at 7.3 ms of CPU a request (replica 5.9, client
+0.3), (d) 1,136 req/s at 1.1 ms, (b) 298 (the lesser ceiling), (c) 56: (a) is 3.44x (c) (3.17 to
+3.93 by round) and 0.65x min(b,d) (0.55 to 0.75), where through the proxy, in a run the same
+way, it was 1.77x and 0.61x. Not raylift's default: no load
+balancer spreads clients over the replicas' ports (HAProxy, which Serve runs in front of them
+with RAY_SERVE_ENABLE_HA_PROXY=1, is not installed here and is not on PyPI), a restarted
+replica may come back on another port, and an ingress replica drains for at least
+RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default) when it stops.
 """
 
 from __future__ import annotations
