@@ -125,8 +125,8 @@ class Predictor:
             on the CPU, 32,768 on a GPU (where a pass also takes up to 4,096 rows, not 256).
         trust_remote_code: run code shipped inside the model directory; pass the config's
             model.trust_remote_code, never a value read from the checkpoint.
-        runtime_board: a Ray actor handle with an `add` method (jobs.score.RuntimeBoard) told
-            `runtime` once the engine is chosen, so the scoring run can report it.
+        runtime_board: an object whose `add(runtime)` is called with `runtime` once the engine
+            is chosen (jobs.score.RuntimeBoard), so the scoring run can report it.
         generation_config: limits and defaults of generation (a jobs.config.GenerationConfig;
             its defaults when None); used only when the checkpoint's task generates.
         calibration_rows: rows of the batch `auto` times the engines on; None fills the token
@@ -189,7 +189,7 @@ class Predictor:
         self._generator = self._generator_for(generation_config)
         self._warm_up()
         if runtime_board is not None:
-            runtime_board.add.remote(self.runtime)
+            runtime_board.add(self.runtime)
 
     # -- public surface -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
+from ray.experimental import internal_kv
 
 from jobs import score, tracking, warehouse
 from jobs.config import validate_mapping
@@ -109,6 +110,8 @@ def test_scoring_actors_run_the_engine_and_label_like_torch(
     if engine != "auto":
         assert runtime[0] == {"engine": engine, "precision": precision, "threads": 1}
     assert reference["result"].runtime == [{"engine": "torch", "precision": "fp32", "threads": 1}]
+    board = internal_kv._internal_kv_list("runtime/", namespace=score.RuntimeBoard._NAMESPACE)
+    assert board == [], "the runs left their runtime posts in Ray's key-value store"
     assert got["labels"].keys() == reference["labels"].keys() and len(got["labels"]) == 300
     same = np.mean([got["labels"][k] == reference["labels"][k] for k in reference["labels"]])
     assert same >= engines.MIN_AGREEMENT
