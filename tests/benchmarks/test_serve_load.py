@@ -49,9 +49,9 @@ tests/benchmarks/test_serve_load.py`; requests go to PORT, as through the proxy)
 (d) 1,164, (b) 332, (c) 66: (a) is 3.40x (c) (2.84 to 3.72 by round) and 0.68x min(b,d) (0.55
 to 0.82); the highest throughput with p99 under 100 ms was 166 req/s, against 72 through the
 proxy. Not raylift's default yet: Serve does not support model multiplexing on the ingress
-deployment behind direct ingress or HAProxy (a newer Serve refuses it), and the ModelServer
-multiplexes adapters (serving.adapters); HAProxy's reload also failed once as the apps were
-deleted at the end of a run.
+deployment behind direct ingress or HAProxy (ray-project/ray#64045 makes Serve refuse it), and
+the ModelServer multiplexes adapters (serving.adapters); HAProxy's reload also failed once as
+the apps were deleted at the end of a run.
 """
 
 from __future__ import annotations
