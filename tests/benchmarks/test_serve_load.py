@@ -48,10 +48,13 @@ tests/benchmarks/test_serve_load.py`; requests go to PORT, as through the proxy)
 (same machine, all four taking turns, 16 clients): (a) 225 req/s at 6.2 ms of CPU a request,
 (d) 1,164, (b) 332, (c) 66: (a) is 3.40x (c) (2.84 to 3.72 by round) and 0.68x min(b,d) (0.55
 to 0.82); the highest throughput with p99 under 100 ms was 166 req/s, against 72 through the
-proxy. Not raylift's default yet: Serve does not support model multiplexing on the ingress
-deployment behind direct ingress or HAProxy (ray-project/ray#64045 makes Serve refuse it), and
-the ModelServer multiplexes adapters (serving.adapters); HAProxy's reload also failed once as
-the apps were deleted at the end of a run.
+proxy. The serving tests (app, hot swap and a replica killed under load, adapters, limits,
+OpenAI routes, the e2e lifecycle: 57) pass with it set. Not raylift's default yet: Serve does
+not support model multiplexing on the ingress deployment behind direct ingress or HAProxy
+(HAProxy routes without the adapter's replica affinity; ray-project/ray#64045 makes Serve
+refuse it), and the ModelServer multiplexes adapters (serving.adapters); an ingress replica
+drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default) when it stops; and
+HAProxy's reload failed once as the apps were deleted at the end of a run.
 """
 
 from __future__ import annotations
