@@ -51,8 +51,9 @@ to 0.82); the highest throughput with p99 under 100 ms was 166 req/s, against 72
 proxy. The serving tests (app, hot swap and a replica killed under load, adapters, limits,
 OpenAI routes, the e2e lifecycle: 57) pass with it set. Not raylift's default yet: Serve does
 not support model multiplexing on the ingress deployment behind direct ingress or HAProxy
-(HAProxy routes without the adapter's replica affinity; ray-project/ray#64045 makes Serve
-refuse it), and the ModelServer multiplexes adapters (serving.adapters); an ingress replica
+(ray-project/ray#64045 makes Serve refuse it; whether HAProxy sends an adapter's requests to
+the replica holding it was not checked), and the ModelServer multiplexes adapters
+(serving.adapters); an ingress replica
 drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default) when it stops; and
 HAProxy's reload failed once as the apps were deleted at the end of a run.
 """
