@@ -342,7 +342,11 @@ PIPELINE_VARIANTS = (
     "auto-auto",  # what engine=auto precision=auto picks, by calibration in each actor
 )
 PIPELINE_GROWTH = 10  # 100k rows: the 10k texts repeated
-SMALL_RUNS = 3  # 10k-row runs per variant; the median is its figure
+# 10k-row runs per variant; the median is its figure. After each, the tight loop of the
+# variant it ran is measured again, and the table gives the run's ratio to it too: on this
+# shared machine one spell slowed the 2-thread loop to 940 rows/s from 1,490, and a ratio to
+# a loop measured minutes earlier or later moved with it.
+SMALL_RUNS = 3
 # Issue 11: MiniLM-L6 costs about 0.35 GFLOP per BANKING77 row, about 2,600 rows/s at this
 # 2-core CPU's bf16 peak (AVX512-BF16).
 COMPUTE_LIMIT_ROWS_S = 2_600
@@ -451,7 +455,7 @@ def test_engine_pipeline(ray_session, engine_checkpoint, inboxes, variant, tmp_p
     runs = {}
     for copies in (1, PIPELINE_GROWTH):
         out = f"bench.predictions_{engine}_{precision}_{copies}x"
-        repeats = []
+        repeats, beside = [], []
         for _ in range(SMALL_RUNS if copies == 1 else 1):
             run = run_scoring(
                 str(directory),
@@ -464,7 +468,11 @@ def test_engine_pipeline(ray_session, engine_checkpoint, inboxes, variant, tmp_p
             assert run.rows == copies * len(texts)
             _engine_of(run, engine, precision)
             repeats.append(run)
-        runs[str(copies * len(texts))] = _run_figures(repeats)
+            if copies == 1:  # the tight loop of what it ran, measured right after it
+                ran = run.runtime[0]
+                loop = _engine_tight_loop(directory, ran["engine"], ran["precision"], texts)
+                beside.append(run.rows / run.seconds / loop)
+        runs[str(copies * len(texts))] = {**_run_figures(repeats), "x_loop_beside": beside}
     if engine == "auto":  # the tight loop of the variant auto picked (the first actor's)
         engine, precision = run.runtime[0]["engine"], run.runtime[0]["precision"]
     tight = _engine_tight_loop(directory, engine, precision, texts)
@@ -540,6 +548,12 @@ def _pipeline_table(results: dict, only: str | None = None) -> str:
             one_by_two = split.get(f"1x{CORES}") if int(rows) == ROWS else None
             repeats = run.get("all_seconds", [run["seconds"]])
             spread = f", median of {len(repeats)}: {min(repeats):.1f}-{max(repeats):.1f} s"
+            beside = sorted(run.get("x_loop_beside") or [])
+            if beside:
+                spread += (
+                    f"; x its own loop measured right after each run: median "
+                    f"{beside[len(beside) // 2]:.2f} ({beside[0]:.2f}-{beside[-1]:.2f})"
+                )
             lines.append(
                 f"| {variant} | {tight or 0:,.0f} | {int(rows):,} | {rate:,.0f} rows/s "
                 f"({run['seconds']:.1f} s{spread if len(repeats) > 1 else ''}) | "
