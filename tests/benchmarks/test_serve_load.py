@@ -53,9 +53,9 @@ OpenAI routes, the e2e lifecycle: 57) pass with it set. Not raylift's default ye
 not support model multiplexing on the ingress deployment behind direct ingress or HAProxy
 (ray-project/ray#64045 makes Serve refuse it; whether HAProxy sends an adapter's requests to
 the replica holding it was not checked), and the ModelServer multiplexes adapters
-(serving.adapters); an ingress replica
-drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default) when it stops; and
-HAProxy's reload failed once as the apps were deleted at the end of a run.
+(serving.adapters); an ingress replica drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+(30 s by default) when it stops; and HAProxy's reload failed once as the apps were deleted at
+the end of a run.
 """
 
 from __future__ import annotations
