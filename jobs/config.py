@@ -598,6 +598,15 @@ class ServeConfig(_Strict):
         "model, and the least recently used adapter is freed when one more is needed "
         "(Serve's max_num_models_per_replica). The deployment's own version is not counted.",
     )
+    adapters_min_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas of the app's Adapters deployment (the versions other than the one "
+        "served, routed by version with Serve's model multiplexing) kept up without adapter "
+        "traffic. 0: the first request for another version starts one (a cold start of "
+        "seconds), and the replica set scales back to zero when that traffic stops. Its "
+        "maximum and target follow serve.autoscaling.",
+    )
     generation: GenerationConfig = Field(
         default_factory=GenerationConfig,
         description="Defaults and limits of the OpenAI-compatible routes (causal-lm versions).",

@@ -47,7 +47,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Adapter", "AdapterError", "AdapterPool", "AdapterRouter", "replica_rss_mib"]
+__all__ = [
+    "Adapter",
+    "AdapterCatalog",
+    "AdapterError",
+    "AdapterPool",
+    "AdapterRouter",
+    "normalized_version",
+    "replica_rss_mib",
+]
 
 log = logging.getLogger(__name__)
 
@@ -486,9 +494,68 @@ def _home_meta(home_uri: str, tracking_uri: str | None, trust_remote_code: bool)
 _VERSION_FORMAT = "a registry version number such as 3"
 
 
+class AdapterCatalog:
+    """What a request may name besides the deployment's version, read from the registry (no
+    model): the version an alias names and the servable LoRA versions, each re-read after
+    `ttl_s`. The ingress asks it; the adapters' replicas hold the adapters."""
+
+    def __init__(self, model_name: str, tracking_uri: str | None, ttl_s: float = 5.0):
+        self._model_name = model_name
+        self._tracking_uri = tracking_uri
+        self._ttl_s = ttl_s
+        self._aliases: dict[str, tuple[str, float]] = {}
+        self._servable: tuple[str, dict[str, Any], float] | None = None
+
+    async def alias_version(self, model_name: str, alias: str) -> str:
+        """The version `alias` names now (re-read from the registry after ttl_s)."""
+        cached = self._aliases.get(alias)
+        if cached is not None and time.monotonic() - cached[1] < self._ttl_s:
+            return cached[0]
+        from serving.registry import resolve_version
+
+        try:
+            resolved = await asyncio.to_thread(
+                resolve_version, f"models:/{model_name}@{alias}", self._tracking_uri
+            )
+        except (LookupError, ValueError):
+            raise _unknown(
+                f"alias {alias!r} of {model_name!r} names no version in the registry; set it "
+                "with `raylift promote` (or MLflow's set_registered_model_alias)"
+            ) from None
+        self._aliases[alias] = (str(resolved.version), time.monotonic())
+        return str(resolved.version)
+
+    async def servable(self, home_version: str) -> dict[str, Any]:
+        """What a request can name besides the deployment's version `home_version`, from the
+        registry (re-read after ttl_s): {"versions": [...], "aliases": {alias: version}}.
+        A version counts when its lineage tags say it is a LoRA adapter with the task and base
+        of `home_version` (loading it still checks its files); an alias when it names one of
+        them or `home_version`."""
+        cached = self._servable
+        if (
+            cached is not None
+            and cached[0] == home_version
+            and time.monotonic() - cached[2] < self._ttl_s
+        ):
+            return cached[1]
+        found = await asyncio.to_thread(
+            _servable, self._model_name, home_version, self._tracking_uri
+        )
+        self._servable = (home_version, found, time.monotonic())
+        return found
+
+
+def normalized_version(version: str) -> str:
+    """`version` as the registry numbers it ("03" is "3"); AdapterError (404) if it is not a
+    version number."""
+    if not version.isdigit() or int(version) < 1:
+        raise _unknown(f"version {version!r} is not {_VERSION_FORMAT}")
+    return str(int(version))
+
+
 class AdapterRouter:
-    """The replica's side of multiplexing: which version a request names, and its Adapter
-    from Serve's LRU cache (`@serve.multiplexed`), counting hits and misses."""
+    """The adapters' replica side of multiplexing: the Adapter of a version from Serve's LRU
+    cache (`@serve.multiplexed`), counting hits and misses."""
 
     def __init__(
         self,
@@ -499,7 +566,6 @@ class AdapterRouter:
         home_uri: Callable[[], str],
         hits: Any = None,
         misses: Any = None,
-        alias_ttl_s: float = 5.0,
     ):
         from ray import serve
 
@@ -507,9 +573,6 @@ class AdapterRouter:
         self._load_thread = load_thread
         self._home_uri = home_uri
         self._hits_metric, self._misses_metric = hits, misses
-        self._alias_ttl_s = alias_ttl_s
-        self._aliases: dict[str, tuple[str, float]] = {}
-        self._servable: tuple[str, dict[str, Any], float] | None = None
         # What Serve's LRU holds, least recently used first (mirrored: its cache is private).
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
         self.max_adapters = max_adapters
@@ -531,9 +594,7 @@ class AdapterRouter:
     async def adapter(self, version: str) -> Adapter:
         """The Adapter of `version`, loaded on a miss and held for the caller, who must
         `release` it; AdapterError when it cannot be served here."""
-        if not version.isdigit() or int(version) < 1:
-            raise _unknown(f"version {version!r} is not {_VERSION_FORMAT}")
-        version = str(int(version))
+        version = normalized_version(version)
         warm = self._is_resident(version)
         while True:
             adapter = await self._cached(version)
@@ -561,46 +622,8 @@ class AdapterRouter:
             return False
         return adapter is not None
 
-    async def alias_version(self, model_name: str, alias: str) -> str:
-        """The version `alias` names now (re-read from the registry after alias_ttl_s)."""
-        cached = self._aliases.get(alias)
-        if cached is not None and time.monotonic() - cached[1] < self._alias_ttl_s:
-            return cached[0]
-        from serving.registry import resolve_version
-
-        try:
-            resolved = await asyncio.to_thread(
-                resolve_version, f"models:/{model_name}@{alias}", self._pool._tracking_uri
-            )
-        except (LookupError, ValueError):
-            raise _unknown(
-                f"alias {alias!r} of {model_name!r} names no version in the registry; set it "
-                "with `raylift promote` (or MLflow's set_registered_model_alias)"
-            ) from None
-        self._aliases[alias] = (str(resolved.version), time.monotonic())
-        return str(resolved.version)
-
     def release(self, adapter: Adapter) -> None:
         self._pool.release(adapter)
-
-    async def servable(self, home_version: str) -> dict[str, Any]:
-        """What a request can name besides the deployment's version `home_version`, from the
-        registry (re-read after alias_ttl_s): {"versions": [...], "aliases": {alias: version}}.
-        A version counts when its lineage tags say it is a LoRA adapter with the task and base
-        of `home_version` (loading it still checks its files); an alias when it names one of
-        them or `home_version`."""
-        cached = self._servable
-        if (
-            cached is not None
-            and cached[0] == home_version
-            and time.monotonic() - cached[2] < self._alias_ttl_s
-        ):
-            return cached[1]
-        found = await asyncio.to_thread(
-            _servable, self._pool._model_name, home_version, self._pool._tracking_uri
-        )
-        self._servable = (home_version, found, time.monotonic())
-        return found
 
     def stats(self) -> dict[str, Any]:
         resident = [v for v, a in self._resident.items() if not a.evicted]

@@ -33,14 +33,18 @@ status, model_version), raylift_request_latency_s, raylift_batch_texts, raylift_
 raylift_model_info (model_version, engine, precision, threads), and
 raylift_adapter_cache_{hits,misses}_total.
 
-Many LoRA versions of one base share a replica (`serving.adapters`, Ray Serve model
-multiplexing): a request may name a registry version (the versions/ route, or Serve's
+Many LoRA versions of one base are served beside the app's own (`serving.adapter_server`):
+a request may name a registry version (the versions/ route, or Serve's
 `serve_multiplexed_model_id: <version>` header on the plain route) or an alias (the aliases/
-route); the plain route answers with the deployment's version. Other versions are adapters on
-one copy of the base per replica, in an LRU cache of serve.max_adapters_per_replica. An unknown
-version or alias is a 404, a version that is not a LoRA adapter over this replica's base a 409.
+route); the plain route answers with the deployment's version. A request for another version
+is passed on by handle to the app's third deployment, `Adapters`, with the version as Serve's
+multiplexed model id: Serve routes it to a replica that holds that adapter, where adapters sit
+on one copy of the base in an LRU cache of serve.max_adapters_per_replica (Ray Serve model
+multiplexing). The ingress itself does not multiplex, so the app runs behind Serve's proxy and
+behind its HAProxy ingress alike (cluster.runtime). An unknown version or alias is a 404, a
+version that is not a LoRA adapter over the served version's base a 409.
 
-Texts from concurrent requests are batched together (`_TextBatcher`: a batch forms when the
+Texts from concurrent requests are batched together (`serving.batching`: a batch forms when the
 model thread is free, from every text waiting); the batch unit is one text, so
 `serve.max_batch_size` counts texts however the clients group them. Batch size and wait are the
 deployment's `user_config`, so `serve deploy` with new values changes them on live replicas
@@ -78,7 +82,6 @@ of a guessable word can be guessed back.
 # turns them into required query parameters.
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import hmac
@@ -98,7 +101,9 @@ from ray import serve
 
 from cluster.storage import worker_visible_uri
 from jobs.config import LifecycleConfig, ServeConfig
-from serving.adapters import Adapter, AdapterError, AdapterPool, AdapterRouter
+from serving.adapter_server import AdapterServer, RemoteAdapters
+from serving.adapters import AdapterCatalog, AdapterError, normalized_version
+from serving.batching import TextBatcher
 from serving.openai_api import OpenAIRoutes, openai_router
 from serving.text import is_usable_text
 
@@ -352,14 +357,6 @@ class _ReplicaMetrics:
             description="1 for the model version this replica answers with, 0 once replaced.",
             tag_keys=("model_version", "engine", "precision", "threads"),
         )
-        # Requests that name another version than the deployment's (serving.adapters).
-        self.adapter_hits = metrics.Counter(
-            "raylift_adapter_cache_hits_total",
-            description="Adapter requests found in the LRU cache.",
-        )
-        self.adapter_misses = metrics.Counter(
-            "raylift_adapter_cache_misses_total", description="Adapter requests that had to load."
-        )
         self._queued = 0
         self._model_info: dict[tuple[tuple[str, str], ...], int] = {}  # tags -> value set
 
@@ -427,90 +424,11 @@ def _pin(source: str, tracking_uri: str | None) -> dict[str, str]:
 
 
 def _group_by_predictor(predictors: list[Any]) -> list[tuple[Any, list[int]]]:
-    """Positions of a batch's texts per Predictor (two only while a swap is under way); texts
-    for adapters (serving.adapters.Adapter) form one group, keyed None, run in one pass."""
-    groups: dict[int | None, tuple[Any, list[int]]] = {}
+    """Positions of a batch's texts per Predictor (two only while a swap is under way)."""
+    groups: dict[int, tuple[Any, list[int]]] = {}
     for i, predictor in enumerate(predictors):
-        key = None if isinstance(predictor, Adapter) else id(predictor)
-        groups.setdefault(key, (predictor, []))[1].append(i)
+        groups.setdefault(id(predictor), (predictor, []))[1].append(i)
     return list(groups.values())
-
-
-class _TextBatcher:
-    """Batches texts of concurrent requests for one model thread, greedily.
-
-    A batch is formed only when the model is free: it takes every text waiting, up to
-    `max_batch_size`, so texts that arrive while a batch computes ride in the next one.
-    `@serve.batch` instead cuts the next batch `batch_wait_timeout_s` after its first text even
-    while the model is still busy, and runs it later: under load that gave batches of 2.6
-    texts where this gives what arrived during the last batch (7 to 8 at 16 clients).
-
-    A text that finds the queue short waits for company, at most `batch_wait_timeout_s` from
-    its own arrival, only when the last batch had company too: a lone client's requests never
-    wait (with a 20 ms wait every time, one client got p50 42 ms instead of about 20).
-
-    `run(texts, predictors)` answers one batch (a list, in order); an exception fails that
-    batch's requests only. A request cancelled while it waits (a client gone, a timeout) is
-    left out of its batch.
-    """
-
-    def __init__(self, run: Any, max_batch_size: int, batch_wait_timeout_s: float):
-        self._run = run
-        self._queue: collections.deque = collections.deque()
-        self._arrived: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._last_batch = 1  # texts in the last batch run
-        self.configure(max_batch_size, batch_wait_timeout_s)
-
-    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.max_batch_size = max(1, int(max_batch_size))
-        self.batch_wait_timeout_s = max(0.0, float(batch_wait_timeout_s))
-
-    async def submit(self, text: str, predictor: Any) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._arrived = asyncio.Event()
-            self._worker = loop.create_task(self._batches())
-        future = loop.create_future()
-        self._queue.append((loop.time(), text, predictor, future))
-        self._arrived.set()  # type: ignore[union-attr]
-        return await future
-
-    async def _batches(self) -> None:
-        arrived = self._arrived
-        assert arrived is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                arrived.clear()
-                await arrived.wait()
-            wait_s = self.batch_wait_timeout_s if self._last_batch > 1 else 0.0
-            deadline = self._queue[0][0] + wait_s
-            while len(self._queue) < self.max_batch_size and loop.time() < deadline:
-                arrived.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), deadline - loop.time())
-            batch = []
-            while self._queue and len(batch) < self.max_batch_size:
-                item = self._queue.popleft()
-                if not item[3].done():  # cancelled while waiting
-                    batch.append(item)
-            if not batch:
-                continue
-            self._last_batch = len(batch)
-            try:
-                answers = await self._run([b[1] for b in batch], [b[2] for b in batch])
-            except BaseException as exc:  # this batch's requests fail; the next batch runs
-                failure = exc if isinstance(exc, Exception) else RuntimeError("batching stopped")
-                for item in batch:
-                    if not item[3].done():
-                        item[3].set_exception(failure)
-                if not isinstance(exc, Exception):  # cancelled: the replica is stopping
-                    raise
-                continue
-            for item, answer in zip(batch, answers, strict=True):
-                if not item[3].done():
-                    item[3].set_result(answer)
 
 
 def _not_ready(reason: str) -> HTTPException:
@@ -624,6 +542,7 @@ class ModelServer(OpenAIRoutes):
     def __init__(
         self,
         versions: Any,
+        adapters: Any,
         *,
         served_name: str,
         serve_config: ServeConfig,
@@ -649,23 +568,14 @@ class ModelServer(OpenAIRoutes):
         self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._stats = {"batches": 0, "texts": 0, "largest_batch": 0}
         self._metrics = _ReplicaMetrics()
-        self._adapters = AdapterRouter(
-            AdapterPool(
-                model_name=served_name,
-                tracking_uri=tracking_uri,
-                model_thread=self._model_thread,
-                torch_threads=serve_config.torch_threads,
-                trust_remote_code=trust_remote_code,
-            ),
-            max_adapters=serve_config.max_adapters_per_replica,
-            load_thread=self._load_thread,
-            home_uri=lambda: self._predictor.model_uri,
-            hits=self._metrics.adapter_hits,
-            misses=self._metrics.adapter_misses,
-            alias_ttl_s=serve_config.model_poll_interval_s or 10.0,
+        # Versions other than this one: the registry says what they are, the Adapters
+        # deployment (serving.adapter_server) runs them.
+        self._catalog = AdapterCatalog(
+            served_name, tracking_uri, ttl_s=serve_config.model_poll_interval_s or 10.0
         )
+        self._adapters = RemoteAdapters(adapters)
         self._batching = _batching(serve_config)
-        self._batcher = _TextBatcher(self._predict_batch, 1, 0.0)  # sizes: reconfigure()
+        self._batcher = TextBatcher(self._predict_batch, 1, 0.0)  # sizes: reconfigure()
         self.reconfigure(self._batching)
         loop = asyncio.get_running_loop()
         self._follower = loop.create_task(self._follow())
@@ -685,9 +595,9 @@ class ModelServer(OpenAIRoutes):
         """Batching settings, batches run, texts scored, largest batch (through a handle)."""
         return {**self._batching, **self._stats}
 
-    def adapter_stats(self) -> dict[str, Any]:
-        """Adapters this replica holds (LRU order), cache hits and misses, its RSS in MiB."""
-        return {"replica": self._replica, **self._adapters.stats()}
+    async def adapter_stats(self) -> dict[str, Any]:
+        """An Adapters replica's adapters (LRU order), cache hits and misses, RSS in MiB."""
+        return await self._adapters.stats()
 
     async def wait_ready(self, timeout_s: float) -> str:
         """The version once this replica's model is warm; RuntimeError if it cannot load."""
@@ -828,9 +738,7 @@ class ModelServer(OpenAIRoutes):
         self, model_name: str, request: Request, credentials: Credentials
     ) -> PredictResponse:
         # Serve's own multiplexing header names a version on the plain route.
-        return await self._answer(
-            model_name, request, credentials, serve.get_multiplexed_model_id() or None
-        )
+        return await self._answer(model_name, request, credentials, self._header_version(request))
 
     @app.post(
         "/v1/models/{model_name}/versions/{version}/predict",
@@ -869,53 +777,65 @@ class ModelServer(OpenAIRoutes):
         body = _parse_predict_request(await _read_body(request, self._config.max_body_bytes))
         self._check_limits(body.texts)
         predictor = await self._serving(request)
-        adapter = None
         try:
             if alias is not None:
-                version = await self._adapters.alias_version(self._served_name, alias)
-            if version is not None and version != predictor.model_version:
-                adapter = await self._adapters.adapter(version)
+                version = await self._catalog.alias_version(self._served_name, alias)
+            if version is not None:
+                version = normalized_version(version)
         except AdapterError as exc:
             request.state.model_version = version or ""
             raise HTTPException(exc.status, detail=exc.detail) from None
         except Exception as exc:  # the registry is unreachable: this request only
             log.warning("could not look up version %s / alias %s: %s", version, alias, exc)
             raise _not_ready(f"the model registry could not be read: {exc}") from None
-        answering = adapter if adapter is not None else predictor
-        request.state.model_version = answering.model_version
+        if version is not None and version != predictor.model_version:
+            return await self._answer_adapter(version, body.texts, predictor, request)
         self._metrics.queued(len(body.texts))
-        try:
-            answers = await asyncio.gather(
-                *(self._batcher.submit(text, answering) for text in body.texts)
-            )
-        finally:
-            if adapter is not None:
-                self._adapters.release(adapter)
+        answers = await asyncio.gather(
+            *(self._batcher.submit(text, predictor) for text in body.texts)
+        )
         return PredictResponse(
             predictions=[Prediction(**answer) for answer in answers],
-            model_name=self._served_name if adapter is not None else predictor.model_name,
-            model_version=answering.model_version,
+            model_name=predictor.model_name,
+            model_version=predictor.model_version,
         )
 
+    async def _answer_adapter(
+        self, version: str, texts: list[str], predictor: Any, request: Request
+    ) -> PredictResponse:
+        """Another version than this replica's: the Adapters deployment answers."""
+        request.state.model_version = version
+        try:
+            found = await self._adapters.predict(version, texts, predictor.model_uri)
+        except AdapterError as exc:
+            raise HTTPException(exc.status, detail=exc.detail) from None
+        return PredictResponse(
+            predictions=[Prediction(**answer) for answer in found["answers"]],
+            model_name=self._served_name,
+            model_version=found["model_version"],
+        )
+
+    def _header_version(self, request: Request) -> str | None:
+        """The version in Serve's multiplexing header (serve_multiplexed_model_id), if any.
+        Read from the request itself: Serve sets its multiplexed model id from it through
+        its proxy, but not on every ingress path."""
+        for name in ("serve_multiplexed_model_id", "serve-multiplexed-model-id"):
+            value = request.headers.get(name)
+            if value:
+                return value
+        return serve.get_multiplexed_model_id() or None
+
     async def _predict_batch(self, texts: list[str], predictors: list[Any]) -> list[dict]:
-        """One batch of `_TextBatcher`: texts of concurrent requests, in one forward pass per
-        Predictor (two only during a swap; adapters together)."""
+        """One batch of `TextBatcher`: texts of concurrent requests, in one forward pass per
+        Predictor (two only during a swap)."""
         self._metrics.queued(-len(texts))
         self._metrics.batch_texts.observe(len(texts))
         loop = asyncio.get_running_loop()
         answers: list[dict[str, Any]] = [{}] * len(texts)
         for predictor, rows in _group_by_predictor(predictors):
-            if isinstance(predictor, Adapter):
-                found = await loop.run_in_executor(
-                    self._model_thread,
-                    predictor.pool.predict,
-                    [predictors[i] for i in rows],
-                    [texts[i] for i in rows],
-                )
-            else:
-                found = await loop.run_in_executor(
-                    self._model_thread, predictor.predict_texts, [texts[i] for i in rows]
-                )
+            found = await loop.run_in_executor(
+                self._model_thread, predictor.predict_texts, [texts[i] for i in rows]
+            )
             for i, answer in zip(rows, found, strict=True):
                 answers[i] = answer
         self._stats["batches"] += 1
@@ -1003,8 +923,15 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         tracking_uri=tracking_uri,
         poll_interval_s=serve_cfg.model_poll_interval_s,
     )
+    adapters = _adapter_server(serve_cfg).bind(
+        served_name=config.registry.model_name,
+        serve_config=serve_cfg,
+        tracking_uri=tracking_uri,
+        trust_remote_code=config.model.trust_remote_code,
+    )
     return _model_server(serve_cfg).bind(
         versions,
+        adapters,
         served_name=config.registry.model_name,
         serve_config=serve_cfg,
         tracking_uri=tracking_uri,
@@ -1030,6 +957,27 @@ def _model_server(serve_cfg: ServeConfig) -> Any:
         # Requests past this many waiting at a proxy get Serve's 503 instead of queueing
         # without bound (-1 is Serve's "no limit").
         max_queued_requests=serve_cfg.max_queued_requests or -1,
+        ray_actor_options={"num_cpus": serve_cfg.num_cpus},
+        logging_config={"enable_access_log": serve_cfg.access_log},
+        user_config=_batching(serve_cfg),
+    )
+
+
+def _adapter_server(serve_cfg: ServeConfig) -> Any:
+    """Replicas only while versions other than the app's are asked for, by default: Serve
+    starts the first one on the first such request (serve.adapters_min_replicas)."""
+    scaling = serve_cfg.autoscaling
+    low = min(serve_cfg.adapters_min_replicas, scaling.max_replicas)
+    return AdapterServer.options(
+        autoscaling_config={
+            "min_replicas": low,
+            "initial_replicas": low,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+        },
+        max_ongoing_requests=max(
+            serve_cfg.max_batch_size, math.ceil(2 * scaling.target_ongoing_requests)
+        ),
         ray_actor_options={"num_cpus": serve_cfg.num_cpus},
         logging_config={"enable_access_log": serve_cfg.access_log},
         user_config=_batching(serve_cfg),

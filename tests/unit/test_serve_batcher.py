@@ -1,4 +1,4 @@
-"""The online endpoint's text batcher (serving.app._TextBatcher), without Ray: batches form
+"""The online endpoint's text batcher (serving.batching.TextBatcher), without Ray: batches form
 when the model is free from every text waiting, a lone text waits at most the configured time,
 and a failing or cancelled request touches no other batch."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from serving.app import _TextBatcher
+from serving.batching import TextBatcher
 
 
 class Model:
@@ -30,7 +30,7 @@ class Model:
 def test_texts_arriving_while_a_batch_runs_ride_together_in_the_next():
     async def scenario():
         model = Model(0.05)
-        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
         first = asyncio.create_task(batcher.submit("a", 1))
         await asyncio.sleep(0.01)  # "a" runs alone: the model was idle and no wait is set
         later = [asyncio.create_task(batcher.submit(t, 2)) for t in "bcdef"]
@@ -46,7 +46,7 @@ def test_texts_arriving_while_a_batch_runs_ride_together_in_the_next():
 def test_max_batch_size_caps_a_batch_and_the_rest_follow():
     async def scenario():
         model = Model(0.01)
-        batcher = _TextBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.0)
+        batcher = TextBatcher(model, max_batch_size=3, batch_wait_timeout_s=0.0)
         await asyncio.gather(*(batcher.submit(t, 0) for t in "abcdefg"))
         return model.batches
 
@@ -56,7 +56,7 @@ def test_max_batch_size_caps_a_batch_and_the_rest_follow():
 def test_a_text_waits_for_company_only_after_a_batch_that_had_some():
     async def scenario(wait_s: float):
         model = Model(0.0)
-        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=wait_s)
+        batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=wait_s)
         began = asyncio.get_running_loop().time()
         await batcher.submit("alone", 0)  # a lone client: no wait at all
         alone_s = asyncio.get_running_loop().time() - began
@@ -75,7 +75,7 @@ def test_a_text_waits_for_company_only_after_a_batch_that_had_some():
 def test_reconfigure_changes_a_running_batcher():
     async def scenario():
         model = Model(0.01)
-        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
         await batcher.submit("a", 0)
         batcher.configure(2, 0.0)
         await asyncio.gather(*(batcher.submit(t, 0) for t in "bcd"))
@@ -88,7 +88,7 @@ def test_a_failing_batch_fails_its_requests_only():
     async def scenario():
         model = Model(0.02)
         model.fail_on = "bad"
-        batcher = _TextBatcher(model, max_batch_size=2, batch_wait_timeout_s=0.0)
+        batcher = TextBatcher(model, max_batch_size=2, batch_wait_timeout_s=0.0)
         tasks = [asyncio.create_task(batcher.submit(t, 0)) for t in ("ok", "bad", "fine")]
         return await asyncio.gather(*tasks, return_exceptions=True), model.batches
 
@@ -101,7 +101,7 @@ def test_a_failing_batch_fails_its_requests_only():
 def test_a_request_cancelled_while_waiting_is_left_out_of_its_batch():
     async def scenario():
         model = Model(0.05)
-        batcher = _TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
         running = asyncio.create_task(batcher.submit("a", 0))
         await asyncio.sleep(0.01)
         gone = asyncio.create_task(batcher.submit("gone", 0))

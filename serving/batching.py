@@ -1,0 +1,88 @@
+"""Batching of single texts from concurrent requests for one model thread (the ModelServer's
+predict routes and the adapters' replicas, serving.adapter_server)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from typing import Any
+
+__all__ = ["TextBatcher"]
+
+
+class TextBatcher:
+    """Batches texts of concurrent requests for one model thread, greedily.
+
+    A batch is formed only when the model is free: it takes every text waiting, up to
+    `max_batch_size`, so texts that arrive while a batch computes ride in the next one.
+    `@serve.batch` instead cuts the next batch `batch_wait_timeout_s` after its first text even
+    while the model is still busy, and runs it later: under load that gave batches of 2.6
+    texts where this gives what arrived during the last batch (7 to 8 at 16 clients).
+
+    A text that finds the queue short waits for company, at most `batch_wait_timeout_s` from
+    its own arrival, only when the last batch had company too: a lone client's requests never
+    wait (with a 20 ms wait every time, one client got p50 42 ms instead of about 20).
+
+    `run(texts, predictors)` answers one batch (a list, in order); an exception fails that
+    batch's requests only. A request cancelled while it waits (a client gone, a timeout) is
+    left out of its batch.
+    """
+
+    def __init__(self, run: Any, max_batch_size: int, batch_wait_timeout_s: float):
+        self._run = run
+        self._queue: collections.deque = collections.deque()
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._last_batch = 1  # texts in the last batch run
+        self.configure(max_batch_size, batch_wait_timeout_s)
+
+    def configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_wait_timeout_s = max(0.0, float(batch_wait_timeout_s))
+
+    async def submit(self, text: str, predictor: Any) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._batches())
+        future = loop.create_future()
+        self._queue.append((loop.time(), text, predictor, future))
+        self._arrived.set()  # type: ignore[union-attr]
+        return await future
+
+    async def _batches(self) -> None:
+        arrived = self._arrived
+        assert arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                arrived.clear()
+                await arrived.wait()
+            wait_s = self.batch_wait_timeout_s if self._last_batch > 1 else 0.0
+            deadline = self._queue[0][0] + wait_s
+            while len(self._queue) < self.max_batch_size and loop.time() < deadline:
+                arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+            batch = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item = self._queue.popleft()
+                if not item[3].done():  # cancelled while waiting
+                    batch.append(item)
+            if not batch:
+                continue
+            self._last_batch = len(batch)
+            try:
+                answers = await self._run([b[1] for b in batch], [b[2] for b in batch])
+            except BaseException as exc:  # this batch's requests fail; the next batch runs
+                failure = exc if isinstance(exc, Exception) else RuntimeError("batching stopped")
+                for item in batch:
+                    if not item[3].done():
+                        item[3].set_exception(failure)
+                if not isinstance(exc, Exception):  # cancelled: the replica is stopping
+                    raise
+                continue
+            for item, answer in zip(batch, answers, strict=True):
+                if not item[3].done():
+                    item[3].set_result(answer)
