@@ -2,18 +2,21 @@
 
 A request that names a registry version (`/v1/models/{name}/versions/{v}/predict`, or Serve's
 `serve_multiplexed_model_id: v` header) or an alias (`/v1/models/{name}/aliases/{a}/predict`)
-other than the version the deployment serves is answered by an `Adapter` from this replica's
-`AdapterPool`:
+other than the version the app serves is answered by an `Adapter` from an `AdapterPool`, in a
+replica of the app's Adapters deployment (`serving.adapter_server`); the ingress reads the
+registry only (`AdapterCatalog`: what an alias names, what is servable):
 
 - the base model is loaded once per replica, the first time a request names another version:
   `model.base` of the deployment's own version, with its head size (peft `PeftModel`);
 - each version is one named peft adapter on it: its LoRA weights and its own classifier head
   (peft's modules_to_save), loaded with `load_adapter` on a cache miss and freed with
   `delete_adapter` when evicted;
-- the cache is Serve's `@serve.multiplexed` LRU, `serve.max_adapters_per_replica` big; Serve
-  also routes header requests (`serve_multiplexed_model_id`) to replicas that hold the adapter;
-- texts of one `@serve.batch` that name different adapters run in one forward pass (peft's
-  mixed-batch `adapter_names=`, which covers LoRA layers and the modules_to_save head);
+- the cache is Serve's `@serve.multiplexed` LRU, `serve.max_adapters_per_replica` big; the
+  ingress's handle calls carry the version as the multiplexed model id, so Serve routes them to
+  replicas that hold the adapter;
+- texts of one batch (`serving.batching`) that name different adapters run in one forward
+  pass (peft's mixed-batch `adapter_names=`, which covers LoRA layers and the modules_to_save
+  head);
 - an evicted adapter still in use by a request in flight is freed when that request is done.
 
 Refusals, each a 4xx naming why: an unknown version or alias (404), a version that is not a
@@ -25,7 +28,7 @@ under a forward pass).
 A causal-lm base generates instead: the OpenAI routes (`serving.openai_api`) pick a version
 with the request's `model` field (`name/3`, `name@alias`), and prompts for different adapters
 decode in one batch (`serving.generation.stream_together`, peft's `adapter_names=`), each
-formatted with its own version's tokenizer and prompt template. `AdapterRouter.servable` lists
+formatted with its own version's tokenizer and prompt template. `AdapterCatalog.servable` lists
 what the `model` field can name: the registry's LoRA versions over the same base and task, and
 their aliases.
 """

@@ -555,8 +555,12 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
     serve_cfg = config.serve
     contenders: list[Contender] = []
     notes = [f"(a), (b): serve section {_serve_knobs(serve_cfg)}"]
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        notes.append("(a), (d): Serve's HAProxy ingress on the HTTP port (raylift's default)")
+    elif os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
         notes.append("(a), (d): Serve's direct ingress, sent to the ingress replica's own port")
+    else:
+        notes.append("(a), (d): Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0)")
     batch_stats: dict[int, dict[str, int]] = {n: {"batches": 0, "texts": 0} for n in CLIENTS}
 
     with contextlib.ExitStack() as up:
@@ -731,9 +735,10 @@ def _adapter_config(root: Path):
 
 
 def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
-    """RSS of one replica holding its own version, then 1 and 4 more LoRA versions of MiniLM
-    (serve.max_adapters_per_replica=4); latency of the first request to a cold adapter (the
-    first one also loads the shared base) against a warm one."""
+    """The app's Adapters deployment (serving.adapter_server), which has no replica until it is
+    asked: the time Serve takes to start its first replica, that replica's RSS empty, then with
+    1 and 4 LoRA versions of MiniLM (serve.max_adapters_per_replica=4); latency of the first
+    request to a cold adapter (the first one also loads the shared base) against a warm one."""
     import httpx
 
     from jobs import tracking
@@ -770,7 +775,9 @@ def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
     try:
         for _ in range(3):
             ask("1")
-        home = rss()
+        began = time.perf_counter()
+        empty = rss()  # the first call to the Adapters deployment starts its replica
+        start_s = time.perf_counter() - began
         first_cold = ask("2")  # loads the base once, then the adapter
         one = rss()
         warm = sorted(ask("2") for _ in range(9))[4]
@@ -783,9 +790,10 @@ def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
         serve.shutdown()
     assert stats["resident_versions"] == ["2", "3", "4", "5"], stats
     print(f"\nLoRA adapters of MiniLM-L6 on one replica ({_cpu()}, fp32 adapters)")
+    print(f"Adapters replica started from zero replicas in {start_s:.1f} s")
     print(
-        f"replica RSS: own version only {home:.0f} MiB, +1 adapter {one:.0f} MiB, "
-        f"+4 adapters {four:.0f} MiB ({(four - one) / 3:.1f} MiB per further adapter)"
+        f"Adapters replica RSS: empty {empty:.0f} MiB, +1 adapter {one:.0f} MiB (the base "
+        f"included), +4 adapters {four:.0f} MiB ({(four - one) / 3:.1f} MiB per further adapter)"
     )
     print(
         f"first request to a cold adapter: {first_cold * 1e3:.0f} ms (base load included), "

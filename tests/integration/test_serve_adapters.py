@@ -1,8 +1,9 @@
-"""Many LoRA versions on one base in one replica (serving.adapters, Serve model multiplexing),
-on the shared Ray with a real MLflow registry (SQLite): each version picked by path, alias or
-Serve's header answers with its own adapter and head; an LRU cache of 2 holds 2 of 3 adapters
-and frees the evicted one; unknown versions and aliases are 404s, a version over another base
-or a full model a 409, and the replica keeps serving."""
+"""Many LoRA versions on one base in one replica of the app's Adapters deployment
+(serving.adapter_server, Serve model multiplexing), on the shared Ray with a real MLflow
+registry (SQLite): that deployment has no replica until a request names another version; each
+version picked by path, alias or Serve's header answers with its own adapter and head; an LRU
+cache of 2 holds 2 of 3 adapters and frees the evicted one; unknown versions and aliases are
+404s, a version over another base or a full model a 409, and the replica keeps serving."""
 
 from __future__ import annotations
 
@@ -118,6 +119,29 @@ def _stats() -> dict:
     from ray import serve
 
     return serve.get_app_handle(MODEL).adapter_stats.remote().result(timeout_s=30)
+
+
+def _running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[MODEL].deployments[deployment].replica_states
+    return states.get("RUNNING", 0)
+
+
+def test_the_adapters_deployment_starts_with_the_first_request_for_another_version(endpoint):
+    """The app's own version is answered by the ModelServer alone; the first request for
+    another version starts an Adapters replica (serve.adapters_min_replicas 0), which answers
+    it, not the ModelServer."""
+    import httpx
+
+    assert _post(endpoint, "predict").json()["model_version"] == "1"
+    assert _running_replicas("Adapters") == 0, "an Adapters replica before any adapter request"
+    answer = _post(endpoint, "versions/2/predict")
+    assert answer.status_code == 200 and answer.json()["model_version"] == "2", answer.text
+    assert _running_replicas("Adapters") == 1 and _running_replicas("ModelServer") == 1
+    ingress = httpx.get(f"{endpoint}/v1/models/{MODEL}", timeout=30).json()["replica"]
+    stats = _stats()
+    assert stats["replica"] != ingress and stats["resident_versions"] == ["2"], stats
 
 
 def test_each_version_answers_with_its_own_adapter(endpoint, registry):

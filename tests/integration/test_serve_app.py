@@ -130,6 +130,24 @@ def test_predict_answers_in_request_order(client):
     assert [p["label"] for p in single] == [p["label"] for p in body["predictions"]]
 
 
+def test_the_endpoint_is_served_by_haproxy_on_the_embedded_ray(client):
+    """Ray started by raylift runs Serve's HAProxy ingress on the serve port (cluster.runtime),
+    and the ModelServer answers through it."""
+    import psutil
+
+    def listens_on_the_port(process: psutil.Process) -> bool:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:  # gone meanwhile
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == PORT for c in connections)
+
+    haproxies = psutil.process_iter(["name"])
+    listening = [p for p in haproxies if p.info["name"] == "haproxy" and listens_on_the_port(p)]
+    assert listening, f"no haproxy process listens on the serve port {PORT}"
+    assert _predict(client, ["card arrived late"]).status_code == 200
+
+
 def test_model_info_and_health(client):
     info = client.get(f"/v1/models/{MODEL}")
     assert info.status_code == 200
