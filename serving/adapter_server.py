@@ -15,7 +15,8 @@ direct ingress, where multiplexing on the ingress deployment is not (ray-project
   messages; prompts for different adapters decode in one batch;
 - `stats()`: the replica's adapters (LRU order), cache hits and misses, RSS.
 
-`home_uri` is the ModelServer's version: its `model.base` is the base the adapters go on.
+`home_uri` is the ModelServer's version: its `model.base` is the base the adapters go on. A
+replica loads that base as it starts (the version ModelVersion names), before any request.
 Refusals (an unknown version, one over another base) come back as values, not exceptions, so
 the ingress answers them with their own 4xx; `RemoteAdapters` is the ingress's side.
 
@@ -56,6 +57,7 @@ class AdapterServer(GenerationBatching):
 
     def __init__(
         self,
+        versions: Any,
         *,
         served_name: str,
         serve_config: Any,
@@ -70,14 +72,15 @@ class AdapterServer(GenerationBatching):
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
         self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._home_uri: str | None = None
+        self._pool = AdapterPool(
+            model_name=served_name,
+            tracking_uri=tracking_uri,
+            model_thread=self._model_thread,
+            torch_threads=serve_config.torch_threads,
+            trust_remote_code=trust_remote_code,
+        )
         self._router = AdapterRouter(
-            AdapterPool(
-                model_name=served_name,
-                tracking_uri=tracking_uri,
-                model_thread=self._model_thread,
-                torch_threads=serve_config.torch_threads,
-                trust_remote_code=trust_remote_code,
-            ),
+            self._pool,
             max_adapters=serve_config.max_adapters_per_replica,
             load_thread=self._load_thread,
             home_uri=lambda: self._home_uri,
@@ -96,6 +99,17 @@ class AdapterServer(GenerationBatching):
         }
         self._batcher = TextBatcher(self._predict_batch, 1, 0.0)  # sizes: reconfigure()
         self.reconfigure(self._batching)
+        self._warming = asyncio.get_running_loop().create_task(self._warm(versions))
+
+    async def _warm(self, versions: Any) -> None:
+        """Load the base of the app's current version in the background, so that the first
+        request for an adapter waits for the adapter only, or for the rest of this."""
+        try:
+            target = await versions.current.remote()
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._load_thread, self._pool.warm, target["uri"])
+        except Exception as exc:  # the first adapter request loads it, or says why it cannot
+            log.warning("could not load the adapters' base ahead of requests: %s", exc)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The ModelServer's batching settings (the same user_config)."""
@@ -126,8 +140,7 @@ class AdapterServer(GenerationBatching):
 
     async def _predict_batch(self, texts: list[str], adapters: list[Adapter]) -> list[dict]:
         loop = asyncio.get_running_loop()
-        pool = adapters[0].pool
-        return await loop.run_in_executor(self._model_thread, pool.predict, adapters, texts)
+        return await loop.run_in_executor(self._model_thread, self._pool.predict, adapters, texts)
 
     async def generate(self, body: Any, home_uri: str) -> AsyncIterator[Any]:
         """First {"model_version", "prompt_tokens", "items"} (or {"error": ...}), then

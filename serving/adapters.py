@@ -234,6 +234,13 @@ class AdapterPool:
         self._paths[version] = path
         return path
 
+    def warm(self, home_uri: str) -> None:
+        """Load the base of `home_uri` and import peft now, before any adapter is asked for
+        (blocking: call it off the event loop)."""
+        import peft  # noqa: F401  (what the first _attach imports)
+
+        self._ensure_base(home_uri)
+
     def _ensure_base(self, home_uri: str) -> None:
         """Load the base of the deployment's version once (the first adapter pays for it)."""
         with self._base_lock:

@@ -361,8 +361,7 @@ class _ReplicaMetrics:
         self._model_info: dict[tuple[tuple[str, str], ...], int] = {}  # tags -> value set
 
     def queued(self, change: int) -> None:
-        self._queued += change
-        self.queued_texts.set(self._queued)
+        self._queued += change  # exported by `refresh`, each second: not per request
 
     def serving(self, predictor: Any, replaced: Any | None) -> None:
         if replaced is not None:
@@ -924,6 +923,7 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         poll_interval_s=serve_cfg.model_poll_interval_s,
     )
     adapters = _adapter_server(serve_cfg).bind(
+        versions,
         served_name=config.registry.model_name,
         serve_config=serve_cfg,
         tracking_uri=tracking_uri,

@@ -715,7 +715,7 @@ def test_endpoint_per_engine(ray_session, checkpoint, variant):
 ADAPTER_MODEL = "bench-adapters"
 
 
-def _adapter_config(root: Path):
+def _adapter_config(root: Path, min_replicas: int):
     from jobs.config import load_config
 
     return load_config(
@@ -727,6 +727,7 @@ def _adapter_config(root: Path):
             "registry.build_engines": False,
             "serve.port": PORT,
             "serve.max_adapters_per_replica": 4,
+            "serve.adapters_min_replicas": min_replicas,
             "serve.model_poll_interval_s": None,
             "serve.autoscaling.min_replicas": 1,
             "serve.autoscaling.max_replicas": 1,
@@ -734,11 +735,14 @@ def _adapter_config(root: Path):
     )
 
 
-def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
-    """The app's Adapters deployment (serving.adapter_server), which has no replica until it is
-    asked: the time Serve takes to start its first replica, that replica's RSS empty, then with
-    1 and 4 LoRA versions of MiniLM (serve.max_adapters_per_replica=4); latency of the first
-    request to a cold adapter (the first one also loads the shared base) against a warm one."""
+@pytest.mark.parametrize("min_replicas", [0, 1], ids=["from-zero", "one-kept"])
+def test_adapters_memory_and_cold_latency(ray_session, tmp_path, min_replicas):
+    """The app's Adapters deployment (serving.adapter_server): with
+    serve.adapters_min_replicas 0 (the default) it has no replica until asked, and the first
+    request for an adapter waits for a replica to start and load the base; with 1, a replica
+    loads the base as the app deploys. The replica's RSS then holding 1 and 4 LoRA versions of
+    MiniLM (serve.max_adapters_per_replica=4); latency of the first request to a cold adapter
+    against later cold ones and a warm one."""
     import httpx
 
     from jobs import tracking
@@ -748,7 +752,7 @@ def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
     from serving.registry import set_alias
     from tests.helpers import make_lora_checkpoint
 
-    config = _adapter_config(tmp_path)
+    config = _adapter_config(tmp_path, min_replicas)
     base = resolve_base_model("all-MiniLM-L6-v2")
     labels = list(banking77_categories())
     for k in range(5):
@@ -776,8 +780,14 @@ def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
         for _ in range(3):
             ask("1")
         began = time.perf_counter()
-        empty = rss()  # the first call to the Adapters deployment starts its replica
+        empty = rss()  # from zero, the first call to the Adapters deployment starts its replica
         start_s = time.perf_counter() - began
+        if min_replicas:
+            deadline = time.monotonic() + 120
+            while handle.adapter_stats.remote().result(timeout_s=60)["base"] is None:
+                assert time.monotonic() < deadline, "the Adapters replica never loaded its base"
+                time.sleep(0.5)
+            empty = rss()  # the base loaded, no adapter yet
         first_cold = ask("2")  # loads the base once, then the adapter
         one = rss()
         warm = sorted(ask("2") for _ in range(9))[4]
@@ -789,14 +799,22 @@ def test_adapters_memory_and_cold_latency(ray_session, tmp_path):
         serve.delete(ADAPTER_MODEL)
         serve.shutdown()
     assert stats["resident_versions"] == ["2", "3", "4", "5"], stats
-    print(f"\nLoRA adapters of MiniLM-L6 on one replica ({_cpu()}, fp32 adapters)")
-    print(f"Adapters replica started from zero replicas in {start_s:.1f} s")
     print(
-        f"Adapters replica RSS: empty {empty:.0f} MiB, +1 adapter {one:.0f} MiB (the base "
-        f"included), +4 adapters {four:.0f} MiB ({(four - one) / 3:.1f} MiB per further adapter)"
+        f"\nLoRA adapters of MiniLM-L6 on one replica ({_cpu()}, fp32 adapters), "
+        f"serve.adapters_min_replicas={min_replicas}"
+    )
+    if min_replicas:
+        print("the Adapters replica was up with the app, its base loaded before the first request")
+    else:
+        print(f"the Adapters replica started from zero replicas in {start_s:.1f} s")
+    print(
+        f"Adapters replica RSS: {'base only' if min_replicas else 'started'} {empty:.0f} MiB, "
+        f"+1 adapter {one:.0f} MiB, +4 adapters {four:.0f} MiB "
+        f"({(four - one) / 3:.1f} MiB per further adapter)"
     )
     print(
-        f"first request to a cold adapter: {first_cold * 1e3:.0f} ms (base load included), "
+        f"first request to a cold adapter: {first_cold * 1e3:.0f} ms"
+        f"{'' if min_replicas else ' (the rest of the base load included)'}, "
         f"later cold adapters {', '.join(f'{c * 1e3:.0f}' for c in cold)} ms; "
         f"warm median {warm * 1e3:.0f} ms (4 resident: {warm_four * 1e3:.0f} ms)"
     )
