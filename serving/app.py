@@ -591,8 +591,9 @@ class ModelServer(OpenAIRoutes):
         )
 
     def batch_stats(self) -> dict[str, Any]:
-        """Batching settings, batches run, texts scored, largest batch (through a handle)."""
-        return {**self._batching, **self._stats}
+        """Batching settings, batches run, texts scored, largest batch, by this replica
+        (through a handle)."""
+        return {"replica": self._replica, **self._batching, **self._stats}
 
     async def adapter_stats(self) -> dict[str, Any]:
         """An Adapters replica's adapters (LRU order), cache hits and misses, RSS in MiB."""

