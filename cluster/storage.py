@@ -378,7 +378,7 @@ def _cache_entries(root: Path) -> list[tuple[Path, int, float]]:
         found.append((entry, size, source.stat().st_mtime))
     for folder in (OPENVINO_CACHE_DIR, ENGINE_PICKS_DIR):
         for file in (root / folder).glob("*"):
-            if file.is_file():
+            if file.is_file() and not file.name.startswith("."):  # not a lock file
                 stat = file.stat()
                 found.append((file, stat.st_size, stat.st_mtime))
     return found

@@ -305,19 +305,31 @@ def _compile_openvino(core: Any, path: Path, config: dict) -> Any:
     file and config is loaded instead of compiled again. Measured on the MiniLM ONNX file, bf16,
     1 thread (AVX512-BF16): 0.37 s to read and compile, 0.06 s from the cache; that is each
     scoring actor's and replica's start after the first on the node. Without a writable folder,
-    or if the cached compile fails, the model is compiled as before."""
+    or if the cached compile fails, the model is compiled as before.
+
+    Processes on a node take turns (a lock file in the folder): OpenVINO maps a cached blob into
+    memory, and a replica whose blob another process was still writing died of SIGBUS (seen
+    with two replicas starting together); the second one now waits about 0.4 s, then reads the
+    blob the first one wrote."""
+    import fcntl
+
     from cluster.storage import cache_dir
 
     folder = cache_dir() / OPENVINO_CACHE_DIR
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        lock = (folder / ".compile.lock").open("a")
     except OSError as exc:
         log.warning("OpenVINO compiles without its model cache (%s): %s", folder, exc)
     else:
-        try:
-            return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
-        except RuntimeError as exc:  # a damaged blob, a cache the runtime refuses
-            log.warning("OpenVINO's model cache in %s failed (%s): compiling again", folder, exc)
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                return core.compile_model(str(path), "CPU", {**config, "CACHE_DIR": str(folder)})
+            except RuntimeError as exc:  # a damaged blob, a cache the runtime refuses
+                log.warning(
+                    "OpenVINO's model cache in %s failed (%s): compiling again", folder, exc
+                )
     return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 

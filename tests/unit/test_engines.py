@@ -499,6 +499,44 @@ def test_token_ids_match_transformers_and_odd_tokenizers_go_through_it(staged, t
         assert _TokenIds.load(odd, False) is None, change  # transformers loads these
 
 
+def test_openvino_compiles_through_the_cache_holding_the_nodes_lock(staged, tmp_path, monkeypatch):
+    """Processes on a node take turns compiling through the cache (two replicas starting
+    together: one died of SIGBUS reading the blob the other was writing): while one compiles,
+    another open of the lock file cannot take it."""
+    import fcntl
+
+    import openvino as ov
+
+    directory, _ = staged
+    monkeypatch.setenv("RAYLIFT_CACHE_DIR", str(tmp_path / "cache"))
+    lock_path = tmp_path / "cache" / engines.OPENVINO_CACHE_DIR / ".compile.lock"
+    held = []
+
+    class Watched:
+        """OpenVINO's Core, checking the lock as it compiles."""
+
+        def __init__(self) -> None:
+            self.core = ov.Core()
+
+        def compile_model(self, *args):
+            with lock_path.open("a") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(True)
+                else:
+                    held.append(False)
+            return self.core.compile_model(*args)
+
+        def read_model(self, *args):
+            return self.core.read_model(*args)
+
+    compiled = engines._compile_openvino(Watched(), directory / engines.ONNX_FILE, {})
+    assert compiled is not None and held == [True]
+    with lock_path.open("a") as after:  # released once compiled
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_openvino_compiles_through_its_cache_on_the_node(staged, tmp_path, monkeypatch):
     """The second compile of the same artifact loads OpenVINO's cached blob (0.37 -> 0.06 s on
     MiniLM) and gives the same logits; an unwritable cache folder compiles as before."""
