@@ -44,14 +44,12 @@ __all__ = ["AdapterServer", "RemoteAdapters", "RemoteGeneration"]
 
 log = logging.getLogger(__name__)
 
-_DRAIN_WAIT_LOOP_S = 0.5  # as the ModelServer's (serving.app)
-
 
 def _refusal(exc: AdapterError) -> dict[str, Any]:
     return {"error": {"status": exc.status, "detail": exc.detail}}
 
 
-@serve.deployment(name="Adapters", graceful_shutdown_wait_loop_s=_DRAIN_WAIT_LOOP_S)
+@serve.deployment(name="Adapters")  # its options: serving.app._adapter_server
 class AdapterServer(GenerationBatching):
     """One replica: the base model once, the adapters Serve's LRU holds, one model thread."""
 
@@ -144,7 +142,7 @@ class AdapterServer(GenerationBatching):
 
     async def generate(self, body: Any, home_uri: str) -> AsyncIterator[Any]:
         """First {"model_version", "prompt_tokens", "items"} (or {"error": ...}), then
-        (prompt, its Deltas of a step), (prompt, None) when it is done, or (prompt, "why")
+        (prompt, its Deltas of a step), and (prompt, None) when it is done or (prompt, "why")
         when its batch failed."""
         try:
             adapter = await self._adapter(home_uri)
@@ -164,8 +162,10 @@ class AdapterServer(GenerationBatching):
                 "prompt_tokens": sum(len(item.ids) for item in items[:: body.n]),
                 "items": len(items),
             }
-            async for message in self._merged_steps(items):
-                yield message
+            async for index, step in self._item_steps(items):
+                # An exception travels as its text: the ingress fails that prompt's stream.
+                failed = isinstance(step, Exception)
+                yield index, f"{type(step).__name__}: {step}" if failed else step
         finally:
             self._router.release(adapter)
 

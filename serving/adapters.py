@@ -516,7 +516,7 @@ class AdapterCatalog:
         self._aliases: dict[str, tuple[str, float]] = {}
         self._servable: tuple[str, dict[str, Any], float] | None = None
 
-    async def alias_version(self, model_name: str, alias: str) -> str:
+    async def alias_version(self, alias: str) -> str:
         """The version `alias` names now (re-read from the registry after ttl_s)."""
         cached = self._aliases.get(alias)
         if cached is not None and time.monotonic() - cached[1] < self._ttl_s:
@@ -525,11 +525,11 @@ class AdapterCatalog:
 
         try:
             resolved = await asyncio.to_thread(
-                resolve_version, f"models:/{model_name}@{alias}", self._tracking_uri
+                resolve_version, f"models:/{self._model_name}@{alias}", self._tracking_uri
             )
         except (LookupError, ValueError):
             raise _unknown(
-                f"alias {alias!r} of {model_name!r} names no version in the registry; set it "
+                f"alias {alias!r} of {self._model_name!r} names no version in the registry; set it "
                 "with `raylift promote` (or MLflow's set_registered_model_alias)"
             ) from None
         self._aliases[alias] = (str(resolved.version), time.monotonic())

@@ -779,7 +779,7 @@ class ModelServer(OpenAIRoutes):
         predictor = await self._serving(request)
         try:
             if alias is not None:
-                version = await self._catalog.alias_version(self._served_name, alias)
+                version = await self._catalog.alias_version(alias)
             if version is not None:
                 version = normalized_version(version)
         except AdapterError as exc:
@@ -982,6 +982,7 @@ def _adapter_server(serve_cfg: ServeConfig) -> Any:
         ray_actor_options={"num_cpus": serve_cfg.num_cpus},
         logging_config={"enable_access_log": serve_cfg.access_log},
         user_config=_batching(serve_cfg),
+        graceful_shutdown_wait_loop_s=_DRAIN_WAIT_LOOP_S,
     )
 
 

@@ -237,37 +237,9 @@ class GenerationBatching:
                 done.update(rows[d.index] for d in step if d.finish_reason is not None)
         yield [StopIteration] * len(items)
 
-    async def _merged_steps(self, items: list[_Item]) -> AsyncIterator[tuple[int, Any]]:
-        """Every item's generation steps as they come: (item, its Deltas of a step), then
-        (item, None) when it is done, or (item, "why") when its batch failed."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: AsyncIterator[list[Delta]]) -> None:
-            try:
-                async for step in stream:
-                    await queue.put((index, step))
-            except Exception as exc:  # the batch failed: its items say so, the rest go on
-                await queue.put((index, f"{type(exc).__name__}: {exc}"))
-            finally:
-                await queue.put((index, None))
-
-        streams = [self._generation_batch(item) for item in items]
-        tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
-        failed: set[int] = set()
-        try:
-            open_items = len(items)
-            while open_items:
-                index, step = await queue.get()
-                if step is None:
-                    open_items -= 1
-                    if index in failed:
-                        continue
-                elif isinstance(step, str):
-                    failed.add(index)
-                yield index, step
-        finally:
-            for task in tasks:
-                task.cancel()
+    def _item_steps(self, items: list[_Item]) -> AsyncIterator[tuple[int, Any]]:
+        """Every item's generation steps as they come (`_merge`)."""
+        return _merge([self._generation_batch(item) for item in items])
 
 
 class OpenAIRoutes(GenerationBatching):
@@ -376,7 +348,7 @@ class OpenAIRoutes(GenerationBatching):
             version = self._header_version(request)
         try:
             if alias is not None:
-                version = await self._catalog.alias_version(self._served_name, alias)
+                version = await self._catalog.alias_version(alias)
             if version is not None:
                 version = normalized_version(version)
         except AdapterError as exc:
@@ -576,43 +548,54 @@ async def _sse(
 ) -> AsyncIterator[str]:
     """Server-sent events: a chunk per choice per step with text, its finishing chunk, then a
     usage chunk and `data: [DONE]`; `on_done` runs when the stream ends (or the client goes)."""
+    last: dict[int, Delta] = {}
+    started: set[int] = set()
+    steps = _merge(streams)
+    try:
+        async for index, event in steps:
+            if isinstance(event, Exception):  # the batch failed: tell the client in the stream
+                error = {"message": f"generation failed: {event}", "type": "server_error"}
+                yield _event({"error": {**error, "param": None, "code": None}})
+                continue
+            for delta in event or ():
+                last[index] = delta
+                first = index not in started
+                started.add(index)
+                yield _event(answer.chunk(index, delta.text, delta.finish_reason, first))
+        usage = answer.usage([[last[i]] for i in sorted(last)])
+        yield _event({**answer._head(True), "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+    finally:
+        await steps.aclose()
+        on_done()
+
+
+async def _merge(streams: list[AsyncIterator[list[Delta]]]) -> AsyncIterator[tuple[int, Any]]:
+    """The steps of several prompts' streams as they come: (prompt, its Deltas of a step), and
+    once per prompt its end: (prompt, None), or (prompt, the exception) when its batch failed
+    (the others go on). Closing the merge stops the streams."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[list[Delta]]) -> None:
         try:
             async for step in stream:
-                for delta in step:
-                    await queue.put((index, delta))
-        except Exception as exc:  # the batch failed: tell the client in the stream
+                await queue.put((index, step))
+        except Exception as exc:
             await queue.put((index, exc))
-        finally:
+        else:
             await queue.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
-    last: dict[int, Delta] = {}
-    started: set[int] = set()
-    open_streams = len(streams)
     try:
+        open_streams = len(streams)
         while open_streams:
             index, event = await queue.get()
-            if event is None:
+            if event is None or isinstance(event, Exception):
                 open_streams -= 1
-                continue
-            if isinstance(event, Exception):
-                error = {"message": f"generation failed: {event}", "type": "server_error"}
-                yield _event({"error": {**error, "param": None, "code": None}})
-                continue
-            last[index] = event
-            first = index not in started
-            started.add(index)
-            yield _event(answer.chunk(index, event.text, event.finish_reason, first))
-        usage = answer.usage([[last[i]] for i in sorted(last)])
-        yield _event({**answer._head(True), "choices": [], "usage": usage})
-        yield "data: [DONE]\n\n"
+            yield index, event
     finally:
         for task in tasks:
             task.cancel()
-        on_done()
 
 
 def _event(payload: dict[str, Any]) -> str:
