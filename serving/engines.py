@@ -682,13 +682,26 @@ def export_onnx(model: Any, path: str | Path) -> Path:
 
 
 def quantize_int8(source: str | Path, target: str | Path) -> Path:
-    """Dynamic int8 quantization of `source`'s weights, per output channel."""
+    """Dynamic int8 quantization of `source`'s weights, per output channel, in 7 bits.
+
+    Reduced range, because the artifact runs on whatever CPU later opens it: without VNNI
+    (AVX2, early AVX-512) onnxruntime's u8 x s8 kernels add pairs of products in 16 bits,
+    which full-range weights overflow. A tiny random BERT quantized in full range passed the
+    gate (>= 99.5% of labels as fp32 torch) on an AVX512-BF16 Xeon and agreed on 0% on an
+    AVX2-only EPYC; reduced, it passes there too. MiniLM-L6 on the EPYC: 0.956 full range,
+    0.961 reduced."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
     root.addFilter(_drop_quantizer_notes)
     try:
-        quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(source),
+            str(target),
+            per_channel=True,
+            reduce_range=True,
+            weight_type=QuantType.QInt8,
+        )
     finally:
         root.removeFilter(_drop_quantizer_notes)
     return Path(target)
