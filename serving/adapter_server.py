@@ -37,7 +37,7 @@ from typing import Any
 from ray import serve
 
 from serving.adapters import Adapter, AdapterError, AdapterPool, AdapterRouter
-from serving.batching import TextBatcher
+from serving.batching import BatchMetrics, TextBatcher
 from serving.openai_api import GenerationBatching, OpenAIError
 
 __all__ = ["AdapterServer", "RemoteAdapters", "RemoteGeneration"]
@@ -97,7 +97,10 @@ class AdapterServer(GenerationBatching):
         }
         self._batcher = TextBatcher(self._predict_batch, 1, 0.0)  # sizes: reconfigure()
         self.reconfigure(self._batching)
-        self._warming = asyncio.get_running_loop().create_task(self._warm(versions))
+        self._metrics = BatchMetrics()
+        loop = asyncio.get_running_loop()
+        self._gauges = loop.create_task(self._metrics.keep_fresh())
+        self._warming = loop.create_task(self._warm(versions))
 
     async def _warm(self, versions: Any) -> None:
         """Load the base of the app's current version in the background, so that the first
@@ -130,6 +133,7 @@ class AdapterServer(GenerationBatching):
             adapter = await self._adapter(home_uri)
         except AdapterError as exc:
             return _refusal(exc)
+        self._metrics.queued(len(texts))
         try:
             answers = await asyncio.gather(*(self._batcher.submit(t, adapter) for t in texts))
         finally:
@@ -137,6 +141,7 @@ class AdapterServer(GenerationBatching):
         return {"answers": answers, "model_version": adapter.model_version}
 
     async def _predict_batch(self, texts: list[str], adapters: list[Adapter]) -> list[dict]:
+        self._metrics.batch(len(texts))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model_thread, self._pool.predict, adapters, texts)
 

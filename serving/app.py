@@ -103,7 +103,7 @@ from cluster.storage import worker_visible_uri
 from jobs.config import LifecycleConfig, ServeConfig
 from serving.adapter_server import AdapterServer, RemoteAdapters
 from serving.adapters import AdapterCatalog, AdapterError, normalized_version
-from serving.batching import TextBatcher
+from serving.batching import BatchMetrics, TextBatcher
 from serving.openai_api import OpenAIRoutes, openai_router
 from serving.text import is_usable_text
 
@@ -287,12 +287,7 @@ def _batching(serve_config: ServeConfig) -> dict[str, Any]:
 # Created inside the replica (Ray metrics belong to the process that records them); Serve adds
 # the deployment, replica and application tags itself.
 
-# Ray exports metrics every max(1 s, RAY_metrics_report_interval_ms) and its agent keeps a gauge
-# for two exports: a refresh each second keeps a replica's gauges at any interval, for a few
-# microseconds of the event loop.
-_GAUGE_REFRESH_S = 1.0
 _LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
-_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class _RequestMetrics:
@@ -338,30 +333,20 @@ class _RequestMetrics:
             self._requests.inc(tags={**tags, "model_version": version})
 
 
-class _ReplicaMetrics:
-    """What a replica records besides requests: batches, its queue, the model it runs."""
+class _ReplicaMetrics(BatchMetrics):
+    """What a ModelServer replica records besides requests: its batches and queue
+    (BatchMetrics), and the model it runs."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
 
-        self.batch_texts = metrics.Histogram(
-            "raylift_batch_texts",
-            description="Texts per model batch (texts of concurrent requests run together).",
-            boundaries=_BATCH_BUCKETS,
-        )
-        self.queued_texts = metrics.Gauge(
-            "raylift_queued_texts", description="Texts waiting in this replica for a batch."
-        )
+        super().__init__()
         self.model_info = metrics.Gauge(
             "raylift_model_info",
             description="1 for the model version this replica answers with, 0 once replaced.",
             tag_keys=("model_version", "engine", "precision", "threads"),
         )
-        self._queued = 0
         self._model_info: dict[tuple[tuple[str, str], ...], int] = {}  # tags -> value set
-
-    def queued(self, change: int) -> None:
-        self._queued += change  # exported by `refresh`, each second: not per request
 
     def serving(self, predictor: Any, replaced: Any | None) -> None:
         if replaced is not None:
@@ -370,18 +355,9 @@ class _ReplicaMetrics:
         self.refresh()
 
     def refresh(self) -> None:
-        """Set the gauges again to the values they hold. Ray's metrics agent drops a gauge
-        series not set within two export intervals (20 s by default): set once at load,
-        raylift_model_info left /metrics 20 s later (seen, and reproduced with a bare actor)."""
-        self.queued_texts.set(self._queued)
+        super().refresh()
         for tags, value in self._model_info.items():
             self.model_info.set(value, tags=dict(tags))
-
-    async def keep_fresh(self) -> None:
-        """`refresh` every _GAUGE_REFRESH_S, for the replica's life."""
-        while True:
-            await asyncio.sleep(_GAUGE_REFRESH_S)
-            self.refresh()
 
 
 def _runtime_tags(predictor: Any) -> dict[str, str]:
@@ -828,8 +804,7 @@ class ModelServer(OpenAIRoutes):
     async def _predict_batch(self, texts: list[str], predictors: list[Any]) -> list[dict]:
         """One batch of `TextBatcher`: texts of concurrent requests, in one forward pass per
         Predictor (two only during a swap)."""
-        self._metrics.queued(-len(texts))
-        self._metrics.batch_texts.observe(len(texts))
+        self._metrics.batch(len(texts))
         loop = asyncio.get_running_loop()
         answers: list[dict[str, Any]] = [{}] * len(texts)
         for predictor, rows in _group_by_predictor(predictors):

@@ -1,5 +1,6 @@
 """Batching of single texts from concurrent requests for one model thread (the ModelServer's
-predict routes and the adapters' replicas, serving.adapter_server)."""
+predict routes and the adapters' replicas, serving.adapter_server), and the metrics both record
+of it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,53 @@ import collections
 import contextlib
 from typing import Any
 
-__all__ = ["TextBatcher"]
+__all__ = ["BatchMetrics", "TextBatcher"]
+
+# Ray exports metrics every max(1 s, RAY_metrics_report_interval_ms) and its agent keeps a gauge
+# for two exports: a refresh each second keeps a replica's gauges at any interval, for a few
+# microseconds of the event loop.
+GAUGE_REFRESH_S = 1.0
+_BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class BatchMetrics:
+    """A replica's batches and its queue: raylift_batch_texts (texts per model batch) and
+    raylift_queued_texts (texts waiting for one). Created inside the replica (Ray metrics
+    belong to the process that records them); Serve tags each series with its application,
+    deployment and replica, so the ModelServer's and the Adapters' batches stay apart."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.batch_texts = metrics.Histogram(
+            "raylift_batch_texts",
+            description="Texts per model batch (texts of concurrent requests run together).",
+            boundaries=_BATCH_BUCKETS,
+        )
+        self.queued_texts = metrics.Gauge(
+            "raylift_queued_texts", description="Texts waiting in this replica for a batch."
+        )
+        self._queued = 0
+
+    def queued(self, change: int) -> None:
+        self._queued += change  # exported by `refresh`, each second: not per request
+
+    def batch(self, texts: int) -> None:
+        """A batch of `texts` leaves the queue for the model."""
+        self._queued -= texts
+        self.batch_texts.observe(texts)
+
+    def refresh(self) -> None:
+        """Set the gauges again to the values they hold. Ray's metrics agent drops a gauge
+        series not set within two export intervals (20 s by default): set once at load, a
+        gauge left /metrics 20 s later (seen, and reproduced with a bare actor)."""
+        self.queued_texts.set(self._queued)
+
+    async def keep_fresh(self) -> None:
+        """`refresh` every GAUGE_REFRESH_S, for the replica's life."""
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            self.refresh()
 
 
 class TextBatcher:

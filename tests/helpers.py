@@ -328,3 +328,12 @@ def one_rank_process_group(backend: str, env: dict[str, str] | None = None) -> I
                 os.environ.pop(key)
             else:
                 os.environ[key] = value
+
+
+def scrape_metrics(url: str) -> list:
+    """Every sample on a Prometheus /metrics page (`serving.app.metrics_url()`)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=30).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]

@@ -3,7 +3,8 @@
 registry (SQLite): that deployment has no replica until a request names another version; each
 version picked by path, alias or Serve's header answers with its own adapter and head; an LRU
 cache of 2 holds 2 of 3 adapters and frees the evicted one; unknown versions and aliases are
-404s, a version over another base or a full model a 409, and the replica keeps serving."""
+404s, a version over another base or a full model a 409, and the replica keeps serving; the
+Adapters replica's batches, queue and cache hits and misses are on Ray's /metrics page."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SERVE_PORT as PORT
-from tests.helpers import make_full_checkpoint, make_lora_checkpoint, make_tiny_bert
+from tests.helpers import (
+    make_full_checkpoint,
+    make_lora_checkpoint,
+    make_tiny_bert,
+    scrape_metrics,
+)
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up", "exchange_rate"]
 MODEL = "adapter-router"
@@ -224,3 +230,51 @@ def test_bad_versions_are_refused_with_the_reason_and_the_replica_keeps_serving(
     assert header.status_code == 404, header.text
     for version in ("1", "2"):
         assert _post(endpoint, f"versions/{version}/predict").status_code == 200
+
+
+# Ray exports metrics every 10 s by default: the last test, so the batches above have had time.
+EXPORT_BOUND_S = 45.0
+
+
+def test_the_adapters_batches_queue_and_cache_are_on_the_metrics_page(endpoint):
+    """The Adapters replica records its own batches and queue (beside the ModelServer's, told
+    apart by Serve's deployment tag) and its LRU cache's hits and misses."""
+    from serving.app import metrics_url
+
+    url = metrics_url()
+    assert url, "no metrics export port on the session's Ray"
+
+    def adapters(samples: list, name: str) -> float:
+        return sum(
+            s.value
+            for s in samples
+            if s.name == name
+            and s.labels.get("application") == MODEL
+            and s.labels.get("deployment") == "Adapters"
+        )
+
+    wanted = (
+        "ray_raylift_batch_texts_count",
+        "ray_raylift_batch_texts_sum",
+        "ray_raylift_adapter_cache_hits_total",
+        "ray_raylift_adapter_cache_misses_total",
+    )
+    deadline = time.monotonic() + EXPORT_BOUND_S
+    while True:
+        samples = scrape_metrics(url)
+        seen = {name: adapters(samples, name) for name in wanted}
+        if all(seen.values()):
+            break
+        assert time.monotonic() < deadline, f"Adapters series missing or zero: {seen}"
+        time.sleep(1)
+    stats = _stats()
+    # Every text of the adapter requests above went through a batch: 32 of the 48 concurrent
+    # ones alone asked for adapters (v2 and v3).
+    assert seen["ray_raylift_batch_texts_sum"] >= 32, seen
+    assert seen["ray_raylift_adapter_cache_misses_total"] <= stats["misses"], (seen, stats)
+    queued = [
+        s
+        for s in samples
+        if s.name == "ray_raylift_queued_texts" and s.labels.get("deployment") == "Adapters"
+    ]
+    assert queued and all(s.value >= 0 for s in queued), queued

@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from tests.helpers import SERVE_PORT as PORT
-from tests.helpers import make_lora_checkpoint
+from tests.helpers import make_lora_checkpoint, scrape_metrics
 from tests.s3_server import export_s3_env, running_s3_server
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
@@ -378,14 +378,6 @@ GAUGE_TTL_S = 30.0
 _DEPLOYED_AT: list[float] = []
 
 
-def _samples(metrics_url: str) -> list:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(metrics_url, timeout=30).text
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
 def _requests_counted(samples: list, status: str) -> float:
     return sum(
         s.value
@@ -405,25 +397,25 @@ def test_the_request_counter_grows_by_the_requests_sent(endpoint):
 
     url = metrics_url()
     assert url and url.startswith("http://") and url.endswith("/metrics"), url
-    before = _requests_counted(_samples(url), "200")
+    before = _requests_counted(scrape_metrics(url), "200")
     predict = f"{endpoint}/v1/models/{MODEL}/predict"
     for _ in range(5):
         assert httpx.post(predict, json={"texts": ["card arrived"]}, timeout=30).status_code == 200
     assert httpx.post(predict, json={"texts": []}, timeout=30).status_code == 422
 
     deadline = time.monotonic() + EXPORT_BOUND_S
-    while (samples := _samples(url)) and _requests_counted(samples, "200") < before + 5:
+    while (samples := scrape_metrics(url)) and _requests_counted(samples, "200") < before + 5:
         assert time.monotonic() < deadline, f"counter not up by 5 after {EXPORT_BOUND_S} s"
         time.sleep(1)
     deadline = time.monotonic() + EXPORT_BOUND_S
     while _requests_counted(samples, "422") < 1:
         assert time.monotonic() < deadline, "the 422 was not counted"
         time.sleep(1)
-        samples = _samples(url)
+        samples = scrape_metrics(url)
 
     while time.monotonic() < _DEPLOYED_AT[-1] + GAUGE_TTL_S + 5:
         time.sleep(1)
-        samples = _samples(url)
+        samples = scrape_metrics(url)
     names = {s.name for s in samples if s.labels.get("application") == MODEL}
     assert {
         "ray_raylift_request_latency_s_bucket",
