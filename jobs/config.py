@@ -566,6 +566,13 @@ class ServeConfig(_Strict):
         "raylift_requests_total and the latency histogram count requests either way; Serve's "
         "logging held about 3% of a busy replica's profile samples (2 cores, 16 clients).",
     )
+    system_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING",
+        description="Level of Serve's own controller and HTTP ingress (proxy, HAProxy manager) "
+        "logs when raylift starts Serve: at INFO they print every routing-table change and "
+        "HAProxy reload (about 30 lines as the demo's endpoint starts). A Serve already "
+        "running keeps its own.",
+    )
     calibration_texts: int = Field(
         8,
         ge=1,

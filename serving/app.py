@@ -987,7 +987,10 @@ def deploy(config: LifecycleConfig, model_uri: str | None = None, blocking: bool
 
     init_ray()
     serve_cfg = config.serve
-    serve.start(http_options=_http_options(serve_cfg))
+    serve.start(
+        http_options=_http_options(serve_cfg),
+        logging_config={"log_level": serve_cfg.system_log_level},
+    )
     url = _endpoint_url(serve_cfg)
     application = build_app(config, model_uri)
     name = config.registry.model_name

@@ -96,6 +96,27 @@ def _fifty_mb_body() -> bytes:
     return b'{"texts": ["' + b"a" * FIFTY_MB + b'"]}'
 
 
+def test_the_serve_deploy_started_logs_its_controller_at_the_configured_level(endpoint):
+    """serve.system_log_level (WARNING by default) reaches the Serve that `deploy` started: its
+    controller, which logs every deployment change and replica start at INFO, wrote none."""
+    from ray.util.state import get_log, list_actors
+
+    address = session_ray_address()
+    (controller,) = list_actors(
+        filters=[("class_name", "=", "ServeController"), ("state", "=", "ALIVE")],
+        address=address,
+    )
+    lines = list(
+        get_log(
+            address=address,
+            node_id=controller.node_id,
+            filename=f"serve/controller_{controller.pid}.log",
+        )
+    )
+    text = "".join(lines)
+    assert not [line for line in text.splitlines() if line.startswith("INFO")], text[-2000:]
+
+
 def test_a_50mb_body_is_refused_and_the_replica_keeps_its_memory(client):
     url = f"/v1/models/{MODEL}/predict"
     assert _predict(client, ["card arrived"]).status_code == 200
