@@ -4,11 +4,17 @@
 
 Loads BANKING77 into Iceberg, fine-tunes, registers and promotes, serves the promoted model,
 asks it one question, and batch-scores the inbox table back into the warehouse.
+
+Run again on the same state, the demo trains a new candidate and gates it against the version
+@production names: training is not bit-for-bit repeatable, and a candidate the gates refuse (a
+slice that drops, say) leaves the alias where it was, as `raylift promote` does. The demo then
+goes on with the version already in production, and its summary says so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -18,6 +24,8 @@ from jobs import finetune, load, promote, score
 from jobs.config import LifecycleConfig
 
 __all__ = ["DemoSummary", "main"]
+
+log = logging.getLogger(__name__)
 
 SAMPLE_TEXTS = ["I still have not received my new card, when will it arrive?"]
 
@@ -36,13 +44,14 @@ class DemoSummary:
     rows_per_s: float
     wall_s: float
     scoring_runtime: list[dict[str, Any]] = field(default_factory=list)  # what the actors ran
+    refused: str | None = None  # the gates' verdicts when the new version was not promoted
 
 
 def main(config: LifecycleConfig) -> DemoSummary:
     started = time.perf_counter()
     load.main(config)
     trained = finetune.main(config)
-    promote.main(config, version=trained.version)
+    refused = promote_or_keep(config, trained.version)
     url, answer = _serve_and_ask(config)
     metrics = _metrics_url()
     scored = score.main(config)
@@ -59,9 +68,32 @@ def main(config: LifecycleConfig) -> DemoSummary:
         rows_per_s=scored.rows_per_s,
         wall_s=time.perf_counter() - started,
         scoring_runtime=scored.runtime,
+        refused=refused,
     )
     _print_summary(summary)
     return summary
+
+
+def promote_or_keep(config: LifecycleConfig, version: str) -> str | None:
+    """Promote `version`; if the gates refuse it while promote.alias names an earlier version,
+    log why and keep that one (the verdicts, returned). With nothing in production to fall
+    back on, the refusal stands."""
+    from serving import registry
+
+    try:
+        promote.main(config, version=version)
+        return None
+    except promote.GateRefused as exc:
+        kept = registry.get_alias_version(config.registry.model_name, config.promote.alias)
+        if kept is None:
+            raise
+        log.warning(
+            "%s\nthe demo goes on with version %s, still @%s",
+            exc,
+            kept.version,
+            config.promote.alias,
+        )
+        return str(exc)
 
 
 def _serve_and_ask(config: LifecycleConfig) -> tuple[str, dict[str, Any]]:
@@ -97,12 +129,19 @@ def _runtimes(runtimes: list[dict[str, Any]]) -> str:
 
 def _print_summary(summary: DemoSummary) -> None:
     prediction = summary.sample_answer["predictions"][0]
+    registered = f"{summary.model_name} v{summary.model_version} → @{summary.alias}"
+    if summary.refused:
+        serving = summary.sample_answer.get("model_version", "?")
+        registered = (
+            f"{summary.model_name} v{summary.model_version}, refused by the promotion gates "
+            f"(logged above); @{summary.alias} stays v{serving}"
+        )
     lines = [
         "",
         "raylift demo summary",
         f"  validation accuracy   {summary.validation_accuracy:.4f}"
         f"  (macro-F1 {summary.validation_macro_f1:.4f})",
-        f"  registered version    {summary.model_name} v{summary.model_version} → @{summary.alias}",
+        f"  registered version    {registered}",
         f"  endpoint              POST {summary.endpoint_url}",
         f"  metrics               GET {summary.metrics_url or '(not exported by this Ray)'}"
         "  (Prometheus text, raylift_* and Ray's own)",

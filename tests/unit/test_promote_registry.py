@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import cli, promote, rollback, tracking
+from jobs import cli, demo, promote, rollback, tracking
 from jobs.config import validate_mapping
 from serving import registry, tags
 
@@ -78,6 +78,26 @@ def test_a_regression_is_refused_and_the_alias_stays(tracking_uri, tmp_path):
         promote.main(config, version=worse)
     assert _aliases(config) == {"production": first}
     assert (_verdict(config, first), _verdict(config, worse)) == ("passed", "refused")
+
+
+def test_the_demo_goes_on_with_production_when_its_new_version_is_refused(tracking_uri, tmp_path):
+    """`make demo` run again: a retrained candidate the gates refuse leaves @production where
+    it was, and the demo keeps that version instead of failing; with nothing in production,
+    the refusal stands."""
+    config = _config(tracking_uri, "demo-again")
+    first = _register(config, tmp_path, 0.90, "v1")
+    assert demo.promote_or_keep(config, first) is None
+    worse = _register(config, tmp_path, 0.85, "v2")
+    refused = demo.promote_or_keep(config, worse)
+    assert refused and "FAIL regression" in refused, refused
+    assert _aliases(config) == {"production": first}
+    assert _verdict(config, worse) == "refused"
+
+    alone = _config(tracking_uri, "demo-first", min_value=0.95)
+    under = _register(alone, tmp_path, 0.90, "u1")
+    with pytest.raises(promote.GateRefused, match="FAIL floor"):
+        demo.promote_or_keep(alone, under)
+    assert _aliases(alone) == {}
 
 
 def test_a_first_version_under_the_floor_is_refused_and_no_alias_is_set(tracking_uri, tmp_path):
