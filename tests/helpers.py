@@ -330,6 +330,11 @@ def one_rank_process_group(backend: str, env: dict[str, str] | None = None) -> I
                 os.environ[key] = value
 
 
+# Ray records metrics in each worker and exports them every few seconds (10 s by default): how
+# long a test waits for a recorded value to show on /metrics.
+METRICS_EXPORT_BOUND_S = 45.0
+
+
 def scrape_metrics(url: str) -> list:
     """Every sample on a Prometheus /metrics page (`serving.app.metrics_url()`)."""
     import httpx

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SERVE_PORT as PORT
 from tests.helpers import (
+    METRICS_EXPORT_BOUND_S,
     make_full_checkpoint,
     make_lora_checkpoint,
     make_tiny_bert,
     scrape_metrics,
 )
+from tests.helpers import SERVE_PORT as PORT
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up", "exchange_rate"]
 MODEL = "adapter-router"
@@ -232,8 +233,7 @@ def test_bad_versions_are_refused_with_the_reason_and_the_replica_keeps_serving(
         assert _post(endpoint, f"versions/{version}/predict").status_code == 200
 
 
-# Ray exports metrics every 10 s by default: the last test, so the batches above have had time.
-EXPORT_BOUND_S = 45.0
+# The last test: the batches above have had time to be exported (METRICS_EXPORT_BOUND_S).
 
 
 def test_the_adapters_batches_queue_and_cache_are_on_the_metrics_page(endpoint):
@@ -259,18 +259,18 @@ def test_the_adapters_batches_queue_and_cache_are_on_the_metrics_page(endpoint):
         "ray_raylift_adapter_cache_hits_total",
         "ray_raylift_adapter_cache_misses_total",
     )
-    deadline = time.monotonic() + EXPORT_BOUND_S
+    # Every text of the adapter requests above went through a batch: 32 of the 48 concurrent
+    # ones alone asked for adapters (v2 and v3). An export can hold an earlier state of the
+    # replica's series: wait for one that holds them all.
+    deadline = time.monotonic() + METRICS_EXPORT_BOUND_S
     while True:
         samples = scrape_metrics(url)
         seen = {name: adapters(samples, name) for name in wanted}
-        if all(seen.values()):
+        if all(seen.values()) and seen["ray_raylift_batch_texts_sum"] >= 32:
             break
-        assert time.monotonic() < deadline, f"Adapters series missing or zero: {seen}"
+        assert time.monotonic() < deadline, f"Adapters series missing or short: {seen}"
         time.sleep(1)
     stats = _stats()
-    # Every text of the adapter requests above went through a batch: 32 of the 48 concurrent
-    # ones alone asked for adapters (v2 and v3).
-    assert seen["ray_raylift_batch_texts_sum"] >= 32, seen
     assert seen["ray_raylift_adapter_cache_misses_total"] <= stats["misses"], (seen, stats)
     queued = [
         s

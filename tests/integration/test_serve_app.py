@@ -17,8 +17,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from tests.helpers import METRICS_EXPORT_BOUND_S, make_lora_checkpoint, scrape_metrics
 from tests.helpers import SERVE_PORT as PORT
-from tests.helpers import make_lora_checkpoint, scrape_metrics
 from tests.s3_server import export_s3_env, running_s3_server
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
@@ -370,8 +370,6 @@ def test_auth_without_the_token_in_the_environment_fails_at_build(monkeypatch):
 # status and model version; latency, batch size, queue length and the model's runtime are there.
 
 PREDICT_ROUTE = "/v1/models/{model_name}/predict"
-# Ray records metrics in each worker and exports them every few seconds (10 s by default).
-EXPORT_BOUND_S = 45.0
 # Ray's metrics agent drops a gauge series not set again within two exports of 10 s: the model's
 # info gauge, set at load and first exported up to an interval later, must outlive both.
 GAUGE_TTL_S = 30.0
@@ -403,11 +401,11 @@ def test_the_request_counter_grows_by_the_requests_sent(endpoint):
         assert httpx.post(predict, json={"texts": ["card arrived"]}, timeout=30).status_code == 200
     assert httpx.post(predict, json={"texts": []}, timeout=30).status_code == 422
 
-    deadline = time.monotonic() + EXPORT_BOUND_S
+    deadline = time.monotonic() + METRICS_EXPORT_BOUND_S
     while (samples := scrape_metrics(url)) and _requests_counted(samples, "200") < before + 5:
-        assert time.monotonic() < deadline, f"counter not up by 5 after {EXPORT_BOUND_S} s"
+        assert time.monotonic() < deadline, f"counter not up by 5 after {METRICS_EXPORT_BOUND_S} s"
         time.sleep(1)
-    deadline = time.monotonic() + EXPORT_BOUND_S
+    deadline = time.monotonic() + METRICS_EXPORT_BOUND_S
     while _requests_counted(samples, "422") < 1:
         assert time.monotonic() < deadline, "the 422 was not counted"
         time.sleep(1)
