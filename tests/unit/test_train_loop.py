@@ -16,7 +16,9 @@ from jobs.train_loop import (
     INPUT_IDS,
     STATE_DIR,
     TARGETS,
+    EpochLog,
     FirstBatchAhead,
+    LoopInputs,
     TrainProgress,
     _belongs_to,
     _choose_cpu_allreduce,
@@ -213,6 +215,29 @@ def test_a_finished_epoch_resumes_at_the_next_one():
     assert mid.resume_point() is mid
     done = TrainProgress(epoch=2, batches=9, epoch_done=True, global_step=21, world_size=2)
     assert done.resume_point() == TrainProgress(epoch=3, global_step=21, world_size=2)
+
+
+def test_every_attempt_on_a_run_logs_each_epoch_once(tmp_path):
+    """A first attempt logs epoch 1 and dies before its checkpoint reaches the driver; the next
+    starts over (a Tune trial resumed without that checkpoint) on the same MLflow run and trains
+    epochs 1 and 2: the run's history holds each epoch once, the first attempt's epoch 1."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("epochs")).info.run_id
+    inputs = LoopInputs(config={}, labels=["a"], train_rows=1, tracking_uri=uri, run_id=run_id)
+
+    EpochLog(inputs, TrainProgress()).log({"train_loss": 0.9, "epoch": 1}, 1)
+    again = EpochLog(inputs, TrainProgress())
+    again.log({"train_loss": 0.8, "epoch": 1}, 1)
+    again.log({"train_loss": 0.5, "epoch": 2}, 2)
+    # and one resumed from epoch 2's checkpoint logs epoch 3 only
+    EpochLog(inputs, TrainProgress(epoch=3, global_step=6)).log({"train_loss": 0.4}, 3)
+
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train_loss"))
+    assert history == [(1, 0.9), (2, 0.5), (3, 0.4)]
+    assert "epoch" not in client.get_run(run_id).data.metrics
 
 
 def test_mid_epoch_checkpoints_follow_the_setting():
