@@ -29,9 +29,9 @@ replaced.
 
 Metrics go through Ray's metrics API (`ray.serve.metrics`) and are exported with Ray's own,
 at each Ray node's metrics export port (`metrics_url()`): raylift_requests_total (route,
-status, model_version), raylift_request_latency_s, raylift_batch_texts, raylift_queued_texts,
-raylift_model_info (model_version, engine, precision, threads), and
-raylift_adapter_cache_{hits,misses}_total.
+status, model_version), raylift_request_latency_s, raylift_batch_texts,
+raylift_batched_texts_total, raylift_queued_texts, raylift_model_info (model_version, engine,
+precision, threads), and raylift_adapter_cache_{hits,misses}_total.
 
 Many LoRA versions of one base are served beside the app's own (`serving.adapter_server`):
 a request may name a registry version (the versions/ route, or Serve's

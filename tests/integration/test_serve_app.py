@@ -418,6 +418,7 @@ def test_the_request_counter_grows_by_the_requests_sent(endpoint):
     assert {
         "ray_raylift_request_latency_s_bucket",
         "ray_raylift_batch_texts_bucket",
+        "ray_raylift_batched_texts_total",
         "ray_raylift_queued_texts",
         "ray_raylift_model_info",
     } <= names, sorted(n for n in names if "raylift" in n)
