@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 _CACHE_DIR = tempfile.mkdtemp(prefix="raylift-test-cache-")
 os.environ.setdefault("RAYLIFT_CACHE_DIR", _CACHE_DIR)
 
-from tests.helpers import make_tiny_bert  # noqa: E402
+from tests.helpers import METRICS_EXPORT_INTERVAL_S, make_tiny_bert  # noqa: E402
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -94,6 +94,10 @@ def ray_session():
 
     from cluster import init_ray
 
+    # Ray's processes read it as they start (Ray's config from the environment); a faster
+    # export only shortens the waits of the tests that scrape /metrics (tests.helpers).
+    interval_ms = str(int(METRICS_EXPORT_INTERVAL_S * 1000))
+    os.environ.setdefault("RAY_metrics_report_interval_ms", interval_ms)
     init_ray()
     yield ray
     # A Serve handle this process used (the last modules leave their apps up) pushes metrics

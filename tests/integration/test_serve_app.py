@@ -17,7 +17,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.helpers import METRICS_EXPORT_BOUND_S, make_lora_checkpoint, scrape_metrics
+from tests.helpers import (
+    METRICS_EXPORT_BOUND_S,
+    METRICS_EXPORT_INTERVAL_S,
+    make_lora_checkpoint,
+    scrape_metrics,
+)
 from tests.helpers import SERVE_PORT as PORT
 from tests.s3_server import export_s3_env, running_s3_server
 
@@ -370,9 +375,9 @@ def test_auth_without_the_token_in_the_environment_fails_at_build(monkeypatch):
 # status and model version; latency, batch size, queue length and the model's runtime are there.
 
 PREDICT_ROUTE = "/v1/models/{model_name}/predict"
-# Ray's metrics agent drops a gauge series not set again within two exports of 10 s: the model's
-# info gauge, set at load and first exported up to an interval later, must outlive both.
-GAUGE_TTL_S = 30.0
+# Ray's metrics agent drops a gauge series not set again within two exports: the model's info
+# gauge, set at load and first exported up to an interval later, must outlive both.
+GAUGE_TTL_S = 3 * METRICS_EXPORT_INTERVAL_S
 _DEPLOYED_AT: list[float] = []
 
 
