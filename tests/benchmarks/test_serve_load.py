@@ -44,6 +44,16 @@ samples, its model thread busy about 60% of the time; Serve's direct-ingress req
 uvicorn and FastAPI most of the rest, on the replica's event loops (one Python thread at a
 time), raylift's request metrics about 4.5%. So a replica's Python per request (about 2.6 ms)
 is what bounds (a) against (b), and a second replica, a second process, is what helps.
+
+Per thread (AVX2 EPYC, fp32, the demo config's two replicas, /proc per thread over 40 s of the
+bench's levels): the model thread 10.0 CPU-s, Serve's request loop 1.6 and the loop user code
+runs on 1.6 in each replica, so Python is about a quarter of a replica's CPU here (the model
+costs about 4x more than on AVX512-BF16). Tried, not kept: user code on Serve's own loop
+(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, with the request log buffered as Serve's
+throughput mode does): the two loops' 3.2 CPU-s became 2.4 to 2.8 for the same model work, but
+(a) moved within the noise (177 and 189 req/s against 185 at 16 clients, run alternately), and
+Serve's whole throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) runs a handle's router on
+the caller's event loop, which a driver's synchronous handle calls cannot use.
 """
 
 from __future__ import annotations
