@@ -25,6 +25,10 @@ os.environ.setdefault("RAYLIFT_CACHE_DIR", _CACHE_DIR)
 
 from tests.helpers import METRICS_EXPORT_INTERVAL_S, make_tiny_bert  # noqa: E402
 
+# Ray's metrics export (its config read from the environment by every Ray process as it
+# starts): a faster one only shortens the waits of the tests that scrape /metrics.
+os.environ.setdefault("RAY_metrics_report_interval_ms", str(int(METRICS_EXPORT_INTERVAL_S * 1000)))
+
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
@@ -94,10 +98,6 @@ def ray_session():
 
     from cluster import init_ray
 
-    # Ray's processes read it as they start (Ray's config from the environment); a faster
-    # export only shortens the waits of the tests that scrape /metrics (tests.helpers).
-    interval_ms = str(int(METRICS_EXPORT_INTERVAL_S * 1000))
-    os.environ.setdefault("RAY_metrics_report_interval_ms", interval_ms)
     init_ray()
     yield ray
     # A Serve handle this process used (the last modules leave their apps up) pushes metrics
