@@ -12,28 +12,46 @@ from serving.batching import TextBatcher
 
 
 class Model:
-    """Records each batch; answers after `seconds` (the model thread's work), or raises."""
+    """Records each batch; answers after `seconds` (the model thread's work), or once `held`
+    is set where the test holds it, or raises."""
 
-    def __init__(self, seconds: float = 0.05):
+    def __init__(self, seconds: float = 0.05, held: bool = False):
         self.seconds = seconds
+        self.held = asyncio.Event() if held else None
         self.batches: list[list[str]] = []
         self.fail_on: str | None = None
 
     async def __call__(self, texts: list[str], predictors: list) -> list[dict]:
         self.batches.append(list(texts))
-        await asyncio.sleep(self.seconds)
+        if self.held is not None:
+            await self.held.wait()
+        else:
+            await asyncio.sleep(self.seconds)
         if self.fail_on in texts:
             raise RuntimeError("model broke")
         return [{"label": text.upper(), "by": p} for text, p in zip(texts, predictors, strict=True)]
 
 
+async def _until_in_the_model(model: Model, batches: int) -> None:
+    """Yield to the loop until the model has started `batches` batches (a few turns)."""
+    for _ in range(100):
+        if len(model.batches) >= batches:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"the model started {model.batches}, not {batches} batches")
+
+
+# The model is held, not slept: timed with sleeps, a loaded machine (the Ray tests beside these)
+# let 50 ms of "model work" end before the test's next step, and a cancelled text rode along.
 def test_texts_arriving_while_a_batch_runs_ride_together_in_the_next():
     async def scenario():
-        model = Model(0.05)
+        model = Model(held=True)
         batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
         first = asyncio.create_task(batcher.submit("a", 1))
-        await asyncio.sleep(0.01)  # "a" runs alone: the model was idle and no wait is set
+        await _until_in_the_model(model, 1)  # "a" runs alone: the model was idle, no wait set
         later = [asyncio.create_task(batcher.submit(t, 2)) for t in "bcdef"]
+        await asyncio.sleep(0)  # they queue while "a" is in the model
+        model.held.set()
         answers = await asyncio.gather(first, *later)
         return model.batches, answers
 
@@ -100,14 +118,15 @@ def test_a_failing_batch_fails_its_requests_only():
 
 def test_a_request_cancelled_while_waiting_is_left_out_of_its_batch():
     async def scenario():
-        model = Model(0.05)
+        model = Model(held=True)
         batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
         running = asyncio.create_task(batcher.submit("a", 0))
-        await asyncio.sleep(0.01)
+        await _until_in_the_model(model, 1)
         gone = asyncio.create_task(batcher.submit("gone", 0))
         kept = asyncio.create_task(batcher.submit("kept", 0))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # both queue while "a" is in the model
         gone.cancel()
+        model.held.set()
         await asyncio.gather(running, kept)
         with pytest.raises(asyncio.CancelledError):
             await gone
