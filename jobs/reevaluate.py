@@ -59,6 +59,7 @@ __all__ = [
     "Evaluation",
     "ResponseScorer",
     "VersionLabels",
+    "alike_predictor_kwargs",
     "predictions",
     "reevaluate",
     "reevaluated_metrics",
@@ -353,6 +354,25 @@ class VersionLabels:
         return out
 
 
+def alike_predictor_kwargs(
+    config: LifecycleConfig, model: registry.ResolvedVersion
+) -> dict[str, object]:
+    """The scoring job's Predictor settings (score.*) for `model`, with one runtime for every
+    version. Where score.engine or score.precision is auto, each version's Predictor would pick
+    its own fastest offered variant, by a timing in each actor (the demo's scoring actors picked
+    onnxruntime in one and OpenVINO in the other): two versions could then be measured on two
+    runtimes, each allowed 0.5% of rows off its own fp32 torch (engines.MIN_AGREEMENT), and a
+    per-slice gate of a few dozen rows could move by points on that alone. They run the
+    reference instead, fp32 torch, which every offered variant was gated against. An engine and
+    precision named in the config are kept: both versions run them."""
+    from jobs import score
+
+    kwargs = score.predictor_kwargs(config, model)
+    if config.score.engine == "auto" or config.score.precision == "auto":
+        kwargs.update(engine="torch", precision="fp32")
+    return kwargs
+
+
 def _predicted(i: int) -> str:
     return f"_raylift_predicted_{i}"
 
@@ -361,14 +381,15 @@ def _labels(
     config: LifecycleConfig, rows: ray.data.Dataset, models: list[registry.ResolvedVersion]
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(true labels, each model's predicted labels) of every row, gathered in the driver
-    (validation only), through the scoring job's Predictor settings (score.*)."""
+    (validation only), through the scoring job's Predictor settings on one runtime for every
+    version (alike_predictor_kwargs)."""
     from jobs import score
 
     labelled = rows.map_batches(
         VersionLabels,
         fn_constructor_kwargs={
             "text_column": config.task.input_column,
-            "versions": [score.predictor_kwargs(config, model) for model in models],
+            "versions": [alike_predictor_kwargs(config, model) for model in models],
         },
         **score.actor_pool(config),
     )

@@ -181,3 +181,23 @@ def test_every_version_labels_the_same_rows_in_one_actor(tiny_bert, tmp_path):
     assert first[1] is None and second[1] is None
     moved = dict(zip(labels, labels[1:] + labels[:1], strict=True))  # same weights, new names
     assert [moved[a] for a in first[[0, 2, 3]]] == list(second[[0, 2, 3]])
+
+
+def test_versions_are_reevaluated_on_one_runtime_where_the_engine_is_picked_by_timing(tmp_path):
+    """engine or precision auto: each version's Predictor would time the variants it offers and
+    could run another one than its rival's; both run the reference, fp32 torch. An engine and
+    precision the config names are kept for both."""
+    from jobs.reevaluate import alike_predictor_kwargs
+    from serving.registry import ResolvedVersion
+
+    version = ResolvedVersion(name="m", version="3", source=str(tmp_path))
+    for engine, precision in [("auto", "auto"), ("openvino", "auto"), ("auto", "int8")]:
+        config = validate_mapping(
+            {"name": "x", "score": {"engine": engine, "precision": precision}}
+        )
+        kwargs = alike_predictor_kwargs(config, version)
+        assert (kwargs["engine"], kwargs["precision"]) == ("torch", "fp32")
+        assert kwargs["model_uri"] == "models:/m/3" and kwargs["model_source"] == str(tmp_path)
+    named = validate_mapping({"name": "x", "score": {"engine": "onnxruntime", "precision": "int8"}})
+    kwargs = alike_predictor_kwargs(named, version)
+    assert (kwargs["engine"], kwargs["precision"]) == ("onnxruntime", "int8")
