@@ -7,7 +7,8 @@ module is the only one in the repository that imports `ray.data._internal` (a un
 it), and it names every member raylift overrides or relies on:
 
 IcebergDatasource (subclassed by IcebergTableSource, so a dataset pickles after a read):
-    overrides   `__getstate__`
+    overrides   `__getstate__`; `get_read_tasks(parallelism, ...)`, to ask for no more tasks
+                than `plan_files` holds
     relies on   `__init__(table_identifier, selected_fields, snapshot_id, catalog_kwargs)`;
                 `_table` and `_plan_files` are lazy caches rebuilt by `table` / `plan_files`
                 when None (dropping them on pickling is therefore safe).
@@ -51,7 +52,7 @@ __all__ = [
 VERIFIED_RAY = "2.60"
 
 OVERRIDDEN: dict[str, tuple[str, ...]] = {
-    "IcebergDatasource": ("__getstate__",),
+    "IcebergDatasource": ("__getstate__", "get_read_tasks"),
     "IcebergDatasink": (
         "on_write_start",
         "write",

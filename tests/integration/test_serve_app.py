@@ -247,6 +247,31 @@ def test_concurrent_requests_share_batches(client):
     assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (12, 0.05)
 
 
+def _replica_log(app: str, deployment: str) -> str:
+    """The Serve log file(s) of `deployment`'s replicas, read through Ray's state API."""
+    import ray
+    from ray.util.state import get_log, list_logs
+
+    from tests.helpers import session_ray_address
+
+    where = {"address": session_ray_address(), "node_id": ray.get_runtime_context().get_node_id()}
+    found = list_logs(**where, glob_filter=f"serve/replica_{app}_{deployment}_*.log")
+    names = [name for names in found.values() for name in names]
+    assert names, f"no log file of {app}/{deployment}: {found}"
+    return "".join(line for name in names for line in get_log(**where, filename=name))
+
+
+def test_requests_are_access_logged_and_the_version_long_polls_are_not(client):
+    """serve.access_log (on by default) logs each request of the ModelServer; its replicas'
+    long polls of ModelVersion (at least one each, as the replica started) are not logged."""
+    assert _predict(client, ["card arrived"]).status_code == 200
+
+    served = _replica_log(MODEL, "ModelServer")
+    assert "POST /v1/models/{model_name}/predict 200" in served, served[-2000:]
+    polled = _replica_log(MODEL, "ModelVersion")
+    assert "wait_for_change" not in polled, polled[-2000:]
+
+
 def test_bearer_token_is_required_when_configured(client):
     url = f"/secured/v1/models/{SECURED}/predict"
     body = {"texts": ["card arrived late"]}

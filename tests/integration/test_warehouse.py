@@ -62,6 +62,24 @@ def test_read_table_returns_the_loaded_rows(ray_session, cfg, tickets):
         warehouse.read_table(cfg, "support.tickets", columns=["label"])
 
 
+def test_a_read_asks_for_no_more_tasks_than_the_table_has_files(ray_session, cfg, tickets):
+    """Ray lowers a larger parallelism itself, but warned "Reducing the parallelism to 1, as
+    that is the number of files" at each read of a small table (six times in `make demo`)."""
+    import logging
+
+    warned: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warned.append  # type: ignore[method-assign]
+    ray_data = logging.getLogger("ray.data")  # Ray's own handlers; it does not propagate
+    ray_data.addHandler(handler)
+    try:
+        rows = to_arrow(warehouse.read_table(cfg, "support.tickets"))
+    finally:
+        ray_data.removeHandler(handler)
+    assert rows.num_rows == ROWS
+    assert [r.getMessage() for r in warned if "parallelism" in r.getMessage()] == []
+
+
 def test_snapshot_read_sees_the_old_rows_after_a_reload(ray_session, cfg, tickets_csv):
     old = warehouse.load_table_from_file(cfg, "support.pinned", tickets_csv, **LOAD)
     pinned = warehouse.read_table(cfg, "support.pinned", snapshot_id=old)
