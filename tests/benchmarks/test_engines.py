@@ -53,9 +53,10 @@ def _quality_version() -> tuple[str, dict[str, str]] | None:
     return max(found)[1:] if found else None
 
 
-def _probe_version(directory: Path) -> tuple[str, engines.EngineRows]:
+def _probe_version(directory: Path, layers: int | None = None) -> tuple[str, engines.EngineRows]:
     """MiniLM-L6 with a head fitted on every third text's frozen features (as the batch
-    scoring bench builds it); checked on 3,080 of the other texts."""
+    scoring bench builds it); checked on 3,080 of the other texts. `layers` keeps only the
+    encoder's first layers: a cheaper model, for measuring what surrounds it."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -69,6 +70,9 @@ def _probe_version(directory: Path) -> tuple[str, engines.EngineRows]:
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=len(labels), use_safetensors=True
     )
+    if layers is not None:
+        model.bert.encoder.layer = model.bert.encoder.layer[:layers]
+        model.config.num_hidden_layers = layers
     tokenizer = load_tokenizer(base)
     features = _pooled_features(model, tokenizer, texts[::3])
     _fit_head(model.classifier, features, torch.tensor([labels.index(c) for c in categories[::3]]))
