@@ -311,12 +311,12 @@ def build_trainer(
 
 
 def _data_config(config: LifecycleConfig) -> EveryEvalRowConfig:
-    """Mid-epoch checkpoints resume at a data position, which means something only if every
-    pass over the training stream yields the same batches in the same order: Ray Data then
-    keeps the stream's order (preserve_order: blocks in read order, and the split among
-    workers made in that order, not by which worker asks first). Without them, a restart goes
-    back to an epoch's start and the order need not repeat."""
-    if config.train.checkpoint_every_steps is None:
+    """train.preserve_order: Ray Data keeps the training stream's order (blocks in read order,
+    and the split among workers made in that order, not by which worker asks first), so every
+    pass over the stream yields the same batches in the same order. Runs of one config then
+    repeat, and mid-epoch checkpoints (which require it) resume at a data position that means
+    something. Without it, the order need not repeat."""
+    if not config.train.preserve_order:
         return EveryEvalRowConfig()
     import copy
 

@@ -155,7 +155,7 @@ def test_only_checkpoints_with_the_metric_are_candidates():
         )
 
 
-def test_trainer_retries_failures_and_orders_the_stream_for_mid_epoch_checkpoints(config):
+def test_trainer_retries_failures_and_orders_the_training_stream(config):
     from jobs.config import with_overrides
     from jobs.train_loop import LoopInputs
 
@@ -164,7 +164,12 @@ def test_trainer_retries_failures_and_orders_the_stream_for_mid_epoch_checkpoint
     plain = finetune.build_trainer(config, data, inputs, name="n", storage_path="/tmp")
     assert plain.run_config.failure_config.max_failures == 1
     assert plain.train_loop_config["checkpoint_metric"] == "val_accuracy"
-    assert plain.data_config._get_user_execution_options("train") is None
+    assert plain.data_config._get_user_execution_options("train").preserve_order  # the default
+    unordered = with_overrides(config, {"train.preserve_order": False})
+    trainer = finetune.build_trainer(unordered, data, inputs, name="n", storage_path="/tmp")
+    assert trainer.data_config._get_user_execution_options("train") is None
+    with pytest.raises(ValueError, match="checkpoint_every_steps needs train.preserve_order"):
+        with_overrides(unordered, {"train.checkpoint_every_steps": 5})
 
     every = with_overrides(config, {"train.checkpoint_every_steps": 5, "train.max_failures": 3})
     trainer = finetune.build_trainer(
