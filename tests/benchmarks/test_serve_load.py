@@ -412,8 +412,9 @@ def checkpoint(tmp_path_factory) -> str:
     from tests.benchmarks.test_engines import QUALITY_CONFIG, _probe_version, _quality_version
 
     tmp = tmp_path_factory.mktemp("serve-bench")
-    layers = int(PROXY_LAYERS) if PROXY_LAYERS else None
-    quality, rows = None if layers else _quality_version(), None
+    layers = PROXY_LAYERS
+    quality = None if layers else _quality_version()  # the proxy always cuts the probe
+    rows = None
     if quality is not None:
         model_dir, lineage = quality
         rows = tracking.engine_rows(load_config(QUALITY_CONFIG), lineage)
@@ -435,7 +436,7 @@ CONTENDERS = os.environ.get("RAYLIFT_SERVE_BENCH_CONTENDERS", "a,b,c,d").split("
 # A proxy for a CPU whose model runs faster, where what surrounds the model weighs more: the
 # encoder cut to this many layers (MiniLM-L6 has 6). On AVX512-BF16 the demo's model ran 2.4x
 # faster than on AVX2 ((b) at 16 clients: 507 req/s in stop 28 against 215 on AVX2 EPYC).
-PROXY_LAYERS = os.environ.get("RAYLIFT_SERVE_BENCH_LAYERS", "")
+PROXY_LAYERS = int(os.environ.get("RAYLIFT_SERVE_BENCH_LAYERS") or 0) or None
 
 
 def _demo_config(**serve_overrides):
@@ -631,6 +632,8 @@ def test_serve_under_load(ray_session, checkpoint, tmp_path):
             )
         if "d" in CONTENDERS:
             # Beside (a) on the same proxy, under its own prefix: the same route below it.
+            if "a" not in CONTENDERS:  # (a)'s deploy started Serve on PORT; alone, start it here
+                serve.start(http_options={"host": "127.0.0.1", "port": PORT})
             serve.run(NoOp.bind(), name=NOOP, route_prefix=f"/{NOOP}")
             up.callback(serve.delete, NOOP)
             noop = f"http://127.0.0.1:{PORT}/{NOOP}/v1/models/{MODEL}/predict"
