@@ -41,6 +41,7 @@ from jobs.finetune import (
 from jobs.modeling import check_base_model
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
+from jobs.warehouse._ray_internal import start_data_stats_actor
 from serving import registry, tags
 
 __all__ = ["TrialSummary", "TuneResult", "concurrent_trials", "experiment_name", "main"]
@@ -116,6 +117,7 @@ def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
     pinned = {"data.snapshot_id": state["snapshot_id"]} if resume else {}
     rows = scan_training_rows(with_overrides(config, pinned))
     init_ray()
+    start_data_stats_actor()  # from here, not from a trial: it would die with the trial
     data = prepare_training_data(config, rows)
     lineage = tracking.lineage_tags(config, data.lineage())
     with _parent_run(config, lineage, state.get("parent_run_id")) as parent_run_id:

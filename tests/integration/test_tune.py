@@ -80,6 +80,15 @@ class Killed:
     runs_before: dict[str, list]
     parent_run_id: str
     driver_log: str  # what `python -m jobs.tune` printed (its stdout was a file, not a terminal)
+    stats_actors_died: set[str]  # Ray Data stats actors that died during the two searches
+
+
+def _dead_stats_actors() -> set[str]:
+    """Ray Data's stats actors (the detached `datasets_stats_actor`) that have died so far."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("name", "=", "datasets_stats_actor")], detail=True, limit=1000)
+    return {a.actor_id for a in actors if a.state == "DEAD"}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +100,7 @@ def killed_and_resumed(ray_session, tmp_path_factory, tiny_bert):
     # keys would change the samples from those of the config the tests read.
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     load.main(config)
+    dead_before = _dead_stats_actors()
     driver_log = root / "driver.log"
     finished = _kill_after_a_trial_finished(config, config_file, driver_log)
     parent_run_id = json.loads(
@@ -100,7 +110,9 @@ def killed_and_resumed(ray_session, tmp_path_factory, tiny_bert):
     with pytest.raises(ValueError, match="unfinished search .* --resume"):
         tune.main(config)  # a fresh start would silently drop the finished trials
     result = tune.main(config, resume=True)
-    return config, result, Killed(finished, runs_before, parent_run_id, driver_log.read_text())
+    died = _dead_stats_actors() - dead_before
+    killed = Killed(finished, runs_before, parent_run_id, driver_log.read_text(), died)
+    return config, result, killed
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +137,14 @@ def test_asha_stopped_a_trial_early_and_let_one_finish(searched):
     assert epochs[-1] == EPOCHS
     assert [t.stopped_early for t in result.trials] == [t.epochs < EPOCHS for t in result.trials]
     assert all(t.status == "TERMINATED" for t in result.trials)
+
+
+def test_ray_datas_stats_actor_outlives_every_trial(killed_and_resumed):
+    """Each trial's datasets report to Ray Data's one stats actor. Started by a trial, it would
+    sit in that trial's placement group and die with it, to be started again by the next trial;
+    the search's driver starts it first (jobs.warehouse._ray_internal.start_data_stats_actor)."""
+    _, _, killed = killed_and_resumed
+    assert not killed.stats_actors_died, f"stats actors died: {killed.stats_actors_died}"
 
 
 def test_parent_run_has_a_nested_run_per_trial_with_params_and_epoch_metrics(searched):

@@ -372,6 +372,15 @@ def test_a_missing_ray_member_fails_naming_it(monkeypatch):
         fence.check_ray()
 
 
+def test_the_stats_actor_is_found_and_its_absence_only_warns(monkeypatch):
+    from jobs.warehouse import _ray_internal as fence
+
+    assert callable(fence.get_or_create_stats_actor)  # the installed Ray has it
+    monkeypatch.setattr(fence, "get_or_create_stats_actor", None)  # a Ray that moved it
+    with pytest.warns(RuntimeWarning, match=r"each Tune trial will start Ray Data's stats actor"):
+        fence.start_data_stats_actor()  # no Ray is running: with the function it would raise
+
+
 def test_another_ray_release_warns_what_to_reverify(recwarn):
     from jobs.warehouse import _ray_internal as fence
 
