@@ -373,12 +373,17 @@ def test_a_missing_ray_member_fails_naming_it(monkeypatch):
 
 
 def test_the_stats_actor_is_found_and_its_absence_only_warns(monkeypatch):
+    import ray
+
     from jobs.warehouse import _ray_internal as fence
 
-    assert callable(fence.get_or_create_stats_actor)  # the installed Ray has it
+    assert not ray.is_initialized()  # unit tests start no Ray
+    # The installed Ray's function is called: without a Ray to create the actor on, it refuses.
+    with pytest.raises(RuntimeError, match="Ray is not initialized"):
+        fence.start_data_stats_actor()
     monkeypatch.setattr(fence, "get_or_create_stats_actor", None)  # a Ray that moved it
     with pytest.warns(RuntimeWarning, match=r"each Tune trial will start Ray Data's stats actor"):
-        fence.start_data_stats_actor()  # no Ray is running: with the function it would raise
+        fence.start_data_stats_actor()
 
 
 def test_another_ray_release_warns_what_to_reverify(recwarn):
