@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalCluster", "add_worker", "start", "stop", "stop_worker"]
+__all__ = ["LocalCluster", "add_worker", "start", "stop", "stop_worker", "write_token"]
 
 WORKER_RESOURCE = "raylift_worker_node"
 _STATE_FILE = "cluster.json"
@@ -82,8 +82,7 @@ def start(
     root = Path(directory).resolve()
     root.mkdir(parents=True, exist_ok=True)
     token_path = root / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    token_path.chmod(0o600)
+    write_token(token_path, secrets.token_hex(32))
     ports = _free_ports([*_HEAD_PORTS, *_NODE_PORTS])
     gcs_address = f"127.0.0.1:{ports['port']}"
     head = _launch(root, "head", _head_args(root, ports, head_cpus), token_path, gcs_address)
@@ -102,6 +101,15 @@ def start(
         stop(cluster)
         raise
     return cluster
+
+
+def write_token(path: Path, token: str) -> None:
+    """Write `token` to a new file created 0600: never readable by others, not even between
+    a write and a chmod. O_EXCL on a path just unlinked also refuses a link planted there."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token)
 
 
 def add_worker(cluster: LocalCluster, cpus: int = 1, timeout_s: float = 90) -> int:

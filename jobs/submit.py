@@ -12,12 +12,15 @@ locally. The cluster's Python environment must already hold the project's pinned
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -68,12 +71,16 @@ EXCLUDES = [
     ".ruff_cache/",
     "build/",
     "dist/",
+    ".whl/",  # wheels tests/gpu/device_check.sh carries to a GPU box: hundreds of MB
+    ".gpu_minilm/",  # that check's MiniLM copy
 ]
 # Logging knobs only. Credentials never go in a runtime_env: the dashboard shows it to anyone
 # who can read the Jobs API; the cluster gets them from its own secrets or instance roles.
 _FORWARDED_ENV = ("RAYLIFT_LOG_LEVEL", "RAYLIFT_PROGRESS_BARS")
 _POLL_S = 1.0
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# How Ray's JobSubmissionClient reports an HTTP error (dashboard_sdk._raise_error, Ray 2.60).
+_HTTP_STATUS = re.compile(r"Request failed with status code (\d{3})")
 
 
 class JobFailedError(CommandFailedError):
@@ -197,14 +204,16 @@ def connect(address: str | None) -> Cluster:
     from ray import __version__ as local_ray
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        client = JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ValueError(
-            f"cannot reach Ray's Jobs API at {address}: {exc}\nFix: give the head's dashboard "
-            "address (http://HEAD:8265, e.g. through `kubectl port-forward`); on a cluster "
-            "with token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN)"
-        ) from None
+    with _jobs_api(address):  # a refused token: its own error, with its own fix
+        try:
+            client = JobSubmissionClient(address)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ValueError(
+                f"cannot reach Ray's Jobs API at {address}: {exc}\nFix: give the head's "
+                "dashboard address (http://HEAD:8265, e.g. through `kubectl port-forward`); on a "
+                "cluster with token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (or "
+                "RAY_AUTH_TOKEN)"
+            ) from None
     remote_ray = getattr(client, "_server_ray_version", None)
     if remote_ray and remote_ray != local_ray:
         log.warning("the cluster runs Ray %s, this checkout pins %s", remote_ray, local_ray)
@@ -212,16 +221,19 @@ def connect(address: str | None) -> Cluster:
 
 
 def jobs_list(address: str | None) -> None:
-    client = connect(address).jobs
-    for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+    cluster = connect(address)
+    with _jobs_api(cluster.address):
+        listed = cluster.jobs.list_jobs()
+    for job in sorted(listed, key=lambda j: j.start_time or 0):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((job.start_time or 0) / 1000))
         name = job.submission_id or job.job_id
         print(f"{name}  {job.status!s:9}  {started} UTC  {job.entrypoint}")
 
 
 def jobs_status(address: str | None, job_id: str) -> dict[str, Any]:
-    client = connect(address).jobs
-    info = client.get_job_info(job_id)
+    cluster = connect(address)
+    with _jobs_api(cluster.address, job_id):
+        info = cluster.jobs.get_job_info(job_id)
     return {
         "job_id": job_id,
         "status": str(info.status),
@@ -233,18 +245,60 @@ def jobs_status(address: str | None, job_id: str) -> dict[str, Any]:
 
 
 def jobs_logs(address: str | None, job_id: str, follow: bool = False) -> None:
-    client = connect(address).jobs
-    if follow:
-        _follow(client, job_id)
-    else:
-        sys.stdout.write(client.get_job_logs(job_id))
+    cluster = connect(address)
+    with _jobs_api(cluster.address, job_id):
+        if follow:
+            cluster.jobs.get_job_status(job_id)  # an unknown id fails here, not in the websocket
+            _follow(cluster.jobs, job_id)
+        else:
+            sys.stdout.write(cluster.jobs.get_job_logs(job_id))
 
 
 def jobs_stop(address: str | None, job_id: str) -> dict[str, Any]:
-    client = connect(address).jobs
-    was_running = client.stop_job(job_id)
-    status = _wait(client, job_id) if was_running else str(client.get_job_status(job_id))
+    cluster = connect(address)
+    with _jobs_api(cluster.address, job_id):
+        was_running = cluster.jobs.stop_job(job_id)
+        status = _wait(cluster.jobs, job_id) if was_running else _status(cluster.jobs, job_id)
     return {"job_id": job_id, "was_running": was_running, "status": status}
+
+
+@contextlib.contextmanager
+def _jobs_api(address: str, job_id: str | None = None) -> Iterator[None]:
+    """Turn the Jobs API's refusals into errors naming the job, the address and the fix.
+
+    Ray's client raises AuthenticationError for 401/403 and RuntimeError("Request failed with
+    status code N: ...") for other HTTP errors; `raylift` prints a ValueError and exits 1."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise ValueError(_token_refused(address, str(exc).splitlines()[0])) from None
+    except RuntimeError as exc:
+        found = _HTTP_STATUS.search(str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        if code in (401, 403):
+            raise ValueError(_token_refused(address, f"HTTP {code}")) from None
+        if code == 404 and job_id is not None:
+            raise ValueError(
+                f"no job {job_id!r} on the Ray cluster at {address}; "
+                f"`raylift jobs list --address {address}` shows the ids it knows"
+            ) from None
+        raise ValueError(f"Ray's Jobs API at {address} failed: {exc}") from None
+
+
+def _token_refused(address: str, reason: str) -> str:
+    return (
+        f"Ray's Jobs API at {address} refused this client's Ray token ({reason})\nFix: set "
+        "RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it), "
+        "with RAY_AUTH_MODE=token"
+    )
+
+
+def _status(client: Any, job_id: str) -> str:
+    return str(client.get_job_status(job_id))
 
 
 def _without_config(job_argv: list[str]) -> list[str]:

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from jobs.cli import COMMANDS, build_parser, main
@@ -10,6 +13,7 @@ from tests.unit.job_recorder import (
 )
 
 CONFIG = "configs/banking77/minilm_lora.yaml"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -18,20 +22,28 @@ def job_calls(monkeypatch) -> list[JobCall]:
 
 
 def test_dispatch_table_and_help_agree(capsys):
+    """The parser's subcommands (the choices argparse names for an unknown one), the commands
+    `--help` lists, with their help, and the README's command block are the dispatch table."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["no-such-command"])
+    choices = re.findall(r"\w+", capsys.readouterr().err.split("choose from", 1)[1])
+    assert choices == list(COMMANDS)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
-    shown = capsys.readouterr().out
-    for name in COMMANDS:
-        assert name in shown
-    assert set(COMMANDS) >= {
-        "validate",
-        "warehouse",
-        "finetune",
-        "promote",
-        "serve",
-        "score",
-        "demo",
-    }
+    help_text = capsys.readouterr().out
+    listing = help_text.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    assert re.findall(r"^ {4}(\w+)", listing, flags=re.M) == list(COMMANDS)
+    for name, command in COMMANDS.items():
+        assert " ".join(command.help.split()) in " ".join(listing.split()), name
+    assert _readme_command_names() == set(COMMANDS)
+
+
+def _readme_command_names() -> set[str]:
+    """The first word after `raylift` on each line of the README's "The `raylift` command"."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The `raylift` command", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return {line.split()[1] for line in block.splitlines() if line.startswith("raylift ")}
 
 
 def test_validate_ok_and_error_exit_codes(tmp_path, capsys):

@@ -1,21 +1,28 @@
 """The deployment manifests (cluster/kuberay/*.yaml, cluster/launcher/*.yaml), checked without a
 cluster: every document parses; Kubernetes' own kinds validate against the Kubernetes 1.37
 schemas (kubernetes-validate, strict: unknown fields fail); KubeRay's kinds validate against
-the ray.io/v1 CRD schemas of KubeRay v1.7.0 (tests/unit/data/kuberay, pod templates checked
-as Kubernetes PodTemplates); the launcher YAML against Ray's own schema. Then what the
-manifests promise: token auth on everywhere with the token from the Secret, nothing of Ray's
-exposed outside the cluster, requests and limits on every container, placeholders only in
-Secrets, shared storage for every job, entrypoints naming configs that exist and validate, and
-a RayService serveConfigV2 equal to what its generating command makes now.
+the ray.io/v1 CRD schemas of KubeRay v1.7.0 and of v1.6.0, the oldest release the README says
+they need (tests/unit/data/kuberay, pod templates checked as Kubernetes PodTemplates); the
+launcher YAML against Ray's own schema. Then what the manifests promise: token auth on
+everywhere with the token from the Secret, nothing of Ray's reachable from another namespace
+but the KubeRay operator on the head's dashboard and Serve ports, requests and limits on every
+container, placeholders only in Secrets, shared storage for every job, entrypoints naming
+configs that exist and validate, a nightly CronJob that fails unless its Ray job SUCCEEDED,
+and a RayService serveConfigV2 equal to what its generating command makes now.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,10 @@ REPO = Path(__file__).resolve().parents[2]
 KUBERAY_DIR = REPO / "cluster" / "kuberay"
 LAUNCHER = REPO / "cluster" / "launcher" / "aws-gpu.yaml"
 SCHEMAS = Path(__file__).parent / "data" / "kuberay"
+# The oldest KubeRay the README and the manifest headers name: the first release whose
+# authOptions has secretName (v1.5.x has `mode` only). Its pruned CRDs are vendored too.
+KUBERAY_MIN = "1.6.0"
+MIN_SCHEMAS = SCHEMAS / f"v{KUBERAY_MIN}"
 K8S_VERSION = "1.37.0"
 KUBERAY_KINDS = {
     "RayCluster": "rayclusters.schema.json",
@@ -39,6 +50,18 @@ KUBERAY_KINDS = {
     "RayService": "rayservices.schema.json",
 }
 RAY_TOKEN_SECRET = "raylift-ray-token"
+NAMESPACE = "raylift"  # where the README applies the manifests
+# The KubeRay operator pod as its Helm chart installs it where the README says: its namespace
+# and the labels chart v1.6.0 and v1.7.0 give it (name and component "kuberay-operator").
+OPERATOR_NAMESPACE = "kuberay-operator"
+OPERATOR = (
+    OPERATOR_NAMESPACE,
+    {
+        "app.kubernetes.io/name": "kuberay-operator",
+        "app.kubernetes.io/component": "kuberay-operator",
+    },
+)
+RAY_PORTS = (6379, 8000, 8080, 8265, 10001, 52365)  # GCS, Serve, metrics, dashboard, client, agent
 PLACEHOLDER = re.compile(r"^REPLACE_WITH_[A-Z0-9_]+$")
 # Where a config keeps state: on a cluster each must be a server or object storage.
 STORAGE_KEYS = ("catalog.uri", "catalog.warehouse", "registry.tracking_uri", "train.checkpoint_dir")
@@ -93,6 +116,24 @@ def test_kuberay_kind_validates_against_its_crd_schema(file, doc):
         _validate_pod_template(template)
 
 
+@pytest.mark.parametrize(("file", "doc"), KUBERAY, ids=_ids(KUBERAY))
+def test_kuberay_kind_validates_against_the_oldest_kuberay_the_docs_name(file, doc):
+    """A field newer than KUBERAY_MIN fails here: raise the minimum (README, manifest headers,
+    the vendored CRDs) or do without the field."""
+    _validate_kuberay(doc, MIN_SCHEMAS)
+
+
+def test_the_docs_name_the_kuberay_minimum_the_manifests_are_checked_against():
+    readme = (REPO / "README.md").read_text()
+    assert f"Needs the KubeRay operator {KUBERAY_MIN} or newer" in readme
+    stated = set(re.findall(r"KubeRay operator (\d+\.\d+\.\d+) or newer", readme))
+    for name in ("raycluster.yaml", "rayservice.yaml"):
+        header = (KUBERAY_DIR / name).read_text()
+        stated |= set(re.findall(r"Needs KubeRay >= (\d+\.\d+\.\d+)", header))
+        assert f"Needs KubeRay >= {KUBERAY_MIN}" in header, name
+    assert stated == {KUBERAY_MIN}
+
+
 def test_the_validators_can_fail():
     cluster = _of_kind("RayCluster")[0]
     broken = json.loads(json.dumps(cluster))
@@ -113,10 +154,10 @@ def test_the_validators_can_fail():
         kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
 
 
-def _validate_kuberay(doc: dict[str, Any]) -> list[dict[str, Any]]:
+def _validate_kuberay(doc: dict[str, Any], schemas: Path = SCHEMAS) -> list[dict[str, Any]]:
     """Validate `doc` against its CRD schema; return the pod templates found in it."""
     found: list[dict[str, Any]] = []
-    schema = _strict(json.loads((SCHEMAS / KUBERAY_KINDS[doc["kind"]]).read_text()))
+    schema = _strict(json.loads((schemas / KUBERAY_KINDS[doc["kind"]]).read_text()))
 
     def pod_template(validator, value, instance, schema):
         found.append(instance)
@@ -162,6 +203,10 @@ def test_vendored_schemas_say_where_they_come_from():
     for name in KUBERAY_KINDS.values():
         source = json.loads((SCHEMAS / name).read_text())["source"]
         assert re.match(r"ray-project/kuberay@[0-9a-f]{40} \(v1\.7\.0\)", source), source
+        source = json.loads((MIN_SCHEMAS / name).read_text())["source"]
+        tag = re.escape(f"(v{KUBERAY_MIN})")
+        assert re.match(rf"ray-project/kuberay@[0-9a-f]{{40}} {tag}", source), source
+    assert f"`v{KUBERAY_MIN}/`" in notice
 
 
 def test_launcher_yaml_validates_against_rays_schema():
@@ -264,6 +309,94 @@ def test_nothing_exposes_ray_outside_the_cluster():
             assert not [p for p in ports if "hostPort" in p], container["name"]
     policies = [p["spec"] for p in _of_kind("NetworkPolicy")]
     assert any(p["podSelector"]["matchExpressions"][0]["key"] == "ray.io/cluster" for p in policies)
+
+
+def test_only_the_kuberay_operator_gets_in_from_another_namespace_to_the_heads_dashboard():
+    """The operator PUTs serveConfigV2 and polls RayJob status on the head's 8265 (and checks
+    the head's Serve proxy on 8000); everything else of Ray admits this namespace only."""
+    head, worker = _ray_pod("head"), _ray_pod("worker")
+    assert _admits(head, OPERATOR, 8265), "no rule lets the KubeRay operator reach 8265"
+    assert _admits(head, OPERATOR, 8000)
+    strangers = [
+        ("default", {}),
+        (OPERATOR_NAMESPACE, {"app.kubernetes.io/name": "something-else"}),
+        ("other", OPERATOR[1]),  # the operator's labels in the wrong namespace
+    ]
+    for port in RAY_PORTS:
+        assert _admits(head, (NAMESPACE, {}), port) and _admits(worker, (NAMESPACE, {}), port)
+        assert not _admits(worker, OPERATOR, port), port
+        if port not in (8265, 8000):
+            assert not _admits(head, OPERATOR, port), port
+        for stranger in strangers:
+            assert not _admits(head, stranger, port), (stranger, port)
+            assert not _admits(worker, stranger, port), (stranger, port)
+    readme = (REPO / "README.md").read_text()
+    assert f"--namespace {OPERATOR_NAMESPACE} --create-namespace" in readme
+    assert (
+        f"kubernetes.io/metadata.name: {OPERATOR_NAMESPACE}"
+        in (KUBERAY_DIR / "networkpolicy.yaml").read_text()
+    )
+
+
+def _ray_pod(node_type: str) -> dict[str, str]:
+    """The labels KubeRay gives a Ray pod (ray.io/cluster, ray.io/node-type) and ours."""
+    return {
+        "ray.io/cluster": "raylift",
+        "ray.io/node-type": node_type,
+        "app.kubernetes.io/part-of": "raylift",
+    }
+
+
+def _admits(pod: dict[str, str], source: tuple[str, dict[str, str]], port: int) -> bool:
+    """Whether this file's NetworkPolicies let a pod of `source` (namespace, labels) connect to
+    TCP `port` of a pod labelled `pod` in NAMESPACE (Kubernetes' semantics: policies add up; a
+    pod no Ingress policy selects is open)."""
+    specs = [p["spec"] for p in _of_kind("NetworkPolicy")]
+    selecting = [
+        s for s in specs if "Ingress" in s["policyTypes"] and _selects(s["podSelector"], pod)
+    ]
+    if not selecting:
+        return True
+    rules = [rule for spec in selecting for rule in spec.get("ingress", [])]
+    return any(_rule_admits(rule, source, port) for rule in rules)
+
+
+def _rule_admits(rule: dict[str, Any], source: tuple[str, dict[str, str]], port: int) -> bool:
+    ports = rule.get("ports")
+    if ports and not any(
+        p.get("protocol", "TCP") == "TCP" and p.get("port") == port for p in ports
+    ):
+        return False
+    peers = rule.get("from")
+    return not peers or any(_peer_matches(peer, *source) for peer in peers)
+
+
+def _peer_matches(peer: dict[str, Any], namespace: str, labels: dict[str, str]) -> bool:
+    if "ipBlock" in peer:
+        return True  # addresses from anywhere: as open as it gets
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(
+            peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}
+        )
+    else:
+        in_namespace = namespace == NAMESPACE  # a podSelector alone: the policy's namespace
+    return in_namespace and _selects(peer.get("podSelector", {}), labels)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, values = expression["key"], expression.get("values", [])
+        holds = {
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+        }[expression["operator"]]
+        if not holds:
+            return False
+    return True
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -376,6 +509,72 @@ def test_the_nightly_scoring_job_scores_the_run_date():
     (cronjob,) = _of_kind("CronJob")
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     assert "http://raylift-head-svc:8265" in line  # the RayCluster's in-cluster head Service
+
+
+class _JobStatusHandler(BaseHTTPRequestHandler):
+    """The Jobs API calls the CronJob's status check makes: the version, then the job."""
+
+    status = "SUCCEEDED"
+    seen: list[tuple[str, str | None]] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).seen.append((self.path, self.headers.get("Authorization")))
+        if self.path == "/api/version":
+            body = {"ray_version": "2.60.0", "version": "4"}
+        else:
+            job_id = self.path.rsplit("/", 1)[-1]
+            body = {"type": "SUBMISSION", "submission_id": job_id, "status": type(self).status}
+            body["entrypoint"] = "python -m jobs.score"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("ray_exit", "final", "pod_exit"),
+    [(0, "SUCCEEDED", 0), (0, "STOPPED", 1), (1, "FAILED", 1)],
+)
+def test_the_nightly_job_fails_unless_the_ray_job_succeeded(tmp_path, ray_exit, final, pod_exit):
+    """The CronJob's script as the pod runs it, with `ray` a stand-in that exits as `ray job
+    submit` does (0 for SUCCEEDED and STOPPED, 1 for FAILED) and the Jobs API a local server:
+    the real JobSubmissionClient asks it for the final status, with the Secret's token."""
+    (cronjob,) = _of_kind("CronJob")
+    (container,) = _containers(_cronjob_template(cronjob))
+    server = HTTPServer(("127.0.0.1", 0), _JobStatusHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _JobStatusHandler.status, _JobStatusHandler.seen = final, []
+    address = f"http://127.0.0.1:{server.server_port}"
+    script = container["args"][0].replace("http://raylift-head-svc:8265", address)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "ray", f'echo "$@" > {tmp_path}/ray_args\nexit {ray_exit}\n')
+    _executable(bin_dir / "python", f'exec {sys.executable} "$@"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "tok-" + "5" * 32})
+    try:
+        done = subprocess.run(
+            [*container["command"], script], env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        server.shutdown()
+    assert done.returncode == pod_exit, done.stdout + done.stderr
+    submitted = (tmp_path / "ray_args").read_text().split()
+    assert submitted[:4] == ["job", "submit", "--address", address]
+    job_id = submitted[submitted.index("--submission-id") + 1]
+    if ray_exit == 0:
+        assert (f"/api/jobs/{job_id}", "Bearer tok-" + "5" * 32) in _JobStatusHandler.seen
+        assert f"Ray job {job_id}: {final}" in done.stdout
+    else:
+        assert _JobStatusHandler.seen == []  # `ray job submit` failing ends the pod at once
+
+
+def _executable(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
 
 
 def test_cluster_jobs_keep_state_on_shared_storage_and_agree_where():

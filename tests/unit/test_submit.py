@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -246,3 +247,102 @@ def test_an_unreachable_cluster_is_an_error_naming_the_address_and_the_fix(capsy
     err = capsys.readouterr().err
     assert f"cannot reach Ray's Jobs API at http://127.0.0.1:{port}" in err
     assert "RAY_AUTH_TOKEN_PATH" in err
+
+
+def test_submit_never_uploads_the_gpu_checks_wheels_or_model():
+    """tests/gpu/device_check.sh fills .whl/ (hundreds of MB) and .gpu_minilm/ at the root."""
+    excludes = submit.plan("score", ["--config", CONFIG]).runtime_env["excludes"]
+    assert {".whl/", ".gpu_minilm/"} <= set(excludes)
+    ignored = subprocess.run(
+        ["git", "check-ignore", ".whl/x.whl", ".gpu_minilm/config.json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert ignored.stdout.split() == [".whl/x.whl", ".gpu_minilm/config.json"], ignored.stderr
+
+
+class _JobsApiHandler(BaseHTTPRequestHandler):
+    """Ray's Jobs API as far as `raylift jobs` needs it: the version, then `answer` (status,
+    body) to every /api/jobs/ request, as the dashboard answers an unknown id or a bad token."""
+
+    version_answer: tuple[int, str] = (200, "")
+    answer: tuple[int, str] = (404, "Job raylift-x does not exist")
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path == "/api/version" and self.version_answer[0] == 200:
+            self._reply(200, json.dumps({"ray_version": "2.60.0", "version": "4"}))
+        elif self.path == "/api/version":
+            self._reply(*self.version_answer)
+        else:
+            self._reply(*self.answer)
+
+    do_POST = do_GET  # noqa: N815 (stop_job)
+
+    def _reply(self, status: int, body: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def jobs_api():
+    server = HTTPServer(("127.0.0.1", 0), _JobsApiHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    _JobsApiHandler.version_answer, _JobsApiHandler.answer = (200, ""), (404, "no such job")
+
+
+@pytest.mark.parametrize("action", [["status"], ["logs"], ["logs", "--follow"], ["stop"]])
+def test_an_unknown_job_id_is_an_error_naming_it_not_a_traceback(jobs_api, action, capsys):
+    """Ray's real JobSubmissionClient against an HTTP server that answers 404, as the dashboard
+    does for an id it does not know: RuntimeError("Request failed with status code 404")."""
+    argv = ["jobs", action[0], "raylift-nope", *action[1:], "--address", jobs_api]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"no job 'raylift-nope' on the Ray cluster at {jobs_api}" in err
+    assert "raylift jobs list" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("refused", "where"),
+    [
+        ((403, "Forbidden: Invalid authentication token"), "answer"),
+        ((401, "Unauthorized"), "version_answer"),
+    ],
+)
+def test_a_refused_ray_token_is_an_error_with_the_token_fix(jobs_api, refused, where, capsys):
+    """A wrong token (403) on a job call, or none (401) already on the version check."""
+    setattr(_JobsApiHandler, where, refused)
+    assert cli.main(["jobs", "status", "raylift-x", "--address", jobs_api]) == 1
+    err = capsys.readouterr().err
+    assert f"Ray's Jobs API at {jobs_api} refused this client's Ray token" in err
+    assert "RAY_AUTH_TOKEN" in err and "RAY_AUTH_MODE=token" in err
+
+
+def test_the_local_clusters_token_file_is_created_owner_only(tmp_path, monkeypatch):
+    """Created 0600, never written first and narrowed after (a window where others read it),
+    also over a token file left world-readable by an earlier start."""
+    from cluster import local_cluster
+
+    token = tmp_path / "auth_token"
+    token.write_text("an old token")
+    token.chmod(0o644)
+
+    def no_chmod(*args, **kwargs):
+        raise AssertionError("the mode must come with the file, not from a chmod after")
+
+    monkeypatch.setattr(Path, "chmod", no_chmod)
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    umask = os.umask(0o022)
+    try:
+        local_cluster.write_token(token, "t" * 64)
+    finally:
+        os.umask(umask)
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert token.read_text() == "t" * 64

@@ -1,6 +1,10 @@
 """Rebuild the vendored KubeRay schemas from a KubeRay checkout.
 
     python tests/unit/data/kuberay/prune_crds.py /path/to/kuberay v1.7.0
+    cd tests/unit/data/kuberay && python prune_crds.py /path/to/kuberay v1.6.0 v1.6.0
+
+The first writes next to this script (the release the manifests are checked against in full),
+the second into a folder of its own (the oldest release the README says the manifests need).
 
 Each CRD's ray.io/v1 openAPIV3Schema is kept whole except Kubernetes' own types: every pod
 template (an object whose `spec` has `containers`) becomes a placeholder that marks it, and the
@@ -36,8 +40,9 @@ def prune(node):
     return node
 
 
-def main(checkout: str, tag: str) -> None:
-    here = Path(__file__).parent
+def main(checkout: str, tag: str, out_dir: str | None = None) -> None:
+    here = Path(out_dir) if out_dir else Path(__file__).parent
+    here.mkdir(parents=True, exist_ok=True)
     commit = subprocess.check_output(
         ["git", "-C", checkout, "rev-parse", f"{tag}^{{commit}}"], text=True
     ).strip()
@@ -52,4 +57,4 @@ def main(checkout: str, tag: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
