@@ -37,6 +37,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from jobs.modeling import pad_with_eos
+
 __all__ = [
     "IGNORE_INDEX",
     "PLAIN_TEMPLATE",
@@ -62,16 +64,15 @@ Template = Literal["chat", "plain"]
 
 
 def prepare_tokenizer(tokenizer):
-    """`tokenizer` with a pad token: its eos token when it has none (Llama's has none). Padding
-    is never trained on (label -100, attention off), so which token pads does not matter."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(
-                "the tokenizer of model.base has neither a pad nor an eos token; a causal LM "
-                "needs an eos token to learn where an answer ends: use a base whose tokenizer "
-                "defines one"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
+    """`tokenizer` with a pad token: its eos token when it has none (Llama's has none), as
+    jobs.modeling.load_tokenizer already pads. Padding is never trained on (label -100,
+    attention off), so which token pads does not matter."""
+    if pad_with_eos(tokenizer).pad_token_id is None:
+        raise ValueError(
+            "the tokenizer of model.base has neither a pad nor an eos token; a causal LM "
+            "needs an eos token to learn where an answer ends: use a base whose tokenizer "
+            "defines one"
+        )
     return tokenizer
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "check_base_model",
     "load_checkpoint",
     "load_tokenizer",
+    "pad_with_eos",
     "read_checkpoint_meta",
     "resolve_base_model",
     "save_checkpoint",
@@ -139,10 +140,22 @@ def _check_remote_base(uri: str) -> None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer at `path`, padding with its eos token if it defines no pad token."""
     from transformers import AutoTokenizer
 
     refuse_remote_code(path, trust_remote_code)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return pad_with_eos(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+def pad_with_eos(tokenizer):
+    """`tokenizer`, its eos token made its pad token when it has none (Llama's have none), so
+    that training, the saved checkpoint's tokenizer and scoring all pad with one id. Batches
+    are padded on the right under an attention mask, so no pad is attended to or trained on.
+    A sequence classifier's config gets the same id (_set_pad_token_id). Unchanged when it
+    has a pad token, or no eos either."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def build_model(
@@ -186,7 +199,10 @@ def _load_head_model(
     method: str,
     precision: str = "fp32",
     quant_storage: str | None = None,
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
+    """The base at `path` with `task`'s head. A classifier whose config names no pad token
+    gets `pad_token_id`, or else the pad id of the tokenizer at `path` (_set_pad_token_id)."""
     import torch
     import transformers
 
@@ -213,9 +229,37 @@ def _load_head_model(
     with _without_load_report():
         model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     _check_loading(loading, task, path)
+    if _lacks_pad_token_id(model, task):
+        if pad_token_id is None:
+            pad_token_id = load_tokenizer(path, trust_remote_code).pad_token_id
+        _set_pad_token_id(model, pad_token_id, path)
     if method == "qlora":
         _keep_4bit_weights_trainable(model)
     return model
+
+
+def _lacks_pad_token_id(model: torch.nn.Module, task: Task) -> bool:
+    """A classifier whose config names no pad token (Llama's). A generator's config is left
+    as it is; so is a pad id the config has (BERT, MiniLM: their tokenizer's too)."""
+    if task.generative:
+        return False
+    return getattr(model.config.get_text_config(), "pad_token_id", None) is None
+
+
+def _set_pad_token_id(model: torch.nn.Module, pad_token_id: int | None, path: str | Path) -> None:
+    """Give a classifier the id its batches are padded with: its tokenizer's, eos where it has
+    no pad token (pad_with_eos). A last-token head (transformers'
+    GenericForSequenceClassification: Llama, Mistral, Qwen2) pools each row at its rightmost
+    token that is not config.pad_token_id, whatever the attention mask says, and refuses
+    batches of more than one row without one."""
+    if pad_token_id is None:
+        raise ValueError(
+            f"{path}: neither its config.json (pad_token_id) nor its tokenizer names a pad or "
+            "an eos token; sequence classification pads batches and its head needs the pad id "
+            "to find where each row ends: set pad_token (or eos_token) in its "
+            "tokenizer_config.json"
+        )
+    model.config.get_text_config().pad_token_id = pad_token_id
 
 
 @contextlib.contextmanager
@@ -385,13 +429,17 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
     task = get_task(meta.task, peft_needed=False)  # peft only where an adapter is merged
     refuse_remote_code(directory, trust_remote_code)  # before transformers reads its config
     auto = getattr(transformers, task.auto_model)
+    tokenizer = load_tokenizer(str(directory), trust_remote_code)
+    pad_token_id = tokenizer.pad_token_id  # what scoring pads with: the head's pad id too
     if (directory / "adapter_config.json").is_file():
         if not (directory / "adapter_model.safetensors").is_file():
             raise ValueError(f"{directory}: adapter weights must be adapter_model.safetensors")
         # The base has no head yet (the adapter brings it, as modules_to_save).
         base_path = resolve_base_model(meta.base_model)
         refuse_remote_code(base_path, trust_remote_code)
-        base = _load_head_model(base_path, task, meta.labels, trust_remote_code, "full")
+        base = _load_head_model(
+            base_path, task, meta.labels, trust_remote_code, "full", pad_token_id=pad_token_id
+        )
         with without_bitsandbytes():  # loading and merging an adapter never needs it
             import peft
 
@@ -400,7 +448,9 @@ def load_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> L
         model = auto.from_pretrained(
             directory, use_safetensors=True, trust_remote_code=trust_remote_code
         )
+        if _lacks_pad_token_id(model, task):  # a checkpoint not saved by training
+            _set_pad_token_id(model, pad_token_id, directory)
     else:
         raise ValueError(f"{directory}: no model.safetensors or adapter_model.safetensors")
     model = model.float().eval()
-    return LoadedModel(model, load_tokenizer(str(directory), trust_remote_code), meta, task)
+    return LoadedModel(model, tokenizer, meta, task)

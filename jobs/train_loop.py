@@ -157,9 +157,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(
         resolve_base_model(config.model.base), config.model.trust_remote_code
     )
-    if task.generative:  # saved with the checkpoint: a generator needs a pad token to batch
+    if task.generative:  # refuses a tokenizer with no eos: a generator learns to end with it
         tokenizer = instruct.prepare_tokenizer(tokenizer)
     start = _restore(engine, inputs, rank, world_size)
+    # eos where the tokenizer defines no pad (Llama's), as saved with the checkpoint; a
+    # classifier's config.pad_token_id, which its head pools by, is this id (build_model).
     pad_id = tokenizer.pad_token_id
     collate = BatchInputs(task, pad_id, config.task.packing, config.task.max_length)
     metric = inputs.checkpoint_metric or config.promote.metric

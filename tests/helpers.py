@@ -109,6 +109,27 @@ def make_lora_checkpoint(base: str, directory: Path, labels: list[str]) -> str:
     return str(save_checkpoint(model, tokenizer, directory, meta))
 
 
+def biased_lora_copy(template: str, directory: Path, label: int) -> str:
+    """A copy of the LoRA checkpoint `template` whose head answers labels[label] for any text
+    (a bias of 20): versions that answer differently, so a response shows which one ran."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = shutil.copytree(template, directory)
+    weights = Path(checkpoint) / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    biases = [name for name in tensors if "classifier" in name and name.endswith("bias")]
+    assert biases, f"no head bias in the adapter: {sorted(tensors)}"
+    for name in biases:
+        bias = torch.zeros_like(tensors[name])
+        bias[label] = 20.0
+        tensors[name] = bias
+    save_file(tensors, weights)
+    return str(checkpoint)
+
+
 def make_full_checkpoint(
     base: str, directory: Path, labels: list[str], model=None, max_length: int = 32
 ) -> Path:
@@ -218,10 +239,12 @@ _LLAMA_WORDS = [
 ]  # fmt: skip
 
 
-def make_tiny_llama(directory: Path, chat_template: bool = True) -> str:
+def make_tiny_llama(directory: Path, chat_template: bool = True, pad_token: bool = True) -> str:
     """Save a random 2-layer Llama (hidden 32, ~60-token vocab) and its word-level tokenizer
     under `directory`: bos <s>, eos </s>, pad <pad>, and (chat_template) TINY_CHAT_TEMPLATE,
-    whose turns end with <|end|>; without it, jobs.instruct formats with its plain template."""
+    whose turns end with <|end|>; without it, jobs.instruct formats with its plain template.
+    Without `pad_token`, neither the tokenizer nor the config names a pad token, as Llama's
+    do not (<pad> stays in the vocabulary, unused, as Llama 3 keeps reserved tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -238,7 +261,7 @@ def make_tiny_llama(directory: Path, chat_template: bool = True) -> str:
         tokenizer_object=core,
         bos_token="<s>",
         eos_token="</s>",
-        pad_token="<pad>",
+        pad_token="<pad>" if pad_token else None,
         unk_token="<unk>",
         additional_special_tokens=["<|end|>"],
     )
@@ -254,7 +277,7 @@ def make_tiny_llama(directory: Path, chat_template: bool = True) -> str:
         max_position_embeddings=256,
         bos_token_id=vocab["<s>"],
         eos_token_id=[vocab["</s>"], vocab["<|end|>"]] if chat_template else vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
+        pad_token_id=vocab["<pad>"] if pad_token else None,
         tie_word_embeddings=False,
     )
     import torch
