@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from cluster.storage import credentials_in_uri
 from jobs.config import ConfigError, LifecycleConfig, load_config, parse_overrides
 
 __all__ = ["GENERATED_BY", "build_parser", "main", "replace_serve_config", "serve_config"]
@@ -70,6 +71,11 @@ def _require_shared_registry(config: LifecycleConfig) -> None:
     """Replicas run in other pods than the one that trained: a file-backed registry is not
     theirs to read (an SQLite file or a local artifact folder lives in one pod only)."""
     uri = config.registry.tracking_uri
+    # load_config refuses it already; checked again where the URI is written into a committed
+    # manifest that Ray's dashboard also shows.
+    problem = credentials_in_uri(uri)
+    if problem:
+        raise ConfigError("serve-config", [f"  registry.tracking_uri: {problem}"])
     if uri.startswith(("sqlite:", "file:")) or (":" not in uri and uri != "databricks"):
         raise ConfigError(
             "serve-config",

@@ -37,16 +37,18 @@ __all__ = [
     "S3_ENDPOINT_ENV",
     "cache_dir",
     "cached_folder",
+    "credentials_in_uri",
     "delete_folder",
     "download_folder",
     "evict_least_recently_used",
     "filesystem_uri",
     "folder_digest",
+    "iceberg_s3_properties",
     "is_object_storage",
     "is_remote",
-    "iceberg_s3_properties",
     "list_files",
     "read_json",
+    "redact_credentials",
     "refuse_keys_in_uri",
     "upload_folder",
     "worker_visible_uri",
@@ -432,16 +434,71 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# `s3://KEY:SECRET@bucket/...`: pyarrow accepts keys in the URI; raylift never does.
-_KEYS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
+# Credentials in a URI's userinfo: `scheme://user:password@host`, and for http(s) a bare
+# `https://token@host` too (requests sends it as basic auth; it is how tokens ride in URLs).
+# `postgresql://user@host/db` stays allowed: a user name is no secret, the password comes from
+# PGPASSWORD. A password runs to the URI's last `@` because it may hold `/` unescaped (an AWS
+# secret key does about one time in two); `host:5000/path@x` is a port, not a password.
+# Quotes, `<`, `>` and whitespace end a URI inside log lines, reprs and HTML.
+_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"
+    r"(?P<user>[^\s/?#@:'\"<>`]*)(?::(?P<password>[^\s'\"<>`]*))?@"
+)
+_PORT_THEN_PATH = re.compile(r"\d*[/?#].*", re.DOTALL)
+_TOKEN_AS_USER_SCHEMES = ("http", "https")
+# MLflow's `models://profile@databricks/...` and `scope:prefix@databricks` name a Databricks
+# CLI profile or a secret scope: references to credentials kept elsewhere, not credentials.
+_DATABRICKS_PROFILE = re.compile(r"databricks(?:[/?#\s'\"<>`]|$)")
+# Where each library reads what the URI held, by scheme.
+_CREDENTIALS_GO = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN for temporary "
+    "keys) on every node, or give the nodes an IAM role",
+    "gs": "point GOOGLE_APPLICATION_CREDENTIALS at a service-account key file on every node",
+    "http": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+    "for an MLflow server, PYICEBERG_CATALOG__<NAME>__TOKEN (or __CREDENTIAL) for an Iceberg REST "
+    "catalog named NAME",
+    "postgresql": "set PGPASSWORD (or use ~/.pgpass) where the job runs; the user name may stay",
+}
+_SCHEME_FAMILY = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "https": "http", "postgres": "postgresql"}
+
+
+def _holds_credentials(match: re.Match[str]) -> bool:
+    password = match["password"]
+    if password is not None and _PORT_THEN_PATH.fullmatch(password):
+        return False  # `host:5000/path@x`: no userinfo at all
+    if _DATABRICKS_PROFILE.match(match.string, match.end()):
+        return False
+    if password:
+        return True
+    return bool(match["user"]) and match["scheme"].lower() in _TOKEN_AS_USER_SCHEMES
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the userinfo of every URI in it that holds credentials replaced by `***`.
+
+    `s3://KEY:SECRET@bucket/p` becomes `s3://***@bucket/p`, `https://token@host` becomes
+    `https://***@host`; `postgresql://user@db/x`, `models:/name@alias` and text without a URI
+    are returned unchanged. For log lines, error messages and pages that echo a URI.
+    """
+    return _USERINFO.sub(lambda m: f"{m['scheme']}://***@" if _holds_credentials(m) else m[0], text)
+
+
+def credentials_in_uri(uri: str) -> str | None:
+    """Why `uri` may not be used, shown redacted and with where its credentials go instead;
+    None when it holds none (the rule `redact_credentials` applies, at the URI's start)."""
+    match = _USERINFO.match(uri)
+    if match is None or not _holds_credentials(match):
+        return None
+    scheme = match["scheme"].lower()
+    family = _SCHEME_FAMILY.get(scheme, scheme.partition("+")[0])
+    fix = _CREDENTIALS_GO.get(
+        family, "pass them through the environment variables or files its client library reads"
+    )
+    return f"{redact_credentials(uri)} holds credentials; remove them from the URI and {fix}"
 
 
 def refuse_keys_in_uri(uri: str, key: str) -> None:
     """A URI with credentials in it would end up in cache paths, logs and checkpoint metadata."""
-    if _KEYS_IN_URI.match(uri):
-        scheme, _, rest = uri.partition("://")
-        raise ValueError(
-            f"{key}={scheme}://***@{rest.partition('@')[2]} holds credentials; remove them from "
-            "the URI and set the standard AWS environment variables (AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY) on every node instead"
-        )
+    problem = credentials_in_uri(uri)
+    if problem:
+        raise ValueError(f"{key}={problem}")

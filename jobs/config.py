@@ -11,11 +11,13 @@ import datetime
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +26,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from cluster.storage import credentials_in_uri, redact_credentials
 
 __all__ = [
     "ConfigError",
@@ -40,23 +45,77 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _no_credentials(uri: str) -> str:
+    problem = credentials_in_uri(uri)
+    if problem:
+        # A custom error type: `_describe` shows its (redacted) message and never the input.
+        raise PydanticCustomError("uri_credentials", "{problem}", {"problem": problem})
+    return uri
+
+
+# A URI or path a job reads or writes. Credentials in one would reach MLflow's run params,
+# every checkpoint's raylift.json, the Jobs API entrypoint and the logs, so the config refuses
+# them, overrides included.
+_Uri = Annotated[str, AfterValidator(_no_credentials)]
+
+# pyiceberg properties that hold a secret (s3.secret-access-key, s3.session-token, token,
+# credential, adls.account-key, header.Authorization, ...), matched by whole words.
+_SECRET_PROPERTY = re.compile(
+    r"(?:^|[._-])(?:secret|password|token|credentials?|authorization|access-key|account-key"
+    r"|connection-string)(?:$|[._-])",
+    re.IGNORECASE,
+)
+# AWS keys pyiceberg also takes as properties: pyarrow and boto3 read these variables instead.
+_AWS_KEY_ENV = {
+    "access-key-id": "AWS_ACCESS_KEY_ID",
+    "secret-access-key": "AWS_SECRET_ACCESS_KEY",
+    "session-token": "AWS_SESSION_TOKEN",
+}
+_AWS_PROPERTY_PREFIXES = ("s3", "client", "glue", "dynamodb")
+
+
+def _secret_property_problem(prop: str, catalog: str) -> str:
+    prefix, _, rest = prop.partition(".")
+    env = _AWS_KEY_ENV.get(rest) if prefix in _AWS_PROPERTY_PREFIXES else None
+    if env is None:
+        # pyiceberg's own form: PYICEBERG_CATALOG__<name>__<property, `.` as `__`, `-` as `_`>
+        parts = [catalog, *prop.split(".")]
+        env = "PYICEBERG_CATALOG__" + "__".join(p.upper().replace("-", "_") for p in parts)
+    return f"{prop} is a secret: remove it and set {env} on every node instead"
+
+
 class CatalogConfig(_Strict):
     name: str = Field("raylift", description="Name pyiceberg gives the catalog.")
     type: Literal["sql", "rest", "glue", "hive"] = Field(
         "sql", description="pyiceberg catalog type; 'sql' on SQLite is the embedded default."
     )
-    uri: str = Field(
+    uri: _Uri = Field(
         "sqlite:///.raylift/warehouse/catalog.db",
         description="Catalog URI (SQLAlchemy URL for 'sql', endpoint for 'rest').",
     )
-    warehouse: str = Field(
+    warehouse: _Uri = Field(
         ".raylift/warehouse",
         description="Where table files live: a local path or s3:// / gs:// URI.",
     )
-    properties: dict[str, str] = Field(
+    properties: dict[str, _Uri] = Field(
         default_factory=dict,
-        description="Extra pyiceberg catalog properties. Credentials belong in the environment.",
+        description="Extra pyiceberg catalog properties (s3.endpoint, s3.region, ...). Secrets "
+        "(s3.secret-access-key, token, credential, ...) are refused: they belong in the "
+        "environment of every node.",
     )
+
+    @field_validator("properties")
+    @classmethod
+    def _no_secret_properties(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        catalog = info.data.get("name", "raylift")
+        problems = [
+            _secret_property_problem(k, catalog) for k in value if _SECRET_PROPERTY.search(k)
+        ]
+        if problems:
+            raise PydanticCustomError(
+                "secret_properties", "{problem}", {"problem": "; ".join(problems)}
+            )
+        return value
 
 
 class TaskConfig(_Strict):
@@ -183,7 +242,7 @@ class LoraConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base: str = Field(
+    base: _Uri = Field(
         "all-MiniLM-L6-v2",
         description="Pretrained model: a local directory, a folder on object storage "
         "(s3://bucket/models/x: safetensors only, downloaded once per node into "
@@ -222,7 +281,7 @@ class DataConfig(_Strict):
     snapshot_id: int | None = Field(
         None, description="Snapshot to train on; the table's current snapshot by default."
     )
-    source: str | None = Field(
+    source: _Uri | None = Field(
         None,
         description="CSV or Parquet file `warehouse load` reads; the packaged BANKING77 if unset.",
     )
@@ -282,7 +341,7 @@ class TrainConfig(_Strict):
         description="Rows each worker shuffles locally per epoch (0: stream order).",
     )
     seed: int = Field(17, description="Seed for weights and dropout.")
-    checkpoint_dir: str = Field(
+    checkpoint_dir: _Uri = Field(
         ".raylift/checkpoints", description="Ray Train storage_path: local path or s3:// URI."
     )
     checkpoint_every_steps: int | None = Field(
@@ -348,11 +407,11 @@ class TrainConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    tracking_uri: str = Field(
+    tracking_uri: _Uri = Field(
         "sqlite:///.raylift/mlflow.db", description="MLflow tracking and registry URI."
     )
     experiment: str = Field("raylift", description="MLflow experiment runs are logged to.")
-    artifact_location: str | None = Field(
+    artifact_location: _Uri | None = Field(
         None,
         description="Where a new experiment stores its runs' artifacts (the registered "
         "checkpoints): a local path or an s3:// URI (AWS_* environment variables give the "
@@ -390,7 +449,7 @@ class PromoteConfig(_Strict):
         "measured on the same rows: the stored figures when both were evaluated on the same "
         "table snapshot and split, else both re-evaluated on the candidate's validation rows.",
     )
-    allowed_base_models: list[str] = Field(
+    allowed_base_models: list[_Uri] = Field(
         default_factory=list,
         description="Base models (model.base as trained) a candidate may be built on; empty: any.",
     )
@@ -537,7 +596,7 @@ class BatchGenerationConfig(GenerationConfig):
 class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP host Serve binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    model_uri: str | None = Field(
+    model_uri: _Uri | None = Field(
         None, description="Model to serve; models:/<model_name>@<promote.alias> by default."
     )
     max_batch_size: int = Field(64, ge=1, description="Most texts one model batch holds.")
@@ -644,7 +703,7 @@ class ScoreConfig(_Strict):
     key_columns: list[str] = Field(
         default_factory=lambda: ["ticket_id"], description="Input columns copied to each row."
     )
-    model_uri: str | None = Field(
+    model_uri: _Uri | None = Field(
         None, description="Model to score with; models:/<model_name>@<promote.alias> by default."
     )
     batch_size: int = Field(
@@ -772,7 +831,12 @@ class TuneConfig(_Strict):
         None,
         description="Metric trials are ranked by (reported every epoch); promote.metric if unset.",
     )
-    mode: Literal["max", "min"] = Field("max", description="Whether the metric is maximized.")
+    mode: Literal["max", "min"] | None = Field(
+        None,
+        description="Whether the metric is maximized (max) or minimized (min). Unset: "
+        "promote.mode when tune.metric is unset, else the way tune.metric improves (min for "
+        "val_loss and val_perplexity, max for val_accuracy and val_macro_f1).",
+    )
     scheduler: Literal["asha", "sha", "fifo"] = Field(
         "asha",
         description="asha: stop weak trials early, each decision alone as a trial reaches a "
@@ -842,6 +906,15 @@ class TuneConfig(_Strict):
     def metric_name(self, promote: PromoteConfig) -> str:
         return self.metric or promote.metric
 
+    def mode_name(self, promote: PromoteConfig) -> str:
+        """The direction trials are ranked in: tune.mode, else promote.mode for promote's
+        metric, else the way tune.metric improves."""
+        if self.mode is not None:
+            return self.mode
+        if self.metric is None or self.metric == promote.metric:
+            return promote.mode
+        return _improves(self.metric) or "max"
+
 
 def _key_problem(key: str) -> str | None:
     """Why `key` cannot be searched (unknown, a section, not searchable), or None."""
@@ -886,11 +959,16 @@ class LifecycleConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train settings.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow.")
-    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="Promotion gate.")
+    # validate_default: the default promote and tune sections are checked against the task too
+    promote: PromoteConfig = Field(
+        default_factory=PromoteConfig, validate_default=True, description="Promotion gate."
+    )
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Online endpoint.")
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Batch scoring.")
     tune: TuneConfig = Field(
-        default_factory=TuneConfig, description="Ray Tune search (raylift tune)."
+        default_factory=TuneConfig,
+        validate_default=True,
+        description="Ray Tune search (raylift tune).",
     )
     cluster: ClusterConfig = Field(
         default_factory=ClusterConfig, description="Running on a Ray cluster of several nodes."
@@ -910,29 +988,107 @@ class LifecycleConfig(_Strict):
                 "model.method=frozen trains a new task head only, and a causal LM's head is its "
                 "pretrained lm_head: use lora, qlora or full"
             )
-        promote = self.promote
-        if promote.metric not in _CAUSAL_LM_METRICS or promote.mode != "min":
-            problems.append(
-                f"promote.metric={promote.metric} (mode {promote.mode}): causal-lm reports "
-                f"{' and '.join(_CAUSAL_LM_METRICS)}, both lower-is-better; set promote.metric: "
-                "val_perplexity, promote.mode: min and promote.max_value (a ceiling, or null)"
-            )
-        if promote.slices:
+        if self.promote.slices:
             problems.append("promote.slices are label groups, and causal-lm has no labels: remove")
-        tune = self.tune
-        if tune.search_space and (
-            tune.metric_name(promote) not in _CAUSAL_LM_METRICS or tune.mode != "min"
-        ):
-            problems.append(
-                f"tune ranks trials by {tune.metric_name(promote)} (mode {tune.mode}); set "
-                "tune.metric: val_perplexity (or unset: promote.metric) and tune.mode: min"
-            )
         if problems:
             raise ValueError(f"task.type={self.task.type}: " + "; ".join(problems))
         return self
 
+    # promote.metric and tune.metric must be metrics the task reports each epoch, ranked the
+    # way they improve: a typo otherwise shows only once trials ran (no trial reports it), and
+    # val_loss maximized never (ASHA keeps the worst trials, the gate's floor is upside down).
+    # Field validators (task is validated before both), so that they report with the rest.
+    @field_validator("promote")
+    @classmethod
+    def _promote_metric_fits_task(cls, value: PromoteConfig, info: ValidationInfo) -> PromoteConfig:
+        task = info.data.get("task")
+        problem = task and _promote_metric_problem(value, task.type)
+        if problem:
+            raise ValueError(problem)
+        return value
 
+    @field_validator("tune")
+    @classmethod
+    def _tune_metric_fits_task(cls, value: TuneConfig, info: ValidationInfo) -> TuneConfig:
+        task = info.data.get("task")
+        problem = task and _tune_metric_problem(value, info.data.get("promote"), task.type)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+# What train_func reports each epoch that a run can be ranked by: val_loss, and the task's own
+# metrics prefixed val_ (jobs.train_loop._evaluate; tests/unit/test_tune_config.py checks these
+# against each task's metrics()). val_rows and the train_* figures say nothing of quality.
 _CAUSAL_LM_METRICS = ("val_perplexity", "val_loss")
+_CLASSIFICATION_METRICS = ("val_accuracy", "val_macro_f1", "val_loss")
+_LOWER_IS_BETTER = ("loss", "perplexity")
+_HIGHER_IS_BETTER = ("accuracy", "f1")
+
+
+def ranked_metrics(task_type: str) -> tuple[str, ...]:
+    """The metrics a run of `task_type` reports each epoch that promote and tune may rank by."""
+    return _CAUSAL_LM_METRICS if _generative(task_type) else _CLASSIFICATION_METRICS
+
+
+def _improves(metric: str) -> str | None:
+    """The mode a metric is ranked in: min for a loss or perplexity, max for an accuracy or
+    F1; None if its name does not say."""
+    if any(word in metric for word in _LOWER_IS_BETTER):
+        return "min"
+    if any(word in metric for word in _HIGHER_IS_BETTER):
+        return "max"
+    return None
+
+
+def _promote_metric_problem(promote: PromoteConfig, task_type: str) -> str | None:
+    if promote.metric not in ranked_metrics(task_type):
+        return _unknown_metric("promote", promote.metric, promote.mode, task_type)
+    right = _improves(promote.metric)
+    if right in (None, promote.mode):
+        return None
+    return (
+        f"promote.metric={promote.metric} improves {_WAY[right]}, but promote.mode="
+        f"{promote.mode}; set promote.mode: {right} and {_BOUND[right]}"
+    )
+
+
+def _tune_metric_problem(
+    tune: TuneConfig, promote: PromoteConfig | None, task_type: str
+) -> str | None:
+    """tune.metric and tune.mode where set (unset, they are promote's, checked there)."""
+    if tune.metric is not None and tune.metric not in ranked_metrics(task_type):
+        return _unknown_metric("tune", tune.metric, tune.mode, task_type)
+    metric = tune.metric or (promote.metric if promote else None)
+    right = _improves(metric) if metric in ranked_metrics(task_type) else None
+    if tune.mode is None or right in (None, tune.mode):
+        return None
+    return (
+        f"tune ranks trials by {metric} (mode {tune.mode}), but {metric} improves {_WAY[right]}; "
+        f"set tune.mode: {right}, or unset tune.mode (it follows promote.mode, or the way "
+        "tune.metric improves)"
+    )
+
+
+_WAY = {"min": "downward (lower is better)", "max": "upward (higher is better)"}
+_BOUND = {"min": "promote.max_value (a ceiling, or null)", "max": "promote.min_value (a floor)"}
+
+
+def _unknown_metric(section: str, metric: str, mode: str | None, task_type: str) -> str:
+    known = ranked_metrics(task_type)
+    close = difflib.get_close_matches(metric, known, n=1)
+    fix = f"set {section}.metric to one of them" + (
+        f" (did you mean {close[0]!r}?)" if close else ""
+    )
+    ways = {_improves(m) for m in known}
+    if len(ways) == 1 and mode not in (None, *ways):  # e.g. causal-lm: every one is a loss
+        right = ways.pop()
+        fix += f", with {section}.mode: {right}"
+        fix += f" and {_BOUND[right]}" if section == "promote" else ""
+    return (
+        f"{section}.metric={metric}: {task_type} reports {' and '.join(known)} each epoch "
+        f"(the metrics a run can be ranked by); {fix}"
+    )
 
 
 class ConfigError(ValueError):
@@ -950,7 +1106,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError("overrides", [f"  {item!r}: expected key=value, e.g. train.epochs=2"])
+            shown = redact_credentials(repr(item))
+            raise ConfigError("overrides", [f"  {shown}: expected key=value, e.g. train.epochs=2"])
         overrides[key.strip()] = _parse_value(raw)
     return overrides
 
@@ -1020,7 +1177,8 @@ def search_space_errors(config: LifecycleConfig) -> list[str]:
             except ValidationError as exc:
                 reason = "; ".join(e["msg"] for e in exc.errors())
                 errors.append(
-                    f"  tune.search_space.{key}: {dimension.type} can sample {value!r}, which "
+                    f"  tune.search_space.{key}: {dimension.type} can sample "
+                    f"{redact_credentials(repr(value))}, which "
                     f"{key} refuses ({reason}). {key}: {_field_description(key.split('.'))}; "
                     "narrow the bounds (or use randint/choice for an integer key)"
                 )
@@ -1052,10 +1210,16 @@ def _describe(err: dict[str, Any]) -> str:
         return f"  {key}: unknown key; {_suggest(loc)}"
     if err["type"] == "missing":
         return f"  {key}: required; add it ({_field_description(loc)})"
+    if err["type"] in _SECRET_ERRORS:
+        return f"  {key}: {err['msg']}"
     value = err.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    shown = redact_credentials(repr(value)) if not isinstance(value, dict) else "a mapping"
     hint = _field_description(loc)
     return f"  {key}: {err['msg']}, got {shown}. This key: {hint}"
+
+
+# Errors whose input is a secret: their message says what to do, and the input is never shown.
+_SECRET_ERRORS = ("uri_credentials", "secret_properties")
 
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cluster.storage import redact_credentials
 from jobs.config import LifecycleConfig
 from serving import registry
 
@@ -40,7 +41,7 @@ def main(config: LifecycleConfig, port: int = 5000) -> None:
     command = server_command(config, port)
     _require_free_port(port)
     url = f"http://{HOST}:{port}"
-    log.info("starting the MLflow UI on %s", config.registry.tracking_uri)
+    log.info("starting the MLflow UI on %s", redact_credentials(config.registry.tracking_uri))
     # Its own session: Ctrl-C reaches raylift alone, which stops the server with one SIGTERM
     # (in the terminal's group, uvicorn got SIGINT twice, once more forwarded by `mlflow
     # server`, and died with a traceback).
@@ -72,9 +73,10 @@ def _runs_page(config: LifecycleConfig, url: str) -> str:
 def server_command(config: LifecycleConfig, port: int) -> list[str]:
     """The `mlflow server` command line serving `config`'s tracking store on HOST:port."""
     tracking = config.registry.tracking_uri
+    shown = redact_credentials(tracking)
     if tracking.startswith(_SERVER_SCHEMES):
         raise ValueError(
-            f"registry.tracking_uri={tracking} is already a tracking server: open it in a "
+            f"registry.tracking_uri={shown} is already a tracking server: open it in a "
             "browser (raylift ui serves a local store, e.g. sqlite:///.raylift/mlflow.db)"
         )
     uri = registry.absolute_tracking_uri(tracking)
@@ -85,7 +87,7 @@ def server_command(config: LifecycleConfig, port: int) -> list[str]:
     if store is not None:
         if not store.is_file():
             raise FileNotFoundError(
-                f"no MLflow store at {store} (registry.tracking_uri={tracking}); run a job "
+                f"no MLflow store at {store} (registry.tracking_uri={shown}); run a job "
                 "first (raylift finetune or tune), or pass the --config it ran with"
             )
         # where registry.configure_tracking puts the experiments' artifacts

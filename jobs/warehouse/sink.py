@@ -226,7 +226,7 @@ def write_quarantine(
     """
     _check_run_date(run_date)
     table_namespace(table)
-    stamp = _QuarantineStamp(reason, run_date, dt.datetime.now(dt.timezone.utc))
+    stamp = _QuarantineStamp(reason, run_date, dt.datetime.now(dt.UTC))
     sink = RunDateSink(
         table,
         catalog_properties(cfg),

@@ -247,7 +247,7 @@ def test_rerunning_a_date_replaces_its_rows_in_one_snapshot(ray_session, cfg):
     assert history[-1].summary[tags.RUN_DATE_PROPERTY] == "2024-06-01"
     rows = stored(cfg, table)
     assert rows.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
-    assert rows["scored_at"][0].as_py() == SCORED_AT.replace(tzinfo=dt.timezone.utc)
+    assert rows["scored_at"][0].as_py() == SCORED_AT.replace(tzinfo=dt.UTC)
     assert warehouse.count_rows(cfg, table, run_date="2024-06-01") == 70
 
 
