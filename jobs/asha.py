@@ -6,6 +6,9 @@ scheduler as the Tuner pickled it when the search began, with empty rungs. A res
 search would then judge the trials it still runs only against the trials that reach a rung
 after the restart, and let through trials that the dead driver's rungs would have stopped.
 
+Each STOP it decides before max_t is recorded beside the trial's results
+(jobs.scheduler_stops), which tells the trials ASHA stopped from those the time budget cut.
+
 `ResumableASHA` puts each restored trial's reported results back into the rungs, as the dead
 driver had recorded them. The results come from the trial's `result.json` in the experiment's
 storage (Tune's own record of every result the trial reported); if that file cannot be read,
@@ -24,7 +27,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from jobs.scheduler_stops import SchedulerStop, record_stop
 
 __all__ = ["ResumableASHA"]
 
@@ -42,6 +47,15 @@ class ResumableASHA(ASHAScheduler):
         # holds only its trial id, and its storage has no trial folder yet.
         if trial.last_result.get(self._time_attr) is not None:
             self._record_history(trial)
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(self._time_attr)
+        # ASHA says STOP at max_t too: that trial ran all its epochs, it was not stopped early.
+        if decision == TrialScheduler.STOP and epoch is not None and epoch < self._max_t:
+            value = result.get(self._metric)
+            record_stop(trial, SchedulerStop("asha", int(epoch), self._metric, value))
+        return decision
 
     def _record_history(self, trial: Trial) -> None:
         try:

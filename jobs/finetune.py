@@ -52,6 +52,7 @@ __all__ = [
     "build_trainer",
     "loop_inputs",
     "main",
+    "register_once",
     "registrable_directory",
     "run_name",
     "train_env",
@@ -88,7 +89,7 @@ def main(config: LifecycleConfig, resume: bool = False) -> FinetuneResult:
         _write_state(run_path, run_id, data.snapshot_id, finished=False)
         result = _train(config, data, tags, run_id, run_path)
         checkpoint, metrics = _best_checkpoint(result, config.promote.metric, config.promote.mode)
-        version = _register_once(config, run_id, checkpoint, tags, metrics)
+        version = register_once(config, run_id, checkpoint, tags, metrics)
         _write_state(run_path, run_id, data.snapshot_id, finished=True)
     finished = FinetuneResult(
         run_id=run_id,
@@ -359,15 +360,22 @@ def _top_level(root: Path, name: str):
     return ignore
 
 
-def _register_once(
-    config: LifecycleConfig, run_id: str, checkpoint, tags: dict[str, str], metrics: dict
+def register_once(
+    config: LifecycleConfig,
+    run_id: str,
+    checkpoint,
+    tags: dict[str, str],
+    metrics: dict,
+    same_tags: tuple[str, ...] = (),
 ) -> str:
     """Register the checkpoint, unless this run already did (a driver that died after
-    registering, resumed)."""
+    registering, resumed): a version of the run whose `same_tags` match `tags` (raylift tune:
+    the search's parent run) is returned instead."""
     from mlflow import MlflowClient
 
     name = config.registry.model_name
-    existing = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    found = MlflowClient().search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    existing = [v for v in found if all(v.tags.get(k) == tags[k] for k in same_tags)]
     if existing:
         version = str(max(int(v.version) for v in existing))
         log.info("run %s already registered %s version %s", run_id, name, version)

@@ -12,6 +12,9 @@ stop. The same 9 trials then train 9 + 3·2 + 1·6 = 21 epochs of 81 (26%), what
 A paused trial gives its CPUs back and is started again later: its trial function runs anew and
 continues the same Train run from the checkpoint it saved at the rung (jobs.tune._run_trial).
 
+Each STOP is recorded beside the trial's results (jobs.scheduler_stops), which tells the
+trials halving stopped from those the time budget cut.
+
 Decisions are derived from what trials reported, so a search restored by `raylift tune
 --resume` rebuilds them from the restored trials' last results (on_trial_add). The running
 trials are capped here (`max_running`), not by the search algorithm: a searcher's concurrency
@@ -25,6 +28,8 @@ from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
+
+from jobs.scheduler_stops import SchedulerStop, record_stop
 
 __all__ = ["SyncHalving", "rungs"]
 
@@ -147,8 +152,14 @@ class SyncHalving(TrialScheduler):
         return rung is None or trial.trial_id in self._kept.get(rung, ())
 
     def _verdict(self, trial: Trial, rung: int) -> str:
-        kept = trial.trial_id in self._kept[rung]
-        return TrialScheduler.CONTINUE if kept else TrialScheduler.STOP
+        if trial.trial_id in self._kept[rung]:
+            return TrialScheduler.CONTINUE
+        self._record_stop(trial, rung)
+        return TrialScheduler.STOP
+
+    def _record_stop(self, trial: Trial, rung: int) -> None:
+        value = self._at[rung].get(trial.trial_id)
+        record_stop(trial, SchedulerStop("sha", rung, self._metric, value))
 
     def _decide_waiting(self, tune_controller) -> None:
         for rung in self._rungs:
@@ -184,5 +195,6 @@ class SyncHalving(TrialScheduler):
             if trial.trial_id in arrived and trial.trial_id not in self._kept[rung]:
                 paused = trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving
                 if trial is not current and paused:
+                    self._record_stop(trial, rung)  # the current one: in _verdict
                     tune_controller.stop_trial(trial)
                 self.stopped += 1

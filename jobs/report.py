@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from cluster.storage import is_object_storage, upload_folder
+from cluster.storage import (
+    is_object_storage,
+    redact_credentials,
+    refuse_keys_in_uri,
+    upload_folder,
+)
 from jobs.config import LifecycleConfig
 from serving import registry, tags
 
@@ -113,6 +118,8 @@ class _Search:
 
 
 def main(config: LifecycleConfig, run_id: str, out: str | None = None) -> ReportResult:
+    if out:
+        refuse_keys_in_uri(out, "--out")  # it is logged and printed as the report's address
     client = _client(config)
     search = _load_search(client, config, run_id)
     winner = _winner_trial(search)
@@ -163,8 +170,8 @@ def _client(config: LifecycleConfig) -> Any:
     if store is not None and not store.is_file():
         raise FileNotFoundError(
             f"no MLflow store at {store} (registry.tracking_uri="
-            f"{config.registry.tracking_uri}); run raylift tune or finetune first, or pass the "
-            "--config the run was made with"
+            f"{redact_credentials(config.registry.tracking_uri)}); run raylift tune or finetune "
+            "first, or pass the --config the run was made with"
         )
     uri = registry.absolute_tracking_uri(config.registry.tracking_uri)
     registry.configure_tracking(config.registry.tracking_uri)
@@ -178,7 +185,8 @@ def _get_run(client: Any, config: LifecycleConfig, run_id: str) -> Any:
         return client.get_run(run_id)
     except MlflowException:
         raise LookupError(
-            f"no MLflow run {run_id!r} in registry.tracking_uri={config.registry.tracking_uri}; "
+            f"no MLflow run {run_id!r} in registry.tracking_uri="
+            f"{redact_credentials(config.registry.tracking_uri)}; "
             "pass the parent_run_id raylift tune printed (or a finetune run_id), with the "
             "--config the run was made with"
         ) from None
@@ -366,7 +374,8 @@ def _draw_curves(path: Path, search: _Search, winner: Trial | None) -> str:
     colors = plt.get_cmap("tab10" if len(search.trials) <= 10 else "tab20")
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for i, trial in enumerate(search.trials):
-            _plot_trial(ax, trial, metric, colors(i % colors.N), trial is winner)
+            cut = _cut_short(trial, search)
+            _plot_trial(ax, trial, metric, colors(i % colors.N), trial is winner, cut)
         ax.set_title(metric + ("  (the search metric)" if metric == search.metric else ""))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -387,7 +396,7 @@ def _any_curve(search: _Search, metric: str) -> bool:
     return any(t.curves.get(metric) for t in search.trials)
 
 
-def _plot_trial(ax: Any, trial: Trial, metric: str, color: Any, is_winner: bool) -> None:
+def _plot_trial(ax: Any, trial: Trial, metric: str, color: Any, is_winner: bool, cut: bool) -> None:
     points = trial.curves.get(metric, [])
     if not points:
         return
@@ -397,18 +406,30 @@ def _plot_trial(ax: Any, trial: Trial, metric: str, color: Any, is_winner: bool)
         ax.plot(epochs, values, color="black", linewidth=3.0, marker="o", label=label, zorder=5)
     else:
         ax.plot(epochs, values, color=color, linewidth=1.4, alpha=0.85, marker=".", label=label)
-    if trial.stopped_early:  # where ASHA stopped it: the last epoch Tune saw
+    if trial.stopped_early or cut:  # where it ended: the last epoch Tune saw
         stop = [v for e, v in points if e == trial.epochs] or [values[-1]]
-        ax.plot(
-            [trial.epochs],
-            stop,
-            linestyle="none",
-            marker="X",
-            markersize=11,
-            markeredgecolor="black",
-            color=color,
-            zorder=6,
-        )
+        mark = _CUT_MARK if cut else _STOP_MARK
+        ax.plot([trial.epochs], stop, linestyle="none", color=color, zorder=6, **mark)
+
+
+# A cross where the scheduler stopped a trial, a bar where the search's end cut one short.
+_STOP_MARK = dict(marker="X", markersize=11, markeredgecolor="black")
+_CUT_MARK = dict(marker="|", markersize=14, markeredgewidth=2.5, markeredgecolor="black")
+
+
+def _cut_short(trial: Trial, search: _Search) -> bool:
+    """Ended before train.epochs without an error and not by its scheduler: the search ended
+    (tune.time_budget_s) while it ran or waited. jobs.tune tags stopped_early only when the
+    scheduler recorded a stop (jobs.scheduler_stops)."""
+    short = search.max_epochs is not None and trial.epochs < search.max_epochs
+    return (
+        search.kind == "tune" and trial.status == "FINISHED" and short and not trial.stopped_early
+    )
+
+
+def _scheduler_name(search: _Search) -> str:
+    scheduler = _param(search.run.data.params, "tune.scheduler")
+    return {"asha": "ASHA", "sha": "successive halving"}.get(scheduler, "the scheduler")
 
 
 def _curves_legend(fig: Any, first_ax: Any, search: _Search) -> int:
@@ -417,9 +438,11 @@ def _curves_legend(fig: Any, first_ax: Any, search: _Search) -> int:
 
     handles, labels = first_ax.get_legend_handles_labels()
     if any(t.stopped_early for t in search.trials):
-        cross = dict(marker="X", markersize=10, markeredgecolor="black", color="white")
-        handles.append(Line2D([], [], linestyle="none", **cross))
-        labels.append("stopped early by ASHA")
+        handles.append(Line2D([], [], linestyle="none", color="white", **_STOP_MARK))
+        labels.append(f"stopped early by {_scheduler_name(search)}")
+    if any(_cut_short(t, search) and t.curves for t in search.trials):
+        handles.append(Line2D([], [], linestyle="none", color="white", **_CUT_MARK))
+        labels.append("cut short by the search's end (tune.time_budget_s)")
     columns = min(6, len(labels))
     fig.legend(handles, labels, loc="upper center", ncol=columns, fontsize=8, frameon=False)
     return math.ceil(len(labels) / max(1, columns))
@@ -490,6 +513,7 @@ table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 th, td { border: 1px solid #d8dce4; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f1f3f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.winner td { background: #fff5cc; font-weight: 600; } tr.stopped td.outcome { color: #a34a00; }
+tr.cut td.outcome { color: #5d6678; }
 .pass { color: #17752f; font-weight: 600; } .fail { color: #b3261e; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #e3e6ec; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; }
@@ -544,7 +568,7 @@ def _header(config: LifecycleConfig, search: _Search, name: str) -> str:
         "metric": f"{_e(search.metric)} ({_e(search.mode)})",
         "trials": _e(len(search.trials)),
         "epochs at most": _e(search.max_epochs or ""),
-        "tracking store": f"<code>{_e(config.registry.tracking_uri)}</code>",
+        "tracking store": f"<code>{_e(redact_credentials(config.registry.tracking_uri))}</code>",
     }
     rows = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts.items())
     running = ""
@@ -567,7 +591,8 @@ def _when(millis: int | None) -> str:
 def _curves_section(search: _Search, figure: str) -> str:
     text = (
         "One line per trial, the winner in thick black; a cross marks the last epoch of a trial "
-        "ASHA stopped early."
+        f"{_scheduler_name(search)} stopped early, a bar that of a trial the search's end "
+        "(tune.time_budget_s) cut short."
         if search.kind == "tune"
         else "The run's metrics per epoch."
     )
@@ -582,14 +607,15 @@ def _trials_section(search: _Search, winner: Trial | None) -> str:
     head = "".join(f"<th>{_e(k)}</th>" for k in keys)
     body = []
     for trial in sorted(search.trials, key=lambda t: _rank(t, search.mode)):
-        css = "winner" if trial is winner else ("stopped" if trial.stopped_early else "")
+        css = "stopped" if trial.stopped_early else ("cut" if _cut_short(trial, search) else "")
+        css = "winner" if trial is winner else css
         cells = "".join(f"<td>{_e(_short(trial.params.get(k, '')))}</td>" for k in keys)
         best = _num(trial.best) + (f" (epoch {trial.best_epoch})" if trial.best_epoch else "")
         body.append(
             f'<tr class="{css}"><td>{_e(trial.trial_id)}</td>{cells}'
             f'<td class="num">{_e(trial.epochs)}</td><td class="num">{_e(best)}</td>'
             f"<td>{_e(trial.status)}</td>"
-            f'<td class="outcome">{_e(_outcome(trial, winner, search.max_epochs))}</td></tr>'
+            f'<td class="outcome">{_e(_outcome(trial, winner, search))}</td></tr>'
         )
     return (
         f'<h2>Trials</h2><p class="muted">Best {_e(search.metric)} first.</p><table><tr>'
@@ -613,15 +639,21 @@ def _short(value: str) -> str:
     return value if number.is_integer() and "." not in value else f"{number:.4g}"
 
 
-def _outcome(trial: Trial, winner: Trial | None, max_epochs: int | None) -> str:
+def _outcome(trial: Trial, winner: Trial | None, search: _Search) -> str:
+    max_epochs = search.max_epochs
     if trial.status in ("FAILED", "KILLED"):
         return trial.status.lower()
     if trial.status == "RUNNING":
         return f"still running ({trial.epochs} epochs so far)"
-    if trial.stopped_early and trial.epochs == 0:  # tune.time_budget_s ran out, most likely
-        return "stopped before its first epoch ended"
     if trial.stopped_early:
-        return f"stopped early by ASHA after epoch {trial.epochs}"
+        return f"stopped early by {_scheduler_name(search)} after epoch {trial.epochs}"
+    if _cut_short(trial, search) and trial.epochs == 0:
+        return "cut short by the search's end (tune.time_budget_s) before its first epoch"
+    if _cut_short(trial, search):
+        return (
+            f"cut short by the search's end (tune.time_budget_s) after epoch {trial.epochs} "
+            f"of {max_epochs}"
+        )
     ran = f"ran all {max_epochs} epochs" if max_epochs else f"ran {trial.epochs} epochs"
     return f"winner, {ran}" if trial is winner else ran
 
@@ -782,7 +814,10 @@ def _gate_row(gate: str, fields: dict[str, str]) -> str:
 
 def gate_verdicts(version_tags: dict[str, str]) -> dict[str, tuple[str, dict[str, dict[str, str]]]]:
     """alias → (overall verdict, gate → {verdict, value, threshold, at}) from a version's tags
-    (the names serving.tags owns: gate_tag, gate_check_tag)."""
+    (the names serving.tags owns: gate_tag, gate_check_tag), the latest attempt's checks only.
+
+    promote deletes an earlier attempt's checks before it writes its own; one that stopped
+    half-way could leave some, which carry an older `at` than the latest attempt's."""
     prefix = tags.gate_tag("")
     aliases = [
         k[len(prefix) :]
@@ -799,8 +834,14 @@ def gate_verdicts(version_tags: dict[str, str]) -> dict[str, tuple[str, dict[str
             gate, _, name = key[len(head) :].rpartition(".")
             if gate and name in tags.GATE_FIELDS:
                 checks.setdefault(gate, {})[name] = value
-        found[alias] = (version_tags[tags.gate_tag(alias)], dict(sorted(checks.items())))
+        found[alias] = (version_tags[tags.gate_tag(alias)], _latest_attempt(checks))
     return found
+
+
+def _latest_attempt(checks: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The checks stamped with the newest `at` (one attempt stamps all its checks alike)."""
+    latest = max((c.get("at", "") for c in checks.values()), default="")
+    return {gate: c for gate, c in sorted(checks.items()) if c.get("at", "") == latest}
 
 
 if __name__ == "__main__":

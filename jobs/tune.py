@@ -35,10 +35,11 @@ from jobs.finetune import (
     build_trainer,
     checkpoint_folder,
     loop_inputs,
-    registrable_directory,
+    register_once,
     train_env,
 )
 from jobs.modeling import check_base_model
+from jobs.scheduler_stops import SchedulerStop, recorded_stop
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
 from jobs.warehouse._ray_internal import start_data_stats_actor
@@ -69,7 +70,10 @@ class TrialSummary:
     run_id: str | None  # the trial's nested MLflow run
     status: str  # TERMINATED, ERROR
     epochs: int  # epochs the trial reported
-    stopped_early: bool  # the scheduler stopped it before train.epochs
+    stopped_early: bool  # its scheduler (asha, sha) stopped it at a rung: jobs.scheduler_stops
+    # ended before train.epochs without an error, and not by its scheduler: tune.time_budget_s
+    # ran out (Tune stops the running trials itself), or it never reported
+    cut_short: bool
     best_metric: float | None
     params: dict[str, Any]
 
@@ -132,8 +136,11 @@ def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
         _write_state(experiment, parent_run_id, data.snapshot_id, finished=True)
     result.wall_s = time.perf_counter() - started
     log.info(
-        "tune: %d trials, winner %s registered as %s version %s (%s=%.4g)",
+        "tune: %d trials (%d stopped early by the scheduler, %d cut short by the search's end), "
+        "winner %s registered as %s version %s (%s=%.4g)",
         len(trials),
+        sum(t.stopped_early for t in trials),
+        sum(t.cut_short for t in trials),
         result.winner_trial_id,
         result.model_name,
         result.version,
@@ -211,8 +218,17 @@ def _parent_run(
             yield parent_run_id
         return
     with tracking.tracked_run(config, lineage) as run_id:
-        mlflow.log_params(tracking.flat_params(config.model_dump(mode="json", include={"tune"})))
+        mlflow.log_params(search_params(config))
         yield run_id
+
+
+def search_params(config: LifecycleConfig) -> dict[str, str]:
+    """The tune section as the parent run's params, with the metric and mode the search ranks
+    by filled in where the config leaves them to promote (raylift report reads them)."""
+    section = config.model_dump(mode="json", include={"tune"})
+    section["tune"]["metric"] = config.tune.metric_name(config.promote)
+    section["tune"]["mode"] = config.tune.mode_name(config.promote)
+    return tracking.flat_params(section)
 
 
 def _trial_setup(
@@ -237,7 +253,7 @@ def _trial_setup(
         },
         train_storage=f"{experiment}/train",
         metric=config.tune.metric_name(config.promote),
-        mode=config.tune.mode,
+        mode=config.tune.mode_name(config.promote),
         train_env=train_env(),
     )
 
@@ -247,23 +263,32 @@ def _trial_setup(
 
 def concurrent_trials(config: LifecycleConfig, cluster: dict[str, float]) -> int:
     """Trials at once: as many as the cluster's CPUs (and GPUs) fit, workers and data stages
-    together (see _DATA_STAGE_CPUS); tune.max_concurrent_trials overrides it."""
+    together (see _DATA_STAGE_CPUS), at most tune.max_concurrent_trials.
+
+    A cap, as Ray Tune's own max_concurrent_trials is: never more than fit. Tune cannot hold
+    the others back itself, since a trial asks it for a token CPU only (_TRIAL_DRIVER_CPUS);
+    past what fits, every trial's workers are placed and no CPU is left for any trial's read
+    task: they all wait, without an error (the hang cluster/runtime.py describes)."""
     train = config.train
     per_trial = train.num_workers * train.cpus_per_worker + _DATA_STAGE_CPUS
     fits = math.floor(cluster.get("CPU", 0.0) / per_trial)
     if train.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / train.num_workers))
     fits = max(1, fits)
-    wanted = config.tune.max_concurrent_trials
-    if wanted and wanted > fits:
+    wanted = config.tune.max_concurrent_trials or fits
+    if wanted > fits:
         log.warning(
-            "tune.max_concurrent_trials=%d: the cluster fits %d trial(s) of %.1f CPUs at once; "
-            "the others wait for resources",
+            "tune.max_concurrent_trials=%d: the cluster's %g CPUs fit %d trial(s) of %.1f CPUs "
+            "(train.num_workers x train.cpus_per_worker + %.1f for its data stages) at once; "
+            "running %d at a time. For more, add CPUs or give each trial fewer",
             wanted,
+            cluster.get("CPU", 0.0),
             fits,
             per_trial,
+            _DATA_STAGE_CPUS,
+            fits,
         )
-    return min(wanted or fits, config.tune.num_samples)
+    return min(wanted, fits, config.tune.num_samples)
 
 
 def _param_space(config: LifecycleConfig) -> dict[str, Any]:
@@ -510,18 +535,28 @@ class _TrialLines(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
         epoch = result.get("epoch")
-        if epoch is None:  # stopped before its first report (a time budget, say)
+        stop = _scheduler_stop(trial)
+        if stop is not None:
+            how = f"stopped early after epoch {stop.epoch} by {stop.scheduler}"
+        elif epoch is None:  # stopped before its first report
             how = "stopped before its first epoch"
         elif epoch == self._epochs:
             how = f"finished its {epoch} epochs"
         else:
-            how = f"stopped early after epoch {epoch}"
+            how = f"ended after epoch {epoch}, not stopped by its scheduler"
         value = _short(result.get(self._metric, "-"))
         others = _others(trials, trial)
         log.info("tune: trial %s %s, %s %s (%s)", trial.trial_id, how, self._metric, value, others)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         log.warning("tune: trial %s failed (%s)", trial.trial_id, _others(trials, trial))
+
+
+def _scheduler_stop(trial: Any) -> SchedulerStop | None:
+    try:
+        return recorded_stop(trial.path, trial.storage.storage_filesystem)
+    except (OSError, AttributeError, RuntimeError):  # no trial folder yet: it never reported
+        return None
 
 
 def _short(value: Any) -> str:
@@ -607,12 +642,15 @@ def _summary(config: LifecycleConfig, result, setup: _TrialSetup, runs) -> Trial
         values = frame[setup.metric].dropna()
         best = float(values.max() if setup.mode == "max" else values.min()) if len(values) else None
     attempts = runs.get(trial_id, [])
+    # What its scheduler decided, not the epochs: a trial tune.time_budget_s cut also has fewer.
+    stopped = recorded_stop(result.path, result.filesystem) is not None
     return TrialSummary(
         trial_id=trial_id,
         run_id=attempts[0].info.run_id if attempts else None,
         status="ERROR" if result.error else "TERMINATED",
         epochs=epochs,
-        stopped_early=result.error is None and epochs < config.train.epochs,
+        stopped_early=stopped,
+        cut_short=not stopped and result.error is None and epochs < config.train.epochs,
         best_metric=best,
         params=dict((result.config or {}).get(_OVERRIDES, {})),
     )
@@ -660,9 +698,16 @@ def _register_winner(
 
     fs, _ = pyarrow.fs.FileSystem.from_uri(setup.train_storage)
     checkpoint = Checkpoint(row["checkpoint_path"], filesystem=fs)
-    # The winner's weights, tokenizer and raylift.json, not the state/ that resuming needs.
-    with registrable_directory(checkpoint) as directory:
-        version = tracking.register(config, winner.run_id, directory, version_tags, metrics)
+    # Once: a driver that died while registering (the state is marked finished after it), and
+    # was resumed, finds the version it made from this trial's run for this search.
+    version = register_once(
+        config,
+        winner.run_id,
+        checkpoint,
+        version_tags,
+        metrics,
+        same_tags=(tags.TUNE_PARENT_RUN_ID,),
+    )
     return TuneResult(
         parent_run_id=setup.parent_run_id,
         experiment_path=setup.lineage[tags.TUNE_EXPERIMENT],

@@ -108,3 +108,29 @@ def test_a_fresh_trial_adds_nothing_to_the_rungs_and_reads_no_history():
     scheduler = _asha()
     scheduler.on_trial_add(None, _FreshTrial("t0"))
     assert all(recorded == {} for _, recorded in scheduler._trial_info["t0"]._rungs)
+
+
+def _stop_of(trial: _Trial):
+    from jobs.scheduler_stops import recorded_stop
+
+    return recorded_stop(trial.path, trial.storage.storage_filesystem)
+
+
+def test_a_stop_at_a_rung_is_recorded_beside_the_trial_and_the_end_of_training_is_not(tmp_path):
+    """What tells a trial ASHA stopped from one the time budget cut (jobs.scheduler_stops)."""
+    from jobs.scheduler_stops import SchedulerStop
+
+    scheduler = _asha()
+    trials = [_Trial(f"t{i}", str(tmp_path / f"t{i}")) for i in range(3)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+
+    assert (
+        scheduler.on_trial_result(None, trials[0], {"epoch": 1, "val_accuracy": 0.9}) == "CONTINUE"
+    )
+    assert scheduler.on_trial_result(None, trials[1], {"epoch": 1, "val_accuracy": 0.2}) == "STOP"
+    assert scheduler.on_trial_result(None, trials[0], {"epoch": 9, "val_accuracy": 0.95}) == "STOP"
+
+    assert _stop_of(trials[1]) == SchedulerStop("asha", 1, "val_accuracy", 0.2)
+    assert _stop_of(trials[0]) is None  # ASHA's STOP at max_t: it ran every epoch
+    assert _stop_of(trials[2]) is None  # never judged (the time budget, say, ended it)

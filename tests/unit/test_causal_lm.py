@@ -244,8 +244,12 @@ def test_config_keeps_causal_lm_and_classification_keys_apart():
         "causal-lm reports val_perplexity and val_loss": _causal(
             promote={"metric": "val_accuracy", "mode": "max", "min_value": 0.5, "max_value": None}
         ),
-        "tune ranks trials by val_perplexity \\(mode max\\)": _causal(
-            tune={"search_space": {"train.learning_rate": {"type": "choice", "values": [0.1]}}}
+        # tune.mode unset follows promote.mode (min here); set against the metric, refused
+        "tune ranks trials by val_perplexity \\(mode max\\).*set tune.mode: min": _causal(
+            tune={
+                "search_space": {"train.learning_rate": {"type": "choice", "values": [0.1]}},
+                "mode": "max",
+            }
         ),
         "task.packing: applies to task.type=causal-lm only": {
             "name": "cls",

@@ -6,13 +6,19 @@ here a stand-in for Tune's controller holds trials with the fields the scheduler
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import pyarrow.fs
 import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
 from jobs.halving import SyncHalving, rungs
+from jobs.scheduler_stops import SchedulerStop, recorded_stop
+
+_FOLDERS = tempfile.TemporaryDirectory(prefix="halving-trials-")  # the experiment's storage
 
 
 @dataclass(eq=False)
@@ -21,6 +27,11 @@ class _Trial:
     status: str = Trial.PENDING
     is_saving: bool = False
     last_result: dict = field(default_factory=dict)
+    # where the scheduler records its stops (jobs.scheduler_stops): a folder per trial
+    path: str = field(default_factory=lambda: tempfile.mkdtemp(dir=_FOLDERS.name))
+    storage: SimpleNamespace = field(
+        default_factory=lambda: SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem())
+    )
 
     def set_status(self, status):
         self.status = status
@@ -145,3 +156,31 @@ def test_a_restored_search_rebuilds_its_rungs_from_the_trials_last_results(resto
     assert _report(scheduler, controller, trials[3], 2, 0.9) == TrialScheduler.CONTINUE
     assert controller.stopped == ["t0"]
     assert scheduler.choose_trial_to_run(controller) is None  # t3 runs, nothing else is left
+
+
+def _stop_of(trial: _Trial) -> SchedulerStop | None:
+    return recorded_stop(trial.path, trial.storage.storage_filesystem)
+
+
+def test_each_stop_is_recorded_beside_the_trial_it_stopped():
+    """The paused trials a rung's decision stops, and the one stopped as it reports, each get
+    the record that tells them from trials the time budget cut (jobs.scheduler_stops)."""
+    trials = [_Trial(f"t{i}") for i in range(4)]
+    controller = _Controller(trials)
+    scheduler = _scheduler()
+    _add(scheduler, controller, trials)
+    for trial, score in zip(trials, [0.2, 0.9, 0.5, 0.7], strict=True):
+        scheduler.choose_trial_to_run(controller)
+        _report(scheduler, controller, trial, 1, score)
+    _report(scheduler, controller, trials[3], 2, 0.8)
+    scheduler.choose_trial_to_run(controller)
+    _report(scheduler, controller, trials[1], 2, 0.6)  # stopped as it reports at rung 2
+    _report(scheduler, controller, trials[3], 3, 0.85)
+    _report(scheduler, controller, trials[3], 4, 0.9)  # its last epoch: no decision
+
+    assert {t.trial_id: _stop_of(t) for t in trials} == {
+        "t0": SchedulerStop("sha", 1, "val_accuracy", 0.2),
+        "t1": SchedulerStop("sha", 2, "val_accuracy", 0.6),
+        "t2": SchedulerStop("sha", 1, "val_accuracy", 0.5),
+        "t3": None,
+    }

@@ -79,9 +79,14 @@ def _trial(trial_id: str, status: str, sample: dict):
     return trial
 
 
-def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog):
+def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog, monkeypatch):
     """Off a terminal `raylift tune` replaces Tune's 30 s status tables with these lines."""
+    from jobs import tune
+    from jobs.scheduler_stops import SchedulerStop
     from jobs.tune import _OVERRIDES, _TrialLines
+
+    stops = {}  # what the scheduler recorded in each trial's folder (jobs.scheduler_stops)
+    monkeypatch.setattr(tune, "_scheduler_stop", lambda trial: stops.get(trial.trial_id))
 
     assert _OVERRIDES == "overrides"
     lines = _TrialLines("val_accuracy", epochs=5)
@@ -100,7 +105,10 @@ def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog):
             iteration=2, trials=trials, trial=first, result={"epoch": 1, "val_accuracy": 0.81234}
         )
         first.update_last_result({"epoch": 1, "val_accuracy": 0.81234})
+        stops["a_00000"] = SchedulerStop("asha", 1, "val_accuracy", 0.81234)
         lines.on_trial_complete(iteration=3, trials=trials, trial=first)
+        stops.clear()
+        lines.on_trial_complete(iteration=3, trials=trials, trial=first)  # not the scheduler
         first.update_last_result({"epoch": 5, "val_accuracy": 0.9})
         lines.on_trial_complete(iteration=4, trials=trials, trial=first)
         lines.on_trial_complete(iteration=5, trials=trials, trial=trials[1])  # no report yet
@@ -109,8 +117,10 @@ def test_a_search_in_a_log_prints_one_line_per_trial_event(caplog):
         "tune: trial a_00000 started: train.learning_rate=0.0005951, model.lora.r=64 "
         "(others: 0 running, 2 waiting, 2 done (1 failed))",
         "tune: trial a_00000 epoch 1: val_accuracy 0.8123",
-        "tune: trial a_00000 stopped early after epoch 1, val_accuracy 0.8123 "
+        "tune: trial a_00000 stopped early after epoch 1 by asha, val_accuracy 0.8123 "
         "(others: 0 running, 2 waiting, 2 done (1 failed))",
+        "tune: trial a_00000 ended after epoch 1, not stopped by its scheduler, val_accuracy "
+        "0.8123 (others: 0 running, 2 waiting, 2 done (1 failed))",
         "tune: trial a_00000 finished its 5 epochs, val_accuracy 0.9 "
         "(others: 0 running, 2 waiting, 2 done (1 failed))",
         "tune: trial a_00001 stopped before its first epoch, val_accuracy - "

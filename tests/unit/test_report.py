@@ -43,7 +43,7 @@ def _search(version_tags: dict[str, str]) -> report._Search:
             start_time=1_700_000_000_000,
             end_time=1_700_000_600_000,
         ),
-        data=SimpleNamespace(tags={tags.CONFIG_NAME: EVIL}, params={}),
+        data=SimpleNamespace(tags={tags.CONFIG_NAME: EVIL}, params={"tune.scheduler": "asha"}),
     )
     version = SimpleNamespace(
         name="tiny", version="3", run_id="run-b", tags=version_tags, aliases=["production"]
@@ -52,6 +52,7 @@ def _search(version_tags: dict[str, str]) -> report._Search:
         _trial("trial_a", [0.3, 0.35], True, "run-a"),
         _trial("trial_b", [0.4, 0.6, 0.8, 0.82], False, "run-b"),
         _trial(EVIL, [0.2], True, "run-c"),
+        _trial("trial_cut", [0.25, 0.3, 0.31], False, "run-d"),  # tune.time_budget_s cut it
     ]
     return report._Search(run, "tune", "val_accuracy", "max", 4, trials, version)
 
@@ -95,6 +96,23 @@ def test_gate_verdicts_are_read_back_from_the_tag_names_promote_writes():
     assert report.gate_verdicts({tags.metric_tag("val_accuracy"): "0.9"}) == {}
 
 
+def test_gate_verdicts_show_the_latest_attempt_only():
+    """Checks an interrupted earlier attempt left (an older `at`) are not shown beside the
+    latest attempt's."""
+    earlier, later = "2026-11-20T10:00:00+00:00", "2026-11-21T09:30:00+00:00"
+    version_tags = {tags.gate_tag("production"): "passed"}
+    for gate, verdict, at in [
+        ("base_model", "refused", earlier),
+        ("slice.cards", "refused", earlier),
+        ("floor", "passed", later),
+        ("regression", "passed", later),
+    ]:
+        version_tags[tags.gate_check_tag("production", gate, "verdict")] = verdict
+        version_tags[tags.gate_check_tag("production", gate, "at")] = at
+    overall, checks = report.gate_verdicts(version_tags)["production"]
+    assert overall == "passed" and list(checks) == ["floor", "regression"]
+
+
 def test_page_escapes_every_string_and_says_not_promoted_yet(tmp_path):
     search = _search({tags.metric_tag("val_accuracy"): "0.82"})
     winner = search.trials[1]
@@ -106,6 +124,9 @@ def test_page_escapes_every_string_and_says_not_promoted_yet(tmp_path):
     assert '<tr class="winner"><td>trial_b</td>' in page
     assert '<tr class="stopped"><td>trial_a</td>' in page
     assert "stopped early by ASHA after epoch 2" in page
+    assert '<tr class="cut"><td>trial_cut</td>' in page  # not stopped by ASHA: cut short
+    assert "cut short by the search&#x27;s end (tune.time_budget_s) after epoch 3 of 4" in page
+    assert "stopped early by ASHA after epoch 3" not in page
     assert "0.001235" in page  # sampled floats at 4 significant digits
     assert "http" not in page.replace("http://127", "")  # nothing fetched from outside
     for name in figures:
@@ -172,3 +193,20 @@ def test_ui_refuses_a_remote_server_a_missing_store_and_a_busy_port(tmp_path):
         busy.listen()
         with pytest.raises(ValueError, match="--port"):
             ui.main(_store(tmp_path), port=busy.getsockname()[1])
+
+
+def test_curves_mark_a_scheduler_stop_and_a_time_budget_cut_apart():
+    import matplotlib.pyplot as plt
+
+    search = _search({})
+    fig, ax = plt.subplots()
+    for trial in search.trials:
+        cut = report._cut_short(trial, search)
+        report._plot_trial(ax, trial, "val_accuracy", "C0", False, cut)
+    report._curves_legend(fig, ax, search)
+    ends = [line for line in ax.lines if line.get_linestyle() == "None"]
+    plt.close(fig)
+    assert [m.get_marker() for m in ends] == ["X", "X", "|"]  # trial_a, EVIL; trial_cut
+    labels = [text.get_text() for text in fig.legends[0].texts]
+    assert "stopped early by ASHA" in labels
+    assert "cut short by the search's end (tune.time_budget_s)" in labels

@@ -122,6 +122,92 @@ def test_tune_settings_are_strict():
     assert "tune.asha.reduction_factor" in _errors({}, asha={"reduction_factor": 1})
 
 
+# --- tune.metric and tune.mode against promote and the task ----------------------------------
+
+ONE_RATE = {"train.learning_rate": {"type": "choice", "values": [1.0e-3]}}
+LOSS_GATE = {"metric": "val_loss", "mode": "min", "min_value": None, "max_value": 2.0}
+
+
+def _ranked(tmp_path, **sections) -> tuple[str, str, str, dict[str, str]]:
+    """(metric, mode) the config resolves, the mode handed to trials, and the parent's params."""
+    from jobs import tune
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    raw = {"name": "rank", "registry": {"tracking_uri": db}, **sections}
+    config = validate_mapping(raw)
+    setup = tune._trial_setup(config, {}, parent_run_id="parent", experiment="exp")
+    metric, mode = config.tune.metric_name(config.promote), config.tune.mode_name(config.promote)
+    return metric, mode, setup.mode, tune.search_params(config)
+
+
+def test_tune_mode_follows_promote_mode_when_the_metric_is_promotes(tmp_path):
+    metric, mode, trials, params = _ranked(
+        tmp_path, promote=LOSS_GATE, tune={"search_space": ONE_RATE}
+    )
+    assert (metric, mode, trials) == ("val_loss", "min", "min")  # ASHA keeps the lowest losses
+    assert (params["tune.metric"], params["tune.mode"]) == ("val_loss", "min")  # for report
+
+
+def test_tune_mode_unset_follows_the_way_its_own_metric_improves(tmp_path):
+    metric, mode, trials, _ = _ranked(
+        tmp_path, tune={"search_space": ONE_RATE, "metric": "val_loss"}
+    )
+    assert (metric, mode, trials) == ("val_loss", "min", "min")  # promote: val_accuracy, max
+    _, mode, _, _ = _ranked(tmp_path, tune={"metric": "val_macro_f1"}, promote=LOSS_GATE)
+    assert mode == "max"
+    _, mode, _, _ = _ranked(tmp_path, tune={"metric": "val_accuracy", "mode": "max"})
+    assert mode == "max"
+
+
+def test_a_metric_the_task_does_not_report_is_refused_with_its_key_and_the_close_one():
+    err = _errors({}, metric="val_acc") + _errors({}, metric="train_loss")
+    assert (
+        "tune.metric=val_acc: sequence-classification reports val_accuracy and val_macro_f1 " in err
+    )
+    assert "set tune.metric to one of them (did you mean 'val_accuracy'?)" in err
+    assert "tune.metric=train_loss" in err  # reported, but it says nothing of quality
+    with pytest.raises(ConfigError) as raised:
+        validate_mapping(
+            {"name": "t", "promote": {"metric": "val_acuracy"}, "tune": {"metric": "f1"}}
+        )
+    both = str(raised.value)
+    assert "2 error(s)" in both  # every one at once
+    assert "promote.metric=val_acuracy" in both and "did you mean 'val_accuracy'?" in both
+    assert "tune.metric=f1" in both
+
+
+def test_a_mode_against_the_way_the_metric_improves_is_refused():
+    with pytest.raises(ConfigError) as raised:
+        validate_mapping({"name": "t", "promote": {"metric": "val_loss"}})  # mode max by default
+    err = str(raised.value)
+    assert (
+        "promote.metric=val_loss improves downward (lower is better), but promote.mode=max" in err
+    )
+    assert "set promote.mode: min and promote.max_value (a ceiling, or null)" in err
+    err = _errors(ONE_RATE, mode="min")  # ranks promote's val_accuracy
+    assert "tune ranks trials by val_accuracy (mode min), but val_accuracy improves upward" in err
+    assert "set tune.mode: max, or unset tune.mode" in err
+    err = _errors(ONE_RATE, metric="val_loss", mode="max")
+    assert "tune ranks trials by val_loss (mode max)" in err and "set tune.mode: min" in err
+    err = _errors(ONE_RATE, metric="val_macro_f1", mode="min")
+    assert "set tune.mode: max" in err
+
+
+def test_the_metrics_a_run_is_ranked_by_are_those_each_task_reports():
+    """jobs.config cannot import the train loop (torch) to validate: its lists are checked here
+    against what train_func reports for each task, val_loss and the task's metrics as val_*."""
+    from jobs.config import ranked_metrics
+    from jobs.tasks import get_task, task_names
+    from jobs.train_loop import REPORTED_METRICS
+
+    for name in task_names():
+        task = get_task(name, check_libraries=False)
+        own = task.metrics(task.eval_state(2).numpy())
+        reported = {"val_loss", *(f"val_{key}" for key in own)}
+        assert set(ranked_metrics(name)) == reported, name
+        assert reported <= set(REPORTED_METRICS), name
+
+
 def _sized(workers: int, cpus: float, samples: int = 8, **tune) -> int:
     from jobs.tune import concurrent_trials
 
@@ -140,7 +226,20 @@ def test_trials_at_once_fit_workers_and_data_stages_in_the_cluster_cpus():
     assert _sized(workers=1, cpus=0.5) == 2  # 0.5 + 1.5 each
     assert _sized(workers=4, cpus=1) == 1  # never less than one: it waits for resources
     assert _sized(workers=1, cpus=0.5, samples=1) == 1  # never more than there are trials
-    assert _sized(workers=2, cpus=1, max_concurrent_trials=3) == 3  # the config decides
+    assert _sized(workers=1, cpus=0.5, max_concurrent_trials=1) == 1  # a cap below what fits
+
+
+def test_max_concurrent_trials_above_what_fits_runs_what_fits_and_says_so(caplog):
+    """3 trials of 1 worker on 4 logical CPUs would place 3 workers (3 CPUs) and leave 0.97 for
+    3 trials' read tasks of 1 CPU each: no data stage could run, and every trial would wait."""
+    with caplog.at_level("WARNING", logger="jobs.tune"):
+        assert _sized(workers=1, cpus=1, max_concurrent_trials=3) == 1
+    line = caplog.text
+    assert "tune.max_concurrent_trials=3: the cluster's 4 CPUs fit 1 trial(s) of 2.5 CPUs" in line
+    assert "running 1 at a time" in line and "add CPUs or give each trial fewer" in line
+    caplog.clear()
+    assert _sized(workers=1, cpus=0.5, max_concurrent_trials=2) == 2  # fits: nothing said
+    assert "max_concurrent_trials" not in caplog.text
 
 
 # --- tune.searcher: optuna --------------------------------------------------------------------
