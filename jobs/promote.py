@@ -8,8 +8,13 @@ The candidate and the incumbent are always compared on the same rows: their stor
 when both were evaluated on the same table snapshot and split, else both are evaluated again on
 the candidate's validation rows (jobs.reevaluate: a classifier's accuracy and macro-F1, a causal
 LM's val_loss and val_perplexity), which per-slice figures always need. Every
-gate's verdict, value, threshold and time is tagged on the candidate. Right before the alias
-moves, the incumbent is read again: if another promote moved it meanwhile, this one refuses.
+gate's verdict, value, threshold and time is tagged on the candidate, replacing the tags of any
+earlier attempt; the overall verdict reads "pending" while the alias moves, then "passed".
+
+The alias moves under serving.registry.alias_lock, which promote and rollback of one model both
+hold: under it the incumbent is read again (if another promote moved it since the gates read
+it, this one refuses), @previous is set to the version the gates judged against, @production to
+the candidate, and both are read back.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ class PromoteResult:
     version: str
     alias: str
     metric: str
-    value: float
+    value: float | None  # the candidate's stored metric (None: not tagged, measured again)
     previous_version: str | None
     checks: list[str] = field(default_factory=list)
 
@@ -95,14 +100,11 @@ def main(
     candidate = _candidate(client, config.registry.model_name, version, best_of)
     incumbent = registry.get_alias_version(config.registry.model_name, config.promote.alias)
     checks = _gate(config, candidate, incumbent)
-    previous = None
-    if all(c.passed for c in checks):
-        if before_alias_move is not None:
-            before_alias_move()
-        previous, moved = _move_alias(config, str(candidate.version), incumbent)
-        checks.append(moved)
-    _record_verdicts(config, str(candidate.version), checks)  # raises unless all passed
-    _tell_serving(config)
+    if not all(c.passed for c in checks):
+        _record_verdicts(config, str(candidate.version), checks, overall="refused")
+    if before_alias_move is not None:
+        before_alias_move()
+    previous = _move_alias(config, str(candidate.version), incumbent, checks)
     return _result(config, candidate, previous, checks)
 
 
@@ -121,11 +123,16 @@ def _client(config: LifecycleConfig) -> Any:
 
 
 def evaluate_gates(
-    config: LifecycleConfig, candidate: Mapping[str, str], comparison: Comparison | None
+    config: LifecycleConfig,
+    candidate: Mapping[str, str],
+    comparison: Comparison | None,
+    version: str | None = None,
 ) -> list[GateCheck]:
-    """Every gate's result for a candidate (its tags), against `comparison` (None: no other
-    version holds the alias, so there is nothing to regress against)."""
-    checks = [_bound_check(config, candidate)] if config.promote.bound is not None else []
+    """Every gate's result for a candidate (its tags; `version`, its number, for messages),
+    against `comparison` (None: no other version holds the alias, so there is nothing to
+    regress against)."""
+    bound = config.promote.bound is not None
+    checks = [_bound_check(config, candidate, version)] if bound else []
     if config.promote.allowed_base_models:
         checks.append(_base_model_check(config, candidate))
     checks.append(_regression_check(config, comparison))
@@ -134,9 +141,11 @@ def evaluate_gates(
     return checks
 
 
-def _bound_check(config: LifecycleConfig, candidate: Mapping[str, str]) -> GateCheck:
+def _bound_check(
+    config: LifecycleConfig, candidate: Mapping[str, str], version: str | None
+) -> GateCheck:
     gate = config.promote
-    value, bound = _metric(candidate, gate.metric), gate.bound
+    value, bound = _metric(candidate, gate.metric, version), gate.bound
     if gate.mode == "max":
         ok, word = value >= bound, ">=" if value >= bound else "<"
         line = f"{gate.metric}={value:.4f} {word} floor {bound}"
@@ -197,28 +206,34 @@ def _slice_checks(config: LifecycleConfig, comparison: Comparison | None) -> lis
 
 def _gate(config: LifecycleConfig, candidate: Any, incumbent: Any) -> list[GateCheck]:
     """evaluate_gates, with a comparison that could not be made recorded as a failed check."""
+    version = str(candidate.version)
     try:
         comparison = _comparison(config, candidate, incumbent)
     except GateRefused as exc:  # no figures on shared rows: refused, never skipped
-        own = evaluate_gates(config, candidate.tags, None)
+        own = evaluate_gates(config, candidate.tags, None, version)
         failed = GateCheck("regression", False, "", "", str(exc))
         return [*(c for c in own if c.gate != "regression"), failed]
-    return evaluate_gates(config, candidate.tags, comparison)
+    return evaluate_gates(config, candidate.tags, comparison, version)
 
 
 def _comparison(config: LifecycleConfig, candidate: Any, incumbent: Any) -> Comparison | None:
     """Both versions' figures on the same rows: stored when comparable, else re-evaluated."""
     if incumbent is None or str(incumbent.version) == str(candidate.version):
         return None
-    if _same_rows(candidate.tags, incumbent.tags) and not config.promote.slices:
-        metric = config.promote.metric
+    metric = config.promote.metric
+    stored = all(_has_metric(v.tags, metric) for v in (candidate, incumbent))
+    if stored and _same_rows(candidate.tags, incumbent.tags) and not config.promote.slices:
         return Comparison(
             incumbent_version=str(incumbent.version),
             rows="the same validation rows (stored figures)",
-            candidate=Figures(_metric(candidate.tags, metric)),
-            incumbent=Figures(_metric(incumbent.tags, metric)),
+            candidate=Figures(_metric(candidate.tags, metric, str(candidate.version))),
+            incumbent=Figures(_metric(incumbent.tags, metric, str(incumbent.version))),
         )
-    return _reevaluated(config, candidate, incumbent)
+    return _reevaluated(config, candidate, incumbent)  # also for a figure one of them lacks
+
+
+def _has_metric(version_tags: Mapping[str, str], metric: str) -> bool:
+    return tags.metric_tag(metric) in version_tags
 
 
 def _same_rows(candidate: Mapping[str, str], incumbent: Mapping[str, str]) -> bool:
@@ -241,16 +256,24 @@ def _reevaluated(config: LifecycleConfig, candidate: Any, incumbent: Any) -> Com
         )
     try:
         rows = reevaluate.EvalRows.from_tags(candidate.tags)
+        trained_on = reevaluate.EvalRows.from_tags(incumbent.tags)
     except ValueError as exc:
         raise GateRefused(str(exc)) from None
     versions = [str(candidate.version), str(incumbent.version)]
-    found = reevaluate.reevaluate(config, versions, rows)
+    try:
+        found = reevaluate.reevaluate(config, versions, rows, trained_on)
+    except reevaluate.TooFewRows as exc:
+        raise GateRefused(f"@{config.promote.alias} (version {versions[1]}): {exc}") from None
     for version, evaluation in found.items():
         _record_reevaluation(config, version, rows.describe(), evaluation)
     figures = {v: Figures(e.metrics[metric], e.slices) for v, e in found.items()}
+    counted = found[versions[0]]
     return Comparison(
         incumbent_version=versions[1],
-        rows=f"{rows.describe()} (both re-evaluated, {found[versions[0]].rows} rows)",
+        rows=(
+            f"{rows.describe()} (both re-evaluated, {counted.rows} rows; "
+            f"{counted.dropped_rows} left out, trained on by version {versions[1]})"
+        ),
         candidate=figures[versions[0]],
         incumbent=figures[versions[1]],
     )
@@ -262,49 +285,87 @@ def _record_reevaluation(config: LifecycleConfig, version: str, rows: str, evalu
         **{f"slice.{n}": tags.format_metric(v) for n, v in evaluation.slices.items()},
         "rows": rows,
         "row_count": str(evaluation.rows),
+        "rows_dropped": str(evaluation.dropped_rows),  # the incumbent trained on them
         **({"token_count": str(evaluation.tokens)} if evaluation.tokens is not None else {}),
         "at": _now(),
     }
     _set_tags(config, version, {tags.reevaluated_tag(k): v for k, v in figures.items()})
 
 
-def _move_alias(config: LifecycleConfig, version: str, seen: Any) -> tuple[str | None, GateCheck]:
-    """Move the alias unless it changed since the gates read it (another promote won).
-
-    MLflow offers no compare-and-set on aliases, so this re-read narrows the race to the
-    moment between this read and the write below (milliseconds), where the gates took seconds
-    to minutes; two promotes landing inside that moment would still both move it."""
+def _move_alias(
+    config: LifecycleConfig, version: str, seen: Any, checks: list[GateCheck]
+) -> str | None:
+    """Under the model's alias lock: refuse if the alias moved since the gates read it (another
+    promote won), else record the verdicts ("pending"), move the alias (the version the gates
+    judged against kept as @previous), and stamp "passed". Serving is told once the alias may
+    have moved, even if a later step fails. Returns the version kept as @previous."""
     name, alias = config.registry.model_name, config.promote.alias
-    now = registry.get_alias_version(name, alias)
-    before = str(seen.version) if seen is not None else "none"
-    after = str(now.version) if now is not None else "none"
+    before = str(seen.version) if seen is not None else None
+    moving = False
+    try:
+        with registry.alias_lock(name):
+            checks.append(_incumbent_unchanged(config, before))
+            passed = all(c.passed for c in checks)
+            _record_verdicts(config, version, checks, overall="pending" if passed else "refused")
+            moving = True
+            registry.move_alias(name, alias, version, current=before)
+            _set_tags(config, version, {tags.gate_tag(alias): "passed"})
+    finally:
+        if moving:
+            _tell_serving(config)
+    return before
+
+
+def _incumbent_unchanged(config: LifecycleConfig, before: str | None) -> GateCheck:
+    alias = config.promote.alias
+    now = registry.get_alias_version(config.registry.model_name, alias)
+    after = str(now.version) if now is not None else None
+    shown = (before or "none", after or "none")
     if after != before:
         line = (
-            f"@{alias} moved from version {before} to {after} while the gates ran (another "
-            f"promote won); run raylift promote again to gate against the new @{alias}"
+            f"@{alias} moved from version {shown[0]} to {shown[1]} while the gates ran "
+            f"(another promote won); run raylift promote again to gate against the new @{alias}"
         )
-        return None, GateCheck("incumbent_unchanged", False, after, before, line)
-    previous = registry.set_alias(name, alias, version)
-    line = f"@{alias} was still version {before} when it moved"
-    return previous, GateCheck("incumbent_unchanged", True, after, before, line)
+        return GateCheck("incumbent_unchanged", False, shown[1], shown[0], line)
+    line = f"@{alias} was still version {shown[0]} when it moved"
+    return GateCheck("incumbent_unchanged", True, shown[1], shown[0], line)
 
 
-def _record_verdicts(config: LifecycleConfig, version: str, checks: list[GateCheck]) -> None:
-    """Tag every check on the candidate; raise GateRefused, listing them, if one failed."""
+def _record_verdicts(
+    config: LifecycleConfig, version: str, checks: list[GateCheck], overall: str
+) -> None:
+    """Tag `overall` and every check on the candidate, in place of any earlier attempt's gate
+    tags for the alias; raise GateRefused, listing the checks, if one failed.
+
+    The overall verdict is written first, so a reader never sees an earlier attempt's verdict
+    over this attempt's checks."""
     alias = config.promote.alias
-    passed = all(c.passed for c in checks)
     at = _now()
-    recorded = {tags.gate_tag(alias): "passed" if passed else "refused"}
+    recorded = {}
     for check in checks:
         fields = ("refused" if not check.passed else "passed", check.value, check.threshold, at)
         for name, value in zip(tags.GATE_FIELDS, fields, strict=True):
             recorded[tags.gate_check_tag(alias, check.gate, name)] = value
+    _set_tags(config, version, {tags.gate_tag(alias): overall})
+    _delete_gate_checks(config, version, keep=set(recorded))
     _set_tags(config, version, recorded)
-    if not passed:
+    if not all(c.passed for c in checks):
         raise GateRefused(
             f"{config.registry.model_name} version {version} not promoted to @{alias}; "
             "the alias was not moved:\n" + "\n".join(f"  {c}" for c in checks)
         )
+
+
+def _delete_gate_checks(config: LifecycleConfig, version: str, keep: set[str]) -> None:
+    """Delete the alias's gate-check tags an earlier attempt left that this one does not write
+    (a gate since dropped from the config, a slice comparison this attempt could not make)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    name, head = config.registry.model_name, tags.gate_tag(config.promote.alias) + "."
+    for key in client.get_model_version(name, version).tags:
+        if key.startswith(head) and key not in keep:
+            client.delete_model_version_tag(name, version, key)
 
 
 def _set_tags(config: LifecycleConfig, version: str, values: dict[str, str]) -> None:
@@ -324,23 +385,31 @@ def _result(
         version=str(candidate.version),
         alias=gate.alias,
         metric=gate.metric,
-        value=_metric(candidate.tags, gate.metric),
+        value=_stored_metric(candidate.tags, gate.metric),
         previous_version=previous,
         checks=[str(c) for c in checks],
     )
 
 
-def _metric(version_tags: Mapping[str, str], metric: str) -> float:
+def _metric(version_tags: Mapping[str, str], metric: str, version: str | None) -> float:
     try:
         value = tags.read_metric(version_tags, metric)
     except ValueError as exc:  # a tag that is not a number cannot pass a gate
         raise GateRefused(str(exc)) from None
     if value is None:
         raise GateRefused(
-            f"the version has no {tags.metric_tag(metric)} tag; set promote.metric to a "
-            "metric the training run reported, e.g. val_accuracy"
+            f"{f'version {version}' if version else 'the candidate'} has no "
+            f"{tags.metric_tag(metric)} tag; set promote.metric to a metric the training run "
+            "reported, e.g. val_accuracy"
         )
     return value
+
+
+def _stored_metric(version_tags: Mapping[str, str], metric: str) -> float | None:
+    try:
+        return tags.read_metric(version_tags, metric)
+    except ValueError:  # the gates refused it already, or measured it again
+        return None
 
 
 def _now() -> str:
@@ -352,7 +421,16 @@ def _candidate(client: Any, name: str, version: str | None, best_of: str | None)
         raise ValueError("give --version or --best-of, not both")
     if best_of:
         version = _tune_winner(client, name, best_of)
-    return client.get_model_version(name, version or _newest_version(client, name))
+    if not version:
+        return client.get_model_version(name, _newest_version(client, name))
+    known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if not str(version).isdigit() or int(version) not in known:
+        raise LookupError(
+            f"model {name!r} has no version {version!r}; its versions: "
+            f"{', '.join(map(str, known)) or 'none (run raylift finetune)'}; pass one of them "
+            "as --version N, or leave --version out for the newest"
+        )
+    return client.get_model_version(name, str(version))
 
 
 def _tune_winner(client: Any, name: str, parent_run_id: str) -> str:

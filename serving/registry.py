@@ -13,28 +13,40 @@ its artifact URI names the copy; a folder on object storage is named by its URI 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from cluster.storage import (
+    cache_dir,
     cached_folder,
     folder_digest,
     is_object_storage,
     is_remote,
+    redact_credentials,
     worker_visible_uri,
 )
 
 __all__ = [
     "CHECKPOINT_ARTIFACT",
+    "AliasMoveFailed",
+    "RegistryUnavailable",
     "ResolvedModel",
     "ResolvedVersion",
+    "alias_lock",
+    "alias_versions",
+    "check_aliases",
     "configure_tracking",
     "delete_alias",
     "get_alias_version",
+    "move_alias",
     "previous_alias",
     "register_checkpoint",
     "resolve_model",
@@ -43,6 +55,25 @@ __all__ = [
 ]
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+# MLflow's answers that mean "no such model, version or alias"; any other error (a server
+# down, a database locked, a refused login) says nothing about the name.
+_NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+class RegistryUnavailable(RuntimeError):
+    """The registry could not answer (unreachable, locked, refusing): not an answer about the
+    name asked for. Serving answers 503 for it, where a LookupError is a 404."""
+
+
+def _unavailable(exc: Any, asked: str) -> RegistryUnavailable:
+    import mlflow
+
+    return RegistryUnavailable(
+        f"the model registry at {redact_credentials(mlflow.get_registry_uri())} could not be "
+        f"read for {asked}: {exc.error_code}: {redact_credentials(exc.message)}"
+    )
+
+
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -164,14 +195,18 @@ def register_checkpoint(
 
 
 def get_alias_version(model_name: str, alias: str) -> Any | None:
-    """The ModelVersion behind `alias`, or None if the alias (or the model) is not set."""
+    """The ModelVersion behind `alias`, or None if the alias (or the model) is not set;
+    RegistryUnavailable if the registry cannot say (never None for an outage: promotion
+    would take a missing incumbent for no incumbent)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
         return MlflowClient().get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _NOT_THERE:
+            return None
+        raise _unavailable(exc, f"models:/{model_name}@{alias}") from None
 
 
 def previous_alias(alias: str) -> str:
@@ -179,16 +214,137 @@ def previous_alias(alias: str) -> str:
     return "previous" if alias == "production" else f"{alias}-previous"
 
 
-def set_alias(model_name: str, alias: str, version: str) -> str | None:
-    """Point `alias` at `version`, keeping the old target under `previous_alias`; return it."""
+class AliasMoveFailed(RegistryUnavailable):
+    """An alias write failed, or the aliases did not read back as written: the message says
+    which write, what the aliases hold now and what to run."""
+
+
+# How long a promote or rollback waits for another one of the same model to finish its alias
+# move: that takes milliseconds to a second (a few SQLite writes and reads), so a minute means
+# the holder hangs; its lock goes with its process.
+_ALIAS_LOCK_WAIT_S = 60.0
+_ALIAS_LOCK_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def alias_lock(model_name: str, wait_s: float = _ALIAS_LOCK_WAIT_S) -> Iterator[Path]:
+    """Hold the lock on `model_name`'s aliases: promote and rollback hold it from the moment
+    they read the alias to decide through their last alias write, so two of them never
+    interleave (MLflow has no compare-and-set on aliases).
+
+    A SQLite registry is locked by a file beside its database, which every process that writes
+    the database sees. Any other registry (a tracking server) by a file in this node's cache
+    folder: that serialises promotes started on this node only; two nodes promoting one model
+    at once are caught afterwards, at best, by move_alias's read-back."""
+    import fcntl
+
+    path = _alias_lock_path(model_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryUnavailable(
+                        f"another promote or rollback of {model_name!r} has held {path} for "
+                        f"{wait_s:.0f} s; if no such process is running anymore, run again"
+                    ) from None
+                time.sleep(_ALIAS_LOCK_POLL_S)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alias_lock_path(model_name: str) -> Path:
+    import mlflow
+
+    uri = mlflow.get_registry_uri()
+    digest = hashlib.sha256(f"{uri}\n{model_name}".encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)[:64]
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///") :])
+        return database.with_name(f"{database.name}.aliases-{readable}-{digest}.lock")
+    return cache_dir() / "alias-locks" / f"{readable}-{digest}.lock"
+
+
+def move_alias(model_name: str, alias: str, version: str, current: str | None) -> None:
+    """Point `alias` at `version`, keeping `current` (the version the caller read at `alias`
+    under alias_lock, and judged against) under previous_alias; then read both back.
+
+    @previous is written first: a failure between the two writes leaves both aliases at
+    `current`, still served and still named, and the same move run again completes it. Written
+    the other way round, that failure would leave no alias naming `current`."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    current = get_alias_version(model_name, alias)
-    previous = str(current.version) if current is not None else None
-    if previous is not None and previous != str(version):
-        client.set_registered_model_alias(model_name, previous_alias(alias), previous)
-    client.set_registered_model_alias(model_name, alias, str(version))
+    written = {alias: str(version)}
+    if current is not None and current != str(version):
+        _write_alias(client, model_name, previous_alias(alias), current, written)
+        written[previous_alias(alias)] = current
+    _write_alias(client, model_name, alias, str(version), written)
+    check_aliases(model_name, written)
+
+
+def _write_alias(
+    client: Any, model_name: str, alias: str, version: str, written: dict[str, str]
+) -> None:
+    try:
+        client.set_registered_model_alias(model_name, alias, version)
+    except Exception as exc:
+        done = ", ".join(f"@{a}={v}" for a, v in written.items() if a != alias) or "nothing"
+        raise AliasMoveFailed(
+            f"writing @{alias}=version {version} of {model_name!r} failed ({exc}); written "
+            f"before it: {done}; aliases now: {_aliases_or_unknown(model_name)}; run the same "
+            "command again to complete the move"
+        ) from exc
+
+
+def _aliases_or_unknown(model_name: str) -> str:
+    try:
+        return str(alias_versions(model_name))
+    except Exception as exc:  # the registry that refused the write may refuse the read too
+        return f"unknown (reading them failed too: {exc})"
+
+
+def alias_versions(model_name: str) -> dict[str, str]:
+    """Every alias of the model and the version it names, as the registry holds them now ({}
+    for a model not registered); RegistryUnavailable if the registry cannot say."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = MlflowClient().get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code in _NOT_THERE:
+            return {}
+        raise _unavailable(exc, f"the aliases of {model_name!r}") from None
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def check_aliases(model_name: str, expected: dict[str, str | None]) -> None:
+    """AliasMoveFailed unless each alias names the version given (None: no version)."""
+    found = alias_versions(model_name)
+    wrong = {a: v for a, v in expected.items() if found.get(a) != v}
+    if wrong:
+        raise AliasMoveFailed(
+            f"the aliases of {model_name!r} read back as {found}, not as just written "
+            f"({', '.join(f'@{a}={v}' for a, v in wrong.items())}): another process moved them "
+            "meanwhile (a promote or rollback on another node, or by hand); check them before "
+            "promoting again"
+        )
+
+
+def set_alias(model_name: str, alias: str, version: str) -> str | None:
+    """Point `alias` at `version`, keeping the old target under `previous_alias`; return it.
+    (Unconditional: promote gates first, then uses alias_lock and move_alias itself.)"""
+    with alias_lock(model_name):
+        current = get_alias_version(model_name, alias)
+        previous = str(current.version) if current is not None else None
+        move_alias(model_name, alias, version, previous)
     return previous
 
 
@@ -301,7 +457,10 @@ def _registry_version(match: re.Match[str], uri: str, tracking_uri: str | None) 
             return MlflowClient().get_model_version_by_alias(name, match["alias"])
         return MlflowClient().get_model_version(name, match["version"])
     except MlflowException as exc:
+        if exc.error_code not in _NOT_THERE:
+            raise _unavailable(exc, uri) from None
         raise LookupError(
-            f"{uri} is not in the registry at {mlflow.get_registry_uri()}: {exc.message}; "
-            "train and promote a model first (raylift finetune, raylift promote)"
+            f"{uri} is not in the registry at {redact_credentials(mlflow.get_registry_uri())}: "
+            f"{redact_credentials(exc.message)}; train and promote a model first (raylift "
+            "finetune, raylift promote)"
         ) from None

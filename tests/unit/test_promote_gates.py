@@ -3,7 +3,14 @@ import pytest
 
 from jobs.config import ConfigError, validate_mapping
 from jobs.promote import Comparison, Figures, GateRefused, evaluate_gates
-from jobs.reevaluate import EvalRows, slice_accuracy
+from jobs.reevaluate import (
+    MIN_KEPT_SHARE,
+    EvalRows,
+    select_comparison_keys,
+    slice_accuracy,
+    split_keys,
+)
+from jobs.training_data import TrainingRows
 from serving import tags
 
 SAME_ROWS = {
@@ -100,9 +107,11 @@ def test_slice_accuracy_counts_only_mapped_labels():
     assert accuracy == {"x": 0.5, "y": 1.0} and rows == {"x": 2, "y": 1}
 
 
-def test_missing_metric_names_the_tag_and_the_key():
-    with pytest.raises(GateRefused, match=r"no metric\.val_macro_f1 tag; set promote\.metric"):
-        evaluate_gates(_config(metric="val_macro_f1"), {ACCURACY: "0.9"}, None)
+def test_missing_metric_names_the_version_the_tag_and_the_key():
+    with pytest.raises(
+        GateRefused, match=r"version 7 has no metric\.val_macro_f1 tag; set promote\.metric"
+    ):
+        evaluate_gates(_config(metric="val_macro_f1"), {ACCURACY: "0.9"}, None, "7")
 
 
 def test_metric_that_is_not_a_number_is_refused_naming_the_tag():
@@ -140,7 +149,9 @@ def test_metric_values_round_trip():
 
 
 def test_perplexity_regresses_upwards_on_the_comparison_figures():
-    config = _config(min_value=None, mode="min", metric="val_perplexity", max_value=50.0)
+    promote = {"min_value": None, "mode": "min", "metric": "val_perplexity", "max_value": 50.0}
+    causal = {"task": {"type": "causal-lm"}, "model": {"method": "lora"}}  # it reports perplexity
+    config = validate_mapping({"name": "x", **causal, "promote": promote})
     stored = {tags.metric_tag("val_perplexity"): "3.0"}  # looks good; the shared rows decide
     worse = evaluate_gates(config, stored, _compare(12.5, 12.0))
     assert [c.gate for c in worse if not c.passed] == ["regression"]
@@ -201,3 +212,68 @@ def test_versions_are_reevaluated_on_one_runtime_where_the_engine_is_picked_by_t
     named = validate_mapping({"name": "x", "score": {"engine": "onnxruntime", "precision": "int8"}})
     kwargs = alike_predictor_kwargs(named, version)
     assert (kwargs["engine"], kwargs["precision"]) == ("onnxruntime", "int8")
+
+
+def _scanned(rows: int, snapshot: int) -> TrainingRows:
+    """A snapshot's trainable rows as scan_training_rows returns them: keys 0..rows-1 (the
+    warehouse keeps a row's key across snapshots), 7 classes."""
+    keys = np.arange(rows, dtype=np.int64)
+    labels = np.array([f"intent_{k % 7}" for k in keys], dtype=object)
+    return TrainingRows(snapshot, keys, labels, 0)
+
+
+def test_the_comparison_leaves_out_the_rows_the_incumbent_trained_on():
+    """The candidate's validation rows (its snapshot, grown by 10%) minus the incumbent's
+    training side, by the real split code: a retrain with the same fraction and seed drops a
+    few rows, another seed most of them; never a row of the incumbent's training side stays."""
+    incumbent, candidate = _scanned(2100, 1), _scanned(2310, 2)
+    trained_on = EvalRows("t", 1, 0.1, 17)
+    trained = split_keys(incumbent, trained_on, "train")
+    assert len(trained) == 1890 and len(split_keys(incumbent, trained_on, "validation")) == 210
+
+    same = select_comparison_keys(candidate, EvalRows("t", 2, 0.1, 17), incumbent, trained_on)
+    assert len(same.validation_keys) == 231
+    assert 0 < len(same.dropped_keys) < 0.2 * 231  # the per-class thresholds moved a little
+    assert set(same.dropped_keys) == set(same.validation_keys) & set(trained)
+    kept = set(same.validation_keys) - set(same.dropped_keys)
+    assert len(kept) == same.kept and not kept & set(trained)
+
+    other = select_comparison_keys(candidate, EvalRows("t", 2, 0.1, 18), incumbent, trained_on)
+    assert other.kept < MIN_KEPT_SHARE * len(other.validation_keys)  # refused by promote
+
+    # The incumbent's own split: nothing of its validation side was trained on.
+    own = select_comparison_keys(incumbent, trained_on, incumbent, trained_on)
+    assert len(own.dropped_keys) == 0 and own.kept == 210
+
+
+def test_a_comparison_on_too_few_unseen_rows_is_refused_with_the_fix(tmp_path):
+    """comparison_rows on two real Iceberg snapshots (no Ray): the incumbent split with seed
+    17, the candidate with 18, so most of the candidate's validation rows were trained on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import warehouse
+    from jobs.reevaluate import TooFewRows, comparison_rows
+    from tests.helpers import make_ticket_rows
+
+    config = validate_mapping(
+        {
+            "name": "x",
+            "task": {"label_column": "category"},
+            "catalog": {"uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": str(tmp_path)},
+            "data": {"table": "support.tickets"},
+        }
+    )
+    load = {"text_column": "text", "label_column": "category", "key_column": "ticket_id"}
+    snapshots = []
+    for rows in (300, 330):
+        path = tmp_path / f"tickets-{rows}.parquet"
+        pq.write_table(pa.Table.from_pylist(make_ticket_rows(rows, ["a", "b", "c"])), path)
+        snapshots.append(
+            warehouse.load_table_from_file(config.catalog, "support.tickets", path, **load)
+        )
+    trained_on = EvalRows("support.tickets", snapshots[0], 0.2, 17)
+    fine = comparison_rows(config, EvalRows("support.tickets", snapshots[1], 0.2, 17), trained_on)
+    assert len(fine.validation_keys) == 66 and fine.kept >= 0.8 * 66
+    with pytest.raises(TooFewRows, match=r"(?s)were trained on .* data\.validation\.seed=17"):
+        comparison_rows(config, EvalRows("support.tickets", snapshots[1], 0.2, 18), trained_on)

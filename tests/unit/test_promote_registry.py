@@ -5,6 +5,7 @@ target under @previous, which still resolves to its own checkpoint."""
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from pathlib import Path
 
@@ -167,8 +168,8 @@ def test_a_causal_lm_on_other_rows_is_gated_on_the_perplexity_measured_again(
     measured = {}  # version → perplexity on the candidate's rows
     asked = []
 
-    def fake_reevaluate(cfg, versions, rows):
-        asked.append((versions, rows))
+    def fake_reevaluate(cfg, versions, rows, trained_on):
+        asked.append((versions, rows, trained_on))
         return {
             v: reevaluate.Evaluation(
                 rows=7,
@@ -194,7 +195,8 @@ def test_a_causal_lm_on_other_rows_is_gated_on_the_perplexity_measured_again(
     better = register(9.0, "v2", "2")
     measured.update({first: 12.0, better: 8.0})
     result = promote.main(config, version=better)
-    assert asked == [([better, first], reevaluate.EvalRows("support.tickets", 2, 0.1, 17))]
+    rows = {n: reevaluate.EvalRows("support.tickets", n, 0.1, 17) for n in (1, 2, 3)}
+    assert asked == [([better, first], rows[2], rows[1])]  # less what the incumbent trained on
     assert _aliases(config) == {"production": better, "previous": first}
     assert any(c.startswith("PASS regression: val_perplexity=8.0000 vs") for c in result.checks)
     for version, figure in ((first, "12.000000"), (better, "8.000000")):
@@ -209,7 +211,7 @@ def test_a_causal_lm_on_other_rows_is_gated_on_the_perplexity_measured_again(
     measured.update({better: 8.0, worse: 8.5})
     with pytest.raises(promote.GateRefused, match=r"FAIL regression: val_perplexity=8\.5000 vs"):
         promote.main(config, version=worse)
-    assert asked[-1] == ([worse, better], reevaluate.EvalRows("support.tickets", 3, 0.1, 17))
+    assert asked[-1] == ([worse, better], rows[3], rows[2])
     assert _aliases(config) == {"production": better, "previous": first}
     verdict = tags.gate_check_tag("production", "regression", "verdict")
     assert _version_tags(config, worse)[verdict] == "refused"
@@ -256,15 +258,15 @@ def test_a_base_model_not_allowed_is_refused(tracking_uri, tmp_path):
     assert _aliases(config) == {"production": allowed}
 
 
-def test_of_two_racing_promotes_exactly_one_wins(tracking_uri, tmp_path):
-    config = _config(tracking_uri, "race")
+def test_a_promote_whose_incumbent_moved_while_its_gates_ran_is_refused(tracking_uri, tmp_path):
+    config = _config(tracking_uri, "moved-meanwhile")
     first = _register(config, tmp_path, 0.90, "v1")
     promote.main(config, version=first)
     slow = _register(config, tmp_path, 0.91, "v2")
     fast = _register(config, tmp_path, 0.92, "v3")
     won = []
 
-    def the_other_promote_lands_first():  # runs after slow's gates, before its alias move
+    def the_other_promote_lands_first():  # runs after slow's gates, before its alias lock
         won.append(promote.main(config, version=fast).version)
 
     with pytest.raises(promote.GateRefused, match="moved from version 1 to 3 while the gates ran"):
@@ -274,6 +276,44 @@ def test_of_two_racing_promotes_exactly_one_wins(tracking_uri, tmp_path):
     assert _verdict(config, slow) == "refused" and _verdict(config, fast) == "passed"
     check = tags.gate_check_tag("production", "incumbent_unchanged", "verdict")
     assert _version_tags(config, slow)[check] == "refused"
+
+
+def test_of_two_racing_promotes_exactly_one_wins(tracking_uri, tmp_path, monkeypatch):
+    """B starts inside A's window: A has re-read @production (version 1) and is about to move
+    it. Without the alias lock B, gated against version 1 too, moved it in that window, and A
+    then overwrote B without ever being gated against it (review 36, finding 2). With it, B
+    waits for A's move, reads @production again and is refused."""
+    config = _config(tracking_uri, "race")
+    first = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=first)
+    a = _register(config, tmp_path, 0.905, "v2")
+    b = _register(config, tmp_path, 0.95, "v3")
+    real_move = registry.move_alias
+    outcome: dict[str, object] = {}
+
+    def promote_b() -> None:
+        try:
+            outcome["B"] = promote.main(config, version=b).version
+        except promote.GateRefused as exc:
+            outcome["B"] = exc
+
+    def b_runs_inside_as_window(name, alias, version, current):
+        if version == a and "thread" not in outcome:
+            thread = outcome["thread"] = threading.Thread(target=promote_b)
+            thread.start()
+            thread.join(timeout=3)  # ample for B's stored-figure gates and its move
+            outcome["B finished inside A's window"] = not thread.is_alive()
+        return real_move(name, alias, version, current)
+
+    monkeypatch.setattr(registry, "move_alias", b_runs_inside_as_window)
+    assert promote.main(config, version=a).previous_version == first
+    outcome["thread"].join(timeout=60)
+
+    assert outcome["B finished inside A's window"] is False
+    assert isinstance(outcome["B"], promote.GateRefused)
+    assert "moved from version 1 to 2 while the gates ran" in str(outcome["B"])
+    assert _aliases(config) == {"production": a, "previous": first}
+    assert _verdict(config, a) == "passed" and _verdict(config, b) == "refused"
 
 
 def test_rollback_moves_production_back_records_why_and_only_once(tracking_uri, tmp_path, capsys):
@@ -316,3 +356,153 @@ def test_best_of_promotes_the_winner_a_tune_run_registered(tracking_uri, tmp_pat
     assert "no version of 'best-of' was registered by a tune run" in capsys.readouterr().err
     assert cli.main(["promote", "--config", path, "--best-of", "parent-a"]) == 0
     assert _aliases(config) == {"production": winner}
+
+
+def _fail_once(monkeypatch, method: str, alias: str | None = None) -> list[tuple]:
+    """Make one MlflowClient write (for `alias`, if given) raise once, as a locked database or
+    a killed server would, in front of the real store; returns the failed calls."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    real, failed = getattr(MlflowClient, method), []
+
+    def once(self, *args):
+        if not failed and (alias is None or alias in args):
+            failed.append(args)
+            raise MlflowException("simulated: database is locked")
+        return real(self, *args)
+
+    monkeypatch.setattr(MlflowClient, method, once)
+    return failed
+
+
+@pytest.mark.parametrize("step", ["set_registered_model_alias", "delete_registered_model_alias"])
+def test_a_rollback_that_fails_half_way_loses_nothing_and_a_retry_completes_it(
+    tracking_uri, tmp_path, monkeypatch, step
+):
+    """The write of @production, or the delete of @previous after it, fails once: the good
+    version stays under an alias, and the rollback run again ends as one that never failed
+    (review 36, finding 1: the @production write failing left no alias on the good version,
+    and the retry "rolled back" from the bad version to itself)."""
+    config = _config(tracking_uri, f"rollback-fails-{step.split('_')[0]}")
+    good = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=good)
+    bad = _register(config, tmp_path, 0.91, "v2")
+    promote.main(config, version=bad)
+    failed = _fail_once(monkeypatch, step)
+
+    with pytest.raises(Exception, match="simulated: database is locked"):
+        rollback.main(config, reason="cards slice broke")
+    assert failed and good in _aliases(config).values()
+    result = rollback.main(config)  # the retry completes the noted rollback, its reason kept
+
+    assert (result.version, result.rolled_back_version) == (good, bad)
+    assert result.reason == "cards slice broke"
+    assert _aliases(config) == {"production": good}
+    for version, role in ((good, "restored"), (bad, "rolled_back")):
+        found = _version_tags(config, version)
+        assert found[tags.rollback_tag("production", "role")] == role
+        assert found[tags.rollback_tag("production", "reason")] == "cards slice broke"
+    with pytest.raises(LookupError, match="has no @previous"):
+        rollback.main(config)
+
+
+def test_a_promote_that_fails_between_its_alias_writes_keeps_the_incumbent_and_retries(
+    tracking_uri, tmp_path, monkeypatch
+):
+    """@previous is written first: the @production write failing leaves both on the incumbent
+    (still served, still named), serving is told anyway, a rollback finds nothing to go back
+    to, and the promote run again completes the move."""
+    config = _config(tracking_uri, "promote-fails")
+    first = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=first)
+    second = _register(config, tmp_path, 0.92, "v2")
+    _fail_once(monkeypatch, "set_registered_model_alias", alias="production")
+    told = []
+    monkeypatch.setattr(promote, "_tell_serving", lambda c: told.append(c.registry.model_name))
+
+    with pytest.raises(
+        registry.AliasMoveFailed,
+        match=r"writing @production=version 2 .*failed .*simulated.*before it: @previous=1",
+    ):
+        promote.main(config, version=second)
+    assert _aliases(config) == {"production": first, "previous": first}
+    assert _verdict(config, second) == "pending" and told == ["promote-fails"]
+    with pytest.raises(LookupError, match="@previous and @production .* both name version 1"):
+        rollback.main(config)
+
+    assert promote.main(config, version=second).previous_version == first
+    assert _aliases(config) == {"production": second, "previous": first}
+    assert _verdict(config, second) == "passed"
+
+
+def test_the_verdicts_are_recorded_before_the_alias_moves_and_stamped_after(
+    tracking_uri, tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    config = _config(tracking_uri, "verdict-order")
+    first = _register(config, tmp_path, 0.90, "v1")
+    promote.main(config, version=first)
+    second = _register(config, tmp_path, 0.92, "v2")
+    events = []
+    set_tag, set_alias = MlflowClient.set_model_version_tag, MlflowClient.set_registered_model_alias
+
+    def tagged(self, name, version, key, value):
+        if key == tags.gate_tag("production"):
+            events.append(f"verdict {value}")
+        elif key.startswith(tags.gate_tag("production") + ".") and key.endswith(".verdict"):
+            events.append("check")
+        return set_tag(self, name, version, key, value)
+
+    def aliased(self, name, alias, version):
+        events.append(f"@{alias}={version}")
+        return set_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", tagged)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", aliased)
+    monkeypatch.setattr(promote, "_tell_serving", lambda c: events.append("serving told"))
+    promote.main(config, version=second)
+
+    checks = ["check"] * events.count("check")
+    assert len(checks) == 3  # floor, regression, incumbent_unchanged
+    assert events == [
+        "verdict pending",
+        *checks,
+        f"@previous={first}",
+        f"@production={second}",
+        "verdict passed",
+        "serving told",
+    ]
+
+
+def test_a_later_attempt_replaces_the_verdicts_of_an_earlier_one(tracking_uri, tmp_path):
+    """Refused by the base-model gate, then passed with the allow-list emptied: the version
+    keeps only the second attempt's checks, and the report shows those alone."""
+    from jobs import report
+
+    only_minilm = _config(tracking_uri, "attempts", allowed_base_models=["all-MiniLM-L6-v2"])
+    version = _register(only_minilm, tmp_path, 0.95, "v1", **{tags.BASE_MODEL: "bert-large"})
+    with pytest.raises(promote.GateRefused, match="FAIL base_model"):
+        promote.main(only_minilm, version=version)
+    promote.main(_config(tracking_uri, "attempts"), version=version)
+
+    found = _version_tags(only_minilm, version)
+    assert not [key for key in found if ".base_model." in key]
+    overall, checks = report.gate_verdicts(found)["production"]
+    assert overall == "passed"
+    assert sorted(checks) == ["floor", "incumbent_unchanged", "regression"]
+    assert {check["verdict"] for check in checks.values()} == {"passed"}
+
+
+def test_promoting_a_version_that_does_not_exist_lists_those_that_do(
+    tracking_uri, tmp_path, capsys
+):
+    config = _config(tracking_uri, "no-such-version")
+    _register(config, tmp_path, 0.90, "v1")
+    _register(config, tmp_path, 0.91, "v2")
+    path = _config_file(config, tmp_path)
+    assert cli.main(["promote", "--config", path, "--version", "7"]) == 1
+    err = capsys.readouterr().err
+    assert "model 'no-such-version' has no version '7'; its versions: 1, 2;" in err
+    assert "Traceback" not in err and _aliases(config) == {}
