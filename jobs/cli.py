@@ -1,7 +1,9 @@
 """The `raylift` command: a dispatch table of subcommands, each a thin call into a job.
 
 Every job module also runs on its own, so the same work goes to any Ray cluster with
-`ray job submit --working-dir . -- python -m jobs.finetune --config FILE [key=value ...]`.
+`ray job submit --working-dir . -- python -m jobs.finetune --config FILE [key=value ...]`,
+given a config whose state is on shared storage (README, "From laptop to cluster"); `raylift
+submit` does that, making local state paths absolute.
 """
 
 from __future__ import annotations
@@ -385,12 +387,20 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def _dispatch(call: Callable[[], Any]) -> int:
+    from serving.registry import RegistryUnavailable
+
     try:
         result = call()
     except ConfigError as exc:
         print(f"error: invalid config {exc}", file=sys.stderr)
         return 2
-    except (LookupError, FileNotFoundError, ValueError, CommandFailedError) as exc:
+    except (
+        LookupError,
+        FileNotFoundError,
+        ValueError,
+        CommandFailedError,
+        RegistryUnavailable,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if result is not None:

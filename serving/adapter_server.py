@@ -36,7 +36,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.adapters import Adapter, AdapterError, AdapterPool, AdapterRouter
+from serving.adapters import GENERATES, Adapter, AdapterError, AdapterPool, AdapterRouter
 from serving.batching import BatchMetrics, TextBatcher
 from serving.openai_api import GenerationBatching, OpenAIError
 
@@ -97,7 +97,7 @@ class AdapterServer(GenerationBatching):
         }
         self._batcher = TextBatcher(self._predict_batch, 1, 0.0)  # sizes: reconfigure()
         self.reconfigure(self._batching)
-        self._metrics = BatchMetrics()
+        self._metrics = BatchMetrics(lambda: self._batcher.waiting)
         loop = asyncio.get_running_loop()
         self._gauges = loop.create_task(self._metrics.keep_fresh())
         self._warming = loop.create_task(self._warm(versions))
@@ -119,6 +119,12 @@ class AdapterServer(GenerationBatching):
             int(self._batching["max_batch_size"]), float(self._batching["batch_wait_timeout_s"])
         )
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose base no longer fits the app's version (a
+        promotion to another base, task or head size) is replaced by one that loads it."""
+        if self._pool.replaced_by:
+            raise RuntimeError(self._pool.replaced_by)
+
     def stats(self) -> dict[str, Any]:
         """Adapters this replica holds (LRU order), cache hits and misses, its RSS in MiB."""
         return {"replica": self._replica, **self._router.stats()}
@@ -133,7 +139,9 @@ class AdapterServer(GenerationBatching):
             adapter = await self._adapter(home_uri)
         except AdapterError as exc:
             return _refusal(exc)
-        self._metrics.queued(len(texts))
+        if self._pool.generative:
+            self._router.release(adapter)
+            return _refusal(AdapterError(400, GENERATES.format(name=self._served_name)))
         try:
             answers = await asyncio.gather(*(self._batcher.submit(t, adapter) for t in texts))
         finally:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "GENERATES",
     "Adapter",
     "AdapterCatalog",
     "AdapterError",
@@ -63,6 +64,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# A predict route asked of a causal LM: a 400 saying where to ask instead.
+GENERATES = (
+    "{name!r} generates text: ask /v1/completions or /v1/chat/completions, with the version in "
+    "the model field"
+)
 
 
 class AdapterError(Exception):
@@ -80,6 +86,33 @@ def _unknown(detail: str) -> AdapterError:
 
 def _conflict(detail: str) -> AdapterError:
     return AdapterError(409, detail)
+
+
+def _not_an_adapter(where: str, method: str | None) -> AdapterError:
+    return _conflict(
+        f"{where} is not a LoRA adapter (model.method={method}): only LoRA versions over the "
+        "deployment's base can be picked per request; serve it as its own deployment "
+        "(serve.model_uri)"
+    )
+
+
+def _other_task(where: str, task: str | None, served: str | None) -> AdapterError:
+    return _conflict(f"{where} is a {task!r} model; this deployment serves {served!r}")
+
+
+def _other_base(where: str, base: str | None, served: str | None) -> AdapterError:
+    return _conflict(
+        f"{where} is an adapter over model.base={base!r}, but this deployment's base is "
+        f"{served!r}: only adapters over the same base share a replica; serve it as its own "
+        "deployment (serve.model_uri)"
+    )
+
+
+def _unknown_version(model_name: str, version: str) -> AdapterError:
+    return _unknown(
+        f"no version {version} of {model_name!r} in the registry; list them with the MLflow UI "
+        "or `raylift report`"
+    )
 
 
 def replica_rss_mib() -> float:
@@ -155,6 +188,7 @@ class AdapterPool:
         self._head_size = 0
         self._max_positions_cfg: Any = None
         self._paths: dict[str, str] = {}  # version -> downloaded checkpoint directory
+        self.replaced_by: str | None = None  # why this replica can no longer serve adapters
         self.loads = 0
         self.frees = 0
 
@@ -162,36 +196,8 @@ class AdapterPool:
 
     def load(self, version: str, home_uri: str) -> Adapter:
         """Version `version` of the model as an adapter (blocking: call it off the event loop).
-        AdapterError (404/409) when it cannot be served here."""
-        from jobs.checkpoint import refuse_remote_code
-        from jobs.modeling import read_checkpoint_meta
-
-        path = self._checkpoint(version)
-        meta = read_checkpoint_meta(path, self._trust_remote_code)
-        self._ensure_base(home_uri)
-        where = f"version {version} of {self._model_name!r}"
-        if not all((Path(path) / name).is_file() for name in _ADAPTER_FILES):
-            raise _conflict(
-                f"{where} is not a LoRA adapter (model.method={meta.method}, no "
-                "adapter_model.safetensors): only LoRA versions over the deployment's base can be "
-                "picked per request; serve it as its own deployment (serve.model_uri)"
-            )
-        if meta.task != self._task.name:
-            raise _conflict(
-                f"{where} is a {meta.task!r} model; this replica's base serves {self._task.name!r}"
-            )
-        if not _same_base(meta.base_model, self._base):
-            raise _conflict(
-                f"{where} is an adapter over model.base={meta.base_model!r}, but this replica's "
-                f"base is {self._base!r}: only adapters over the same base share a replica; serve "
-                "it as its own deployment (serve.model_uri)"
-            )
-        if len(meta.labels) != self._head_size:
-            raise _conflict(
-                f"{where} has {len(meta.labels)} labels, the replica's base head has "
-                f"{self._head_size}: adapters sharing a base need heads of the same size"
-            )
-        refuse_remote_code(path, self._trust_remote_code)
+        AdapterError (404/409/503) when it cannot be served here."""
+        path, meta = self._checked(version, home_uri)
         from serving.predictor import _clamp_max_length
 
         adapter = Adapter(
@@ -218,6 +224,43 @@ class AdapterPool:
         )
         return adapter
 
+    def check(self, version: str, home_uri: str) -> None:
+        """AdapterError (404/409/503) unless `version` can be served here, without loading it
+        (blocking). Asked before Serve's cache is: its multiplexer frees its least recently
+        used adapter before it loads another, so a version refused there would have cost a
+        cached one."""
+        self._checked(version, home_uri)
+
+    def _checked(self, version: str, home_uri: str) -> tuple[str, Any]:
+        """The checkpoint folder and raylift.json of `version`, once it is known to be a LoRA
+        adapter this replica's base can hold."""
+        from jobs.checkpoint import refuse_remote_code
+        from jobs.modeling import read_checkpoint_meta
+        from serving.registry import RegistryUnavailable
+
+        where = f"version {version} of {self._model_name!r}"
+        try:
+            self._ensure_base(home_uri)
+            path = self._checkpoint(version)
+            meta = read_checkpoint_meta(path, self._trust_remote_code)
+            refuse_remote_code(path, self._trust_remote_code)
+        except RegistryUnavailable as exc:
+            raise AdapterError(503, str(exc)) from None
+        except (FileNotFoundError, ValueError) as exc:  # not raylift's, damaged, remote code
+            raise _conflict(f"{where} cannot be served: {exc}") from None
+        if not all((Path(path) / name).is_file() for name in _ADAPTER_FILES):
+            raise _not_an_adapter(where, meta.method)
+        if meta.task != self._task.name:
+            raise _other_task(where, meta.task, self._task.name)
+        if not _same_base(meta.base_model, self._base):
+            raise _other_base(where, meta.base_model, self._base)
+        if len(meta.labels) != self._head_size:
+            raise _conflict(
+                f"{where} has {len(meta.labels)} labels, this deployment's base head has "
+                f"{self._head_size}: adapters sharing a base need heads of the same size"
+            )
+        return path, meta
+
     def _checkpoint(self, version: str) -> str:
         if version in self._paths and Path(self._paths[version]).is_dir():
             return self._paths[version]
@@ -227,10 +270,7 @@ class AdapterPool:
         try:
             path = resolve_model(uri, self._tracking_uri).path
         except LookupError:
-            raise _unknown(
-                f"no version {version} of {self._model_name!r} in the registry; list them with "
-                "the MLflow UI or `raylift report`"
-            ) from None
+            raise _unknown_version(self._model_name, version) from None
         self._paths[version] = path
         return path
 
@@ -241,10 +281,23 @@ class AdapterPool:
 
         self._ensure_base(home_uri)
 
+    @property
+    def home_uri(self) -> str | None:
+        """The deployment's version this pool's base came from (or was last checked against)."""
+        return self._home_uri
+
     def _ensure_base(self, home_uri: str) -> None:
-        """Load the base of the deployment's version once (the first adapter pays for it)."""
+        """Load the base of the deployment's version once (the first adapter pays for it).
+        When the deployment moves to a version over another base, task or head size, the
+        replica cannot hold its adapters: AdapterError 503 from then on, and `replaced_by`
+        says why (the Adapters deployment's health check then fails, and Serve replaces the
+        replica with one that loads the new base)."""
         with self._base_lock:
             if self._model is not None:
+                if home_uri != self._home_uri and not self.replaced_by:
+                    self._follow_home(home_uri)
+                if self.replaced_by:
+                    raise AdapterError(503, self.replaced_by)
                 return
             from jobs.modeling import (
                 _load_head_model,
@@ -272,6 +325,24 @@ class AdapterPool:
                 home.base_model,
                 time.perf_counter() - started,
             )
+
+    def _follow_home(self, home_uri: str) -> None:
+        home = _home_meta(home_uri, self._tracking_uri, self._trust_remote_code)
+        same = (
+            home.task == self._task.name
+            and _same_base(home.base_model, self._base)
+            and len(home.labels) == self._head_size
+        )
+        if same:  # its adapters fit the base this replica holds
+            self._home_uri = home_uri
+            return
+        self.replaced_by = (
+            f"the app now serves {home_uri} ({home.task}, model.base={home.base_model!r}, "
+            f"{len(home.labels)} labels); this adapters' replica holds {self._base!r} "
+            f"({self._task.name}, {self._head_size} labels) and is being replaced: ask again "
+            "in a few seconds"
+        )
+        log.warning("adapter: %s", self.replaced_by)
 
     def _attach(self, path: str, name: str) -> None:
         """On the model thread: add the adapter at `path` as `name`."""
@@ -376,10 +447,7 @@ class AdapterPool:
         from serving.predictor import NON_FINITE_REASON
 
         if self.generative:
-            raise TypeError(
-                f"{self._model_name!r} generates text: ask /v1/completions or "
-                "/v1/chat/completions with the version in the model field"
-            )
+            raise TypeError(GENERATES.format(name=self._model_name))
         self._apply_threads()
         ids: list[list[int]] = [[] for _ in texts]
         for adapter, rows in _group(adapters):
@@ -473,12 +541,38 @@ def _servable(model_name: str, home_version: str, tracking_uri: str | None) -> d
         ),
         key=int,
     )
+    refused: dict[str, str] = {}
+    for number, found in versions.items():
+        where = f"version {number} of {model_name!r}"
+        refusal = number != home_version and _refusal_by_tags(where, found, task, base)
+        if refusal:
+            refused[number] = refusal.detail
     named = {home_version, *adapters}
     aliases = client.get_registered_model(model_name).aliases or {}
     return {
         "versions": adapters,
         "aliases": {a: str(v) for a, v in sorted(aliases.items()) if str(v) in named},
+        "refused": refused,
+        "known": sorted(versions, key=int),
     }
+
+
+def _refusal_by_tags(
+    where: str, found: dict[str, str], task: str | None, base: str | None
+) -> AdapterError | None:
+    """Why a version's lineage tags rule it out as an adapter beside a version of `task` over
+    `base`; None where they do not, or are missing (loading checks its files and head size).
+    `versions` above lists only those whose tags say they fit."""
+    from serving import tags
+
+    method, its_task, its_base = (found.get(k) for k in (tags.METHOD, tags.TASK, tags.BASE_MODEL))
+    if method is not None and method not in ("lora", "qlora"):
+        return _not_an_adapter(where, method)
+    if task is not None and its_task is not None and its_task != task:
+        return _other_task(where, its_task, task)
+    if base is not None and its_base is not None and not _same_base(its_base, base):
+        return _other_base(where, its_base, base)
+    return None
 
 
 def _home_meta(home_uri: str, tracking_uri: str | None, trust_remote_code: bool) -> Any:
@@ -502,6 +596,8 @@ def _home_meta(home_uri: str, tracking_uri: str | None, trust_remote_code: bool)
 # -- what the replica calls ---------------------------------------------------------------------
 
 _VERSION_FORMAT = "a registry version number such as 3"
+# The least time between two listings of the registry's versions forced by an unknown version.
+_RELIST_S = 1.0
 
 
 class AdapterCatalog:
@@ -535,17 +631,18 @@ class AdapterCatalog:
         self._aliases[alias] = (str(resolved.version), time.monotonic())
         return str(resolved.version)
 
-    async def servable(self, home_version: str) -> dict[str, Any]:
+    async def servable(self, home_version: str, max_age_s: float | None = None) -> dict[str, Any]:
         """What a request can name besides the deployment's version `home_version`, from the
-        registry (re-read after ttl_s): {"versions": [...], "aliases": {alias: version}}.
-        A version counts when its lineage tags say it is a LoRA adapter with the task and base
-        of `home_version` (loading it still checks its files); an alias when it names one of
-        them or `home_version`."""
+        registry (re-read after ttl_s, or `max_age_s`): {"versions": [...], "aliases": {alias:
+        version}, "refused": {version: why}, "known": every version}. A version is listed when
+        its lineage tags say it is a LoRA adapter with the task and base of `home_version`
+        (loading it still checks its files), refused when they say it is not; an alias is
+        listed when it names a listed version or `home_version`."""
         cached = self._servable
         if (
             cached is not None
             and cached[0] == home_version
-            and time.monotonic() - cached[2] < self._ttl_s
+            and time.monotonic() - cached[2] < min(self._ttl_s, max_age_s or self._ttl_s)
         ):
             return cached[1]
         found = await asyncio.to_thread(
@@ -553,6 +650,27 @@ class AdapterCatalog:
         )
         self._servable = (home_version, found, time.monotonic())
         return found
+
+    async def check(self, version: str, home_version: str) -> None:
+        """AdapterError 404 (no such version) or 409 (its tags rule it out) unless `version`
+        may be asked of the Adapters deployment beside `home_version`. Checked at the ingress,
+        so a wrong version never reaches (or starts) an adapters' replica, whose cache would
+        free an adapter before refusing it. A version the cached listing does not know is
+        looked up again, at most once a second (it may have been registered since)."""
+        if not home_version.isdigit():  # a checkpoint folder: no lineage tags to go by
+            return
+        found = await self.servable(home_version)
+        if version not in found["known"]:
+            found = await self.servable(home_version, max_age_s=_RELIST_S)
+        if version in found["refused"]:
+            raise _conflict(found["refused"][version])
+        if version not in found["known"]:
+            raise _unknown_version(self._model_name, version)
+
+    def forget_aliases(self) -> None:
+        """Read every alias again on its next use (the app's version just changed: aliases
+        have probably moved with it)."""
+        self._aliases.clear()
 
 
 def normalized_version(version: str) -> str:
@@ -606,6 +724,11 @@ class AdapterRouter:
         `release` it; AdapterError when it cannot be served here."""
         version = normalized_version(version)
         warm = self._is_resident(version)
+        home = self._home_uri()
+        if not warm or home != self._pool.home_uri or self._pool.replaced_by:
+            # Before Serve's cache is asked: it frees an adapter before it loads another.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._load_thread, self._pool.check, version, home)
         while True:
             adapter = await self._cached(version)
             # Serve evicts on a worker thread: one freed between the cache lookup and here

@@ -85,11 +85,14 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
 import re
 import time
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
@@ -98,11 +101,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from ray import serve
+from starlette.requests import ClientDisconnect
 
 from cluster.storage import worker_visible_uri
 from jobs.config import LifecycleConfig, ServeConfig
 from serving.adapter_server import AdapterServer, RemoteAdapters
-from serving.adapters import AdapterCatalog, AdapterError, normalized_version
+from serving.adapters import GENERATES, AdapterCatalog, AdapterError, normalized_version
 from serving.batching import BatchMetrics, TextBatcher
 from serving.openai_api import OpenAIRoutes, openai_router
 from serving.text import is_usable_text
@@ -287,6 +291,9 @@ def _batching(serve_config: ServeConfig) -> dict[str, Any]:
 # Created inside the replica (Ray metrics belong to the process that records them); Serve adds
 # the deployment, replica and application tags itself.
 
+# The status a request cancelled before its answer is counted under (nginx's "client closed
+# request"), so that 5xx counts only this app's failures.
+_CANCELLED = 499
 _LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -325,6 +332,12 @@ class _RequestMetrics:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except (asyncio.CancelledError, ClientDisconnect):
+            # The client went away, or Serve cancelled the request at serve.request_timeout_s
+            # (its 408 is Serve's own): no answer of this app's, so not a 500 of it.
+            if status_seen[0] == 500:
+                status_seen[0] = _CANCELLED
+            raise
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             tags = {"route": route, "status": str(status_seen[0])}
@@ -337,10 +350,10 @@ class _ReplicaMetrics(BatchMetrics):
     """What a ModelServer replica records besides requests: its batches and queue
     (BatchMetrics), and the model it runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, waiting: Callable[[], int]) -> None:
         from ray.serve import metrics
 
-        super().__init__()
+        super().__init__(waiting)
         self.model_info = metrics.Gauge(
             "raylift_model_info",
             description="1 for the model version this replica answers with, 0 once replaced.",
@@ -379,6 +392,7 @@ _ALIAS_URI = re.compile(r"^models:/[^/@]+@[^/]+$")
 # A replica's long poll: ModelVersion answers at once when the version changes, else after this.
 _LONG_POLL_S = 30.0
 _RETRY_S = 2.0  # after a failed poll or load, before trying again
+_MAX_RETRY_S = 60.0  # the longest wait between tries of a version that fails to load
 # The model is loaded in the background; requests arriving meanwhile wait at most this long.
 _LOAD_WAIT_S = 600.0
 
@@ -412,7 +426,7 @@ def _not_ready(reason: str) -> HTTPException:
 
 _ADAPTER_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such version or alias in the registry."},
-    409: {"description": "The version is not a LoRA adapter over this replica's base."},
+    409: {"description": "The version is not a LoRA adapter over the deployment's base."},
 }
 
 
@@ -436,7 +450,10 @@ class ModelVersion:
     """The registry version the app serves, one for all replicas.
 
     Re-reads `source` every `poll_interval_s` (None: only when `refresh` is called) when it is
-    an alias; a pinned version or a directory never changes."""
+    an alias; a pinned version or a directory never changes. Each target it sets is kept in
+    Ray's key-value store under the app and its build, so a ModelVersion that Serve restarts
+    while the registry is unreachable starts on the last version it named, not on the one
+    pinned when the app was built."""
 
     async def __init__(
         self,
@@ -445,18 +462,30 @@ class ModelVersion:
         *,
         tracking_uri: str | None,
         poll_interval_s: float | None,
+        build: str = "",
     ):
         self._source = source
         self._tracking_uri = tracking_uri
-        self._target = dict(pinned)
-        self._changed = asyncio.Event()
         self._follows = _follows_alias(source)
+        self._alias = source.rpartition("@")[2] if self._follows else ""
+        self._target = {**pinned, "alias": self._alias}
+        self._changed = asyncio.Event()
+        # One read of the alias at a time: a poll that read it before a rollback moved it
+        # must not set its older answer after the rollback's.
+        self._reading = asyncio.Lock()
+        self._kept = _KeptTarget(serve.get_replica_context().app_name if build else "", build)
         if self._follows:
             # A restarted ModelVersion must not send replicas back to the build-time version.
             try:
                 await self.refresh("start")
-            except Exception as exc:  # registry unreachable: the pinned version, until a poll
-                log.warning("could not read %s: %s; starting on %s", source, exc, pinned)
+            except Exception as exc:  # registry unreachable: the last target, until a poll
+                self._target = self._kept.read() or self._target
+                log.warning(
+                    "could not read %s: %s; starting on version %s",
+                    source,
+                    exc,
+                    self._target["version"],
+                )
         if self._follows and poll_interval_s:
             self._poller = asyncio.get_running_loop().create_task(self._poll(poll_interval_s))
 
@@ -467,26 +496,28 @@ class ModelVersion:
         """The target as soon as it differs from `known_uri`, or after `timeout_s`."""
         changed = self._changed
         if self._target["uri"] == known_uri:
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout_s)
         return dict(self._target)
 
     async def refresh(self, reason: str = "asked") -> dict[str, Any]:
         """Read the alias now; {"version", "previous", "changed"}."""
-        before = self._target
-        if self._follows:
-            pinned = await asyncio.to_thread(_pin, self._source, self._tracking_uri)
-            if pinned["uri"] != before["uri"]:
-                log.info(
-                    "%s now names version %s (was %s; %s)",
-                    self._source,
-                    pinned["version"],
-                    before["version"],
-                    reason,
-                )
-                self._target = pinned
-                changed, self._changed = self._changed, asyncio.Event()
-                changed.set()
+        async with self._reading:
+            before = self._target
+            if self._follows:
+                pinned = await asyncio.to_thread(_pin, self._source, self._tracking_uri)
+                if pinned["uri"] != before["uri"]:
+                    log.info(
+                        "%s now names version %s (was %s; %s)",
+                        self._source,
+                        pinned["version"],
+                        before["version"],
+                        reason,
+                    )
+                    self._target = {**pinned, "alias": self._alias}
+                    await asyncio.to_thread(self._kept.write, self._target)
+                    changed, self._changed = self._changed, asyncio.Event()
+                    changed.set()
         return {
             "version": self._target["version"],
             "previous": before["version"],
@@ -505,6 +536,36 @@ class ModelVersion:
                     exc,
                     self._target["version"],
                 )
+
+
+class _KeptTarget:
+    """ModelVersion's last target in Ray's key-value store, for the app `app` as built once
+    (`build`): a new build of the app starts from its own pinned version."""
+
+    _NAMESPACE = "raylift-serve"
+
+    def __init__(self, app: str, build: str):
+        self._key = f"{app}/model-version".encode()
+        self._build = build
+
+    def write(self, target: dict[str, str]) -> None:
+        if not self._build:  # built outside `build_app` (tests): nothing to keep
+            return
+        from ray.experimental import internal_kv
+
+        body = json.dumps({"build": self._build, "target": target}).encode()
+        internal_kv._internal_kv_put(self._key, body, overwrite=True, namespace=self._NAMESPACE)
+
+    def read(self) -> dict[str, str] | None:
+        if not self._build:
+            return None
+        from ray.experimental import internal_kv
+
+        found = internal_kv._internal_kv_get(self._key, namespace=self._NAMESPACE)
+        if not found:
+            return None
+        kept = json.loads(found)
+        return kept["target"] if kept.get("build") == self._build else None
 
 
 # -- the deployment --------------------------------------------------------------------------
@@ -536,6 +597,8 @@ class ModelServer(OpenAIRoutes):
         # Only a digest reaches the replica: the token cannot be read back from it.
         self._token_sha256 = token_sha256
         self._predictor: Any = None
+        self._target: dict[str, str] = {}  # what ModelVersion names: loaded, or loading
+        self._swapping = asyncio.Event()  # set once the load of the target has ended
         self._loaded = asyncio.Event()
         self._load_error: str | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
@@ -545,7 +608,7 @@ class ModelServer(OpenAIRoutes):
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
         self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._stats = {"batches": 0, "texts": 0, "largest_batch": 0}
-        self._metrics = _ReplicaMetrics()
+        self._metrics = _ReplicaMetrics(lambda: self._batcher.waiting)
         # Versions other than this one: the registry says what they are, the Adapters
         # deployment (serving.adapter_server) runs them.
         self._catalog = AdapterCatalog(
@@ -597,25 +660,37 @@ class ModelServer(OpenAIRoutes):
     # -- following ModelVersion -----------------------------------------------------------
 
     async def _follow(self) -> None:
-        """Load whatever ModelVersion names, now and each time it changes."""
-        known = None
+        """Load whatever ModelVersion names, now and each time it changes. A version that
+        fails to load is tried again after 2, 4, 8 ... up to 60 s, sooner if the target moves
+        meanwhile (a rollback)."""
+        known, wait_s, failures = None, _LONG_POLL_S, 0
         while True:
             try:
-                target = await self._versions.wait_for_change.remote(known, _LONG_POLL_S)
+                target = await self._versions.wait_for_change.remote(known, wait_s)
             except Exception as exc:  # ModelVersion restarting: keep serving, ask again
                 log.warning("could not ask ModelVersion for the version: %s", exc)
                 await asyncio.sleep(_RETRY_S)
                 continue
-            current = self._predictor.model_uri if self._predictor is not None else None
-            if target["uri"] != current:
-                try:
-                    await self._load(target)
-                except Exception as exc:  # keep the current version; try again shortly
-                    self._load_error = f"could not load {target['uri']}: {exc}"
-                    log.warning("%s; still serving %s", self._load_error, self._version())
-                    await asyncio.sleep(_RETRY_S)
-                    continue
-            known = target["uri"]
+            self._target = target
+            known, wait_s = target["uri"], _LONG_POLL_S
+            if target["uri"] == (self._predictor.model_uri if self._predictor else None):
+                continue
+            swapped = self._swapping = asyncio.Event()  # requests naming it wait for it
+            try:
+                await self._load(target)
+                failures = 0
+            except Exception as exc:  # keep the current version; try again later
+                failures += 1
+                wait_s = min(_RETRY_S * 2 ** (failures - 1), _MAX_RETRY_S)
+                self._load_error = f"could not load {target['uri']}: {exc}"
+                log.warning(
+                    "%s; still serving %s; trying again in %.0f s",
+                    self._load_error,
+                    self._version(),
+                    wait_s,
+                )
+            finally:
+                swapped.set()
 
     async def _load(self, target: dict[str, str]) -> None:
         loop = asyncio.get_running_loop()
@@ -624,6 +699,7 @@ class ModelServer(OpenAIRoutes):
             self._load_thread, self._build, target["uri"], target.get("source")
         )
         replaced, self._predictor = self._predictor, predictor  # the swap: one reference
+        self._catalog.forget_aliases()  # they have probably moved with the app's version
         self._loaded.set()
         self._load_error = None
         self._metrics.serving(predictor, replaced)
@@ -665,7 +741,7 @@ class ModelServer(OpenAIRoutes):
         if not self._loaded.is_set():
             try:
                 await asyncio.wait_for(self._loaded.wait(), _LOAD_WAIT_S)
-            except asyncio.TimeoutError:  # TimeoutError from 3.11; distinct on 3.10
+            except TimeoutError:
                 raise _not_ready(self._load_error or "the model is still loading") from None
         predictor = self._predictor
         request.state.model_version = predictor.model_version
@@ -756,20 +832,16 @@ class ModelServer(OpenAIRoutes):
         body = _parse_predict_request(await _read_body(request, self._config.max_body_bytes))
         self._check_limits(body.texts)
         predictor = await self._serving(request)
+        if predictor.generator is not None:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST, detail=GENERATES.format(name=self._served_name)
+            )
         try:
-            if alias is not None:
-                version = await self._catalog.alias_version(alias)
-            if version is not None:
-                version = normalized_version(version)
+            version, predictor = await self._requested(version, alias, predictor, request)
         except AdapterError as exc:
-            request.state.model_version = version or ""
             raise HTTPException(exc.status, detail=exc.detail) from None
-        except Exception as exc:  # the registry is unreachable: this request only
-            log.warning("could not look up version %s / alias %s: %s", version, alias, exc)
-            raise _not_ready(f"the model registry could not be read: {exc}") from None
         if version is not None and version != predictor.model_version:
             return await self._answer_adapter(version, body.texts, predictor, request)
-        self._metrics.queued(len(body.texts))
         answers = await asyncio.gather(
             *(self._batcher.submit(text, predictor) for text in body.texts)
         )
@@ -779,15 +851,49 @@ class ModelServer(OpenAIRoutes):
             model_version=predictor.model_version,
         )
 
+    async def _requested(
+        self, version: str | None, alias: str | None, predictor: Any, request: Request
+    ) -> tuple[str | None, Any]:
+        """The version a request names (a path, Serve's header, an alias; None: the app's own)
+        and the Predictor to answer it with when it is the app's. AdapterError: 404 for no
+        such version or alias, 409 for one the Adapters deployment cannot hold, 503 when the
+        registry cannot be read.
+
+        The alias the app follows is what ModelVersion names, not a registry read: during a
+        swap, a request for the version being loaded waits for it (as on the plain route)
+        rather than going to the adapters' replicas, which may not hold it."""
+        try:
+            if alias is not None and alias == self._target.get("alias"):
+                version = self._target["version"]
+            elif alias is not None:
+                version = await self._catalog.alias_version(alias)
+            if version is None:
+                return None, predictor
+            version = normalized_version(version)
+            if version == self._target.get("version") and version != predictor.model_version:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._swapping.wait(), _LOAD_WAIT_S)
+                predictor = self._predictor
+                request.state.model_version = predictor.model_version
+            if version != predictor.model_version:
+                await self._catalog.check(version, predictor.model_version)
+            return version, predictor
+        except AdapterError:
+            raise
+        except Exception as exc:  # the registry is unreachable: this request only
+            log.warning("could not look up version %s / alias %s: %s", version, alias, exc)
+            raise AdapterError(503, f"the model registry could not be read: {exc}") from None
+
     async def _answer_adapter(
         self, version: str, texts: list[str], predictor: Any, request: Request
     ) -> PredictResponse:
         """Another version than this replica's: the Adapters deployment answers."""
-        request.state.model_version = version
         try:
             found = await self._adapters.predict(version, texts, predictor.model_uri)
         except AdapterError as exc:
             raise HTTPException(exc.status, detail=exc.detail) from None
+        # Counted under the version that answered: never one a refused request made up.
+        request.state.model_version = found["model_version"]
         return PredictResponse(
             predictions=[Prediction(**answer) for answer in found["answers"]],
             model_name=self._served_name,
@@ -900,6 +1006,7 @@ def build_app(config: LifecycleConfig, model_uri: str | None = None) -> serve.Ap
         _pin(source, tracking_uri),
         tracking_uri=tracking_uri,
         poll_interval_s=serve_cfg.model_poll_interval_s,
+        build=uuid.uuid4().hex,
     )
     adapters = _adapter_server(serve_cfg).bind(
         versions,

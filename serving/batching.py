@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["BatchMetrics", "TextBatcher"]
@@ -30,7 +31,7 @@ class BatchMetrics:
     2.60: five observations of 2 in the bucket (1, 2] exported a sum of 7.5). `_count` and the
     buckets are exact; texts per second come from the counter."""
 
-    def __init__(self) -> None:
+    def __init__(self, waiting: Callable[[], int]) -> None:
         from ray.serve import metrics
 
         self.batch_texts = metrics.Histogram(
@@ -46,14 +47,12 @@ class BatchMetrics:
         self.queued_texts = metrics.Gauge(
             "raylift_queued_texts", description="Texts waiting in this replica for a batch."
         )
-        self._queued = 0
-
-    def queued(self, change: int) -> None:
-        self._queued += change  # exported by `refresh`, each second: not per request
+        # Read from the batcher's queue at each refresh (not counted per request: a text
+        # whose request was cancelled while it waited leaves the queue without a batch).
+        self._waiting = waiting
 
     def batch(self, texts: int) -> None:
         """A batch of `texts` leaves the queue for the model."""
-        self._queued -= texts
         self.batch_texts.observe(texts)
         self.batched_texts.inc(texts)
 
@@ -61,7 +60,7 @@ class BatchMetrics:
         """Set the gauges again to the values they hold. Ray's metrics agent drops a gauge
         series not set within two export intervals (20 s by default): set once at load, a
         gauge left /metrics 20 s later (seen, and reproduced with a bare actor)."""
-        self.queued_texts.set(self._queued)
+        self.queued_texts.set(self._waiting())
 
     async def keep_fresh(self) -> None:
         """`refresh` every GAUGE_REFRESH_S, for the replica's life."""
@@ -100,6 +99,11 @@ class TextBatcher:
         self.max_batch_size = max(1, int(max_batch_size))
         self.batch_wait_timeout_s = max(0.0, float(batch_wait_timeout_s))
 
+    @property
+    def waiting(self) -> int:
+        """Texts waiting for a batch, those of cancelled requests left out."""
+        return sum(1 for item in self._queue if not item[3].done())
+
     async def submit(self, text: str, predictor: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
@@ -122,7 +126,7 @@ class TextBatcher:
             deadline = self._queue[0][0] + wait_s
             while len(self._queue) < self.max_batch_size and loop.time() < deadline:
                 arrived.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(arrived.wait(), deadline - loop.time())
             batch = []
             while self._queue and len(batch) < self.max_batch_size:

@@ -58,7 +58,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from ray import serve
 
-from serving.adapters import Adapter, AdapterError, normalized_version
+from serving.adapters import Adapter, AdapterError
 from serving.generation import Delta, GenerationRequestError, SamplingParams
 
 __all__ = ["GenerationBatching", "OpenAIError", "OpenAIRoutes", "openai_router"]
@@ -290,7 +290,7 @@ class OpenAIRoutes(GenerationBatching):
             self._authorize(credentials)
             body = await self._openai_body(request, kind)
             predictor = await self._serving(request)
-            version = await self._openai_version(body.model, predictor, request)
+            version, predictor = await self._openai_version(body.model, predictor, request)
             if version is None:
                 items = self._openai_items(body, predictor)
             else:
@@ -339,30 +339,23 @@ class OpenAIRoutes(GenerationBatching):
         _refuse_unsupported(body)
         return body
 
-    async def _openai_version(self, model: str, predictor: Any, request: Request) -> str | None:
-        """The registry version the `model` field names, or None for the deployment's own:
-        `name` is the deployment's version (or the version in Serve's
-        serve_multiplexed_model_id header), `name/3` version 3, `name@alias` the alias's."""
+    async def _openai_version(
+        self, model: str, predictor: Any, request: Request
+    ) -> tuple[str | None, Any]:
+        """The registry version the `model` field names, or None for the deployment's own
+        (and the Predictor that answers that): `name` is the deployment's version (or the
+        version in Serve's serve_multiplexed_model_id header), `name/3` version 3,
+        `name@alias` the alias's (serving.app.ModelServer._requested)."""
         version, alias = _named(model, self._served_name)
         if version is None and alias is None:
             version = self._header_version(request)
         try:
-            if alias is not None:
-                version = await self._catalog.alias_version(alias)
-            if version is not None:
-                version = normalized_version(version)
+            version, predictor = await self._requested(version, alias, predictor, request)
         except AdapterError as exc:
-            request.state.model_version = version or ""
             raise _model_error(exc) from None
-        except Exception as exc:  # the registry is unreachable: this request only
-            log.warning("could not look up %r: %s", model, exc)
-            raise OpenAIError(
-                503, f"the model registry could not be read: {exc}", "model", None
-            ) from None
         if version is None or version == predictor.model_version:
-            return None
-        request.state.model_version = version
-        return version
+            return None, predictor
+        return version, predictor
 
     async def _openai_remote(self, body: Any, version: str, predictor: Any) -> Any:
         """The adapters' replicas generate for `version` (serving.adapter_server)."""
@@ -378,7 +371,9 @@ _NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _model_error(exc: AdapterError) -> OpenAIError:
-    code = "model_not_found" if exc.status == 404 else "model_not_compatible"
+    code = {404: "model_not_found", 503: "registry_unavailable"}.get(
+        exc.status, "model_not_compatible"
+    )
     return OpenAIError(exc.status, exc.detail, "model", code)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import (
     METRICS_EXPORT_BOUND_S,
+    biased_lora_copy,
     make_full_checkpoint,
     make_lora_checkpoint,
     make_tiny_bert,
@@ -27,27 +28,6 @@ LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up", "excha
 MODEL = "adapter-router"
 CACHE = 2  # serve.max_adapters_per_replica
 TEXT = {"texts": ["card arrived late"]}
-
-
-def _biased_lora(template: str, directory: Path, label: int) -> str:
-    """A copy of the LoRA checkpoint `template` whose head answers LABELS[label] for any text
-    (a bias of 20)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    checkpoint = shutil.copytree(template, directory)
-    weights = Path(checkpoint) / "adapter_model.safetensors"
-    tensors = load_file(weights)
-    biases = [name for name in tensors if "classifier" in name and name.endswith("bias")]
-    assert biases, f"no head bias in the adapter: {sorted(tensors)}"
-    for name in biases:
-        bias = torch.zeros_like(tensors[name])
-        bias[label] = 20.0
-        tensors[name] = bias
-    save_file(tensors, weights)
-    return str(checkpoint)
 
 
 def _config(root: Path, tiny_bert: str):
@@ -90,9 +70,9 @@ def registry(ray_session, tiny_bert, tmp_path_factory):
     config = _config(root, tiny_bert)
     other_base = make_tiny_bert(root / "other-base")
     template = make_lora_checkpoint(tiny_bert, root / "template", LABELS)
-    checkpoints = [_biased_lora(template, root / f"lora{k}", k) for k in range(4)]
+    checkpoints = [biased_lora_copy(template, root / f"lora{k}", k) for k in range(4)]
     other = make_lora_checkpoint(other_base, root / "other-template", LABELS)
-    checkpoints.append(_biased_lora(other, root / "other", 0))
+    checkpoints.append(biased_lora_copy(other, root / "other", 0))
     checkpoints.append(str(make_full_checkpoint(tiny_bert, root / "full", LABELS)))
     versions = []
     for checkpoint in checkpoints:
@@ -216,19 +196,31 @@ def test_lru_cache_of_two_evicts_and_frees_the_least_recently_used(endpoint, reg
     )
 
 
+# Versions and header values the refusals below name: none may become a metric label.
+REFUSED_NAMES = ("99", "nowhere", "5", "6", "abc", "made-up-by-a-client")
+
+
 def test_bad_versions_are_refused_with_the_reason_and_the_replica_keeps_serving(endpoint):
+    before = _stats()
     unknown = _post(endpoint, "versions/99/predict")
     assert unknown.status_code == 404 and "no version 99" in unknown.json()["detail"], unknown.text
     alias = _post(endpoint, "aliases/nowhere/predict")
     assert alias.status_code == 404 and "alias 'nowhere'" in alias.json()["detail"], alias.text
     other_base = _post(endpoint, "versions/5/predict")
     assert other_base.status_code == 409, other_base.text
-    assert "this replica's base" in other_base.json()["detail"]
+    assert "this deployment's base" in other_base.json()["detail"]
     full = _post(endpoint, "versions/6/predict")
     assert full.status_code == 409 and "not a LoRA adapter" in full.json()["detail"], full.text
     assert _post(endpoint, "versions/abc/predict").status_code == 422
     header = _post(endpoint, "predict", headers={"serve_multiplexed_model_id": "99"})
     assert header.status_code == 404, header.text
+    made_up = _post(endpoint, "predict", headers={"serve_multiplexed_model_id": REFUSED_NAMES[-1]})
+    assert made_up.status_code == 404, made_up.text
+    # Refused at the ingress: the adapters' replica loaded nothing and freed nothing (Serve's
+    # multiplexer frees its least recently used adapter before it loads another).
+    after = _stats()
+    same = ("resident_versions", "loads", "frees", "misses")
+    assert {k: after[k] for k in same} == {k: before[k] for k in same}, (before, after)
     for version in ("1", "2"):
         assert _post(endpoint, f"versions/{version}/predict").status_code == 200
 
@@ -286,3 +278,11 @@ def test_the_adapters_batches_queue_and_cache_are_on_the_metrics_page(endpoint):
         if s.name == "ray_raylift_queued_texts" and s.labels.get("deployment") == "Adapters"
     ]
     assert queued and all(s.value >= 0 for s in queued), queued
+    # Requests are counted under the version that answered, or the app's own for a refusal:
+    # never under a version or header value a client made up (a label each, without end).
+    labels = {
+        s.labels.get("model_version")
+        for s in samples
+        if s.name == "ray_raylift_requests_total" and s.labels.get("application") == MODEL
+    }
+    assert labels and not labels & set(REFUSED_NAMES), labels

@@ -14,7 +14,12 @@ import pytest
 
 from serving import tags
 from tests.helpers import SERVE_PORT as PORT
-from tests.helpers import make_lora_checkpoint, session_ray_address
+from tests.helpers import (
+    biased_lora_copy,
+    make_full_checkpoint,
+    make_lora_checkpoint,
+    session_ray_address,
+)
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "refund_not_showing_up"]
 MODEL = "swap-router"
@@ -36,6 +41,7 @@ class Answer:
     received: float
     status: int  # 0: no HTTP answer (connection error, client timeout)
     version: str | None
+    label: str | None = None  # what the version answered: each version has its own
 
 
 class LoadClient:
@@ -72,14 +78,17 @@ class LoadClient:
         with httpx.Client(timeout=30) as http:
             while not self._stop.is_set() and time.monotonic() < self._deadline and self._take():
                 sent = time.monotonic()
+                version = label = None
                 try:
                     response = http.post(self._url, json={"texts": ["card arrived late"]})
                     status = response.status_code
-                    version = response.json().get("model_version") if status == 200 else None
+                    if status == 200:
+                        body = response.json()
+                        version, label = body["model_version"], body["predictions"][0]["label"]
                 except httpx.HTTPError:
-                    status, version = 0, None
+                    status = 0
                 with self._lock:
-                    self.answers.append(Answer(sent, time.monotonic(), status, version))
+                    self.answers.append(Answer(sent, time.monotonic(), status, version, label))
 
     def snapshot(self) -> list[Answer]:
         with self._lock:
@@ -126,16 +135,37 @@ def _register(config, checkpoint: str, accuracy: float) -> str:
         return tracking.register(config, run_id, checkpoint, SAME_ROWS, metrics)
 
 
+# What each version answers for any text: a response's label shows which one computed it.
+ANSWERS = {"1": LABELS[0], "2": LABELS[2]}
+
+
+def _full_answering(tiny_bert: str, directory, label: int) -> str:
+    """A whole-model checkpoint (method=full) whose head answers LABELS[label] for any text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=len(LABELS), use_safetensors=True
+    )
+    with torch.no_grad():
+        model.classifier.bias.zero_()
+        model.classifier.bias[label] = 20.0
+    return str(make_full_checkpoint(tiny_bert, directory, LABELS, model=model))
+
+
 @pytest.fixture(scope="module")
 def lifecycle(ray_session, tiny_bert, tmp_path_factory):
-    """(config, v1, v2): two registered versions, v1 at @production."""
+    """(config, v1, v2): v1 a LoRA adapter answering LABELS[0], v2 a whole model answering
+    LABELS[2] (which the adapters' replicas cannot serve: asked of them, it is a 409), v1 at
+    @production."""
     from jobs import promote
 
     root = tmp_path_factory.mktemp("swap")
     config = _config(root, tiny_bert)
-    checkpoint = make_lora_checkpoint(tiny_bert, root / "tiny", LABELS)
-    v1 = _register(config, checkpoint, 0.90)
-    v2 = _register(config, checkpoint, 0.91)
+    template = make_lora_checkpoint(tiny_bert, root / "tiny", LABELS)
+    v1 = _register(config, biased_lora_copy(template, root / "v1", 0), 0.90)
+    v2 = _register(config, _full_answering(tiny_bert, root / "v2", 2), 0.91)
+    assert (v1, v2) == ("1", "2")
     promote.main(config, version=v1)
     return config, v1, v2
 
@@ -222,11 +252,18 @@ def test_readyz_is_503_until_the_model_is_warm(endpoint, lifecycle):
 
 
 def test_promote_and_rollback_swap_versions_under_load_without_a_failure(endpoint, lifecycle):
+    """Clients of the plain route and of the alias route (/aliases/production/predict) alike:
+    during the swap the alias names a version the replica is still loading, which it waits
+    for rather than pass to the adapters' replicas (v2 is a whole model: a 409 there)."""
     from jobs import promote, rollback
 
     url, _ = endpoint
     config, v1, v2 = lifecycle
-    with LoadClient(f"{url}/v1/models/{MODEL}/predict", threads=3) as load:
+    routes = {
+        "plain": f"{url}/v1/models/{MODEL}/predict",
+        "alias": f"{url}/v1/models/{MODEL}/aliases/production/predict",
+    }
+    with LoadClient(routes["plain"], threads=2) as plain, LoadClient(routes["alias"], 2) as alias:
         time.sleep(2)
         promoted_at = time.monotonic()
         promote.main(config, version=v2)
@@ -236,23 +273,36 @@ def test_promote_and_rollback_swap_versions_under_load_without_a_failure(endpoin
         rollback.main(config, reason="hot swap test")
         back_at = _wait_every_replica_on(url, v1)
         time.sleep(2)
-    answers = load.answers
-
-    failed = [a for a in answers if a.status != 200]
     print(
-        f"swap: {len(answers)} requests, {len(failed)} failed; every replica on v2 "
-        f"{switched_at - promoted_at:.1f} s after promote, back on v1 "
-        f"{back_at - rolled_back_at:.1f} s after rollback"
+        f"swap: every replica on v2 {switched_at - promoted_at:.1f} s after promote, back on "
+        f"v1 {back_at - rolled_back_at:.1f} s after rollback"
     )
-    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:3]}"
-    assert len(answers) > 50, f"too little load to mean anything: {len(answers)} requests"
-    assert {a.version for a in answers if a.received < promoted_at} == {v1}
-    first_v2 = min(a.received for a in answers if a.version == v2)
-    assert first_v2 - promoted_at < SWITCH_BOUND_S
-    after_promote = [a.version for a in answers if switched_at < a.sent < rolled_back_at]
-    assert after_promote and set(after_promote) == {v2}, "a v1 answer after the switch"
-    after_rollback = [a.version for a in answers if a.sent > back_at]
-    assert after_rollback and set(after_rollback) == {v1}, "a v2 answer after the rollback"
+    for route, answers in (("plain", plain.answers), ("alias", alias.answers)):
+        failed = [a for a in answers if a.status != 200]
+        print(f"swap, {route} route: {len(answers)} requests, {len(failed)} failed")
+        assert not failed, f"{route}: {len(failed)} of {len(answers)} failed: {failed[:3]}"
+        assert len(answers) > 30, f"{route}: too little load to mean anything: {len(answers)}"
+        # every response carries the version that computed it
+        assert {(a.version, a.label) for a in answers} <= set(ANSWERS.items()), route
+        assert {a.version for a in answers if a.received < promoted_at} == {v1}, route
+        first_v2 = min(a.received for a in answers if a.version == v2)
+        assert first_v2 - promoted_at < SWITCH_BOUND_S, route
+        after_promote = [a.version for a in answers if switched_at < a.sent < rolled_back_at]
+        assert after_promote and set(after_promote) == {v2}, f"{route}: v1 after the switch"
+        after_rollback = [a.version for a in answers if a.sent > back_at]
+        assert after_rollback and set(after_rollback) == {v1}, f"{route}: v2 after the rollback"
+    # ModelVersion kept each target where a restart of it finds the last one (Ray's KV)
+    assert _kept_target()["version"] == v1
+
+
+def _kept_target() -> dict:
+    import json
+
+    from ray.experimental import internal_kv
+
+    found = internal_kv._internal_kv_get(f"{MODEL}/model-version", namespace="raylift-serve")
+    assert found, "ModelVersion kept no target"
+    return json.loads(found)["target"]
 
 
 def _alive_replicas() -> list:

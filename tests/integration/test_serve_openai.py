@@ -300,7 +300,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, cal
     if param:
         assert body["param"] == param
     if error == "ConflictError":  # the reason: an adapter over another base
-        assert "this replica's base" in body["message"], body
+        assert "this deployment's base" in body["message"], body
     answer = _chat(client)  # the server keeps serving: a whole answer, with its usage
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.usage.prompt_tokens > 0
@@ -327,3 +327,20 @@ def test_a_lone_surrogate_is_a_400(served):
 
     assert answer.status_code == 400, answer.text
     assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_predict_routes_of_a_causal_lm_are_a_400_saying_where_to_ask(served):
+    """A classifier's routes asked of a causal LM, its own version or an adapter's: a 400
+    naming the OpenAI routes (it was a 500 from inside the batch)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    for route in ("predict", "versions/2/predict", "aliases/challenger/predict"):
+        answer = httpx.post(
+            f"{served[0]}/v1/models/{MODEL}/{route}",
+            json={"texts": ["card"]},
+            headers=headers,
+            timeout=60,
+        )
+        assert answer.status_code == 400, (route, answer.text)
+        assert "/v1/chat/completions" in answer.json()["detail"], answer.text

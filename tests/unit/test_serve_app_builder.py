@@ -351,6 +351,128 @@ def test_a_pinned_version_never_moves(registry_config):
     assert asyncio.run(scenario()) == {"version": "1", "previous": "1", "changed": False}
 
 
+def test_a_poll_that_read_before_a_rollback_does_not_undo_it(registry_config, monkeypatch):
+    """On v1, a poll reads @production (v2 now), then a rollback moves it back to v1 and asks
+    ModelVersion to read again while the poll is still on its way: the app ends on v1, the
+    alias's last word (reads are serialised; without that, the poll's older answer was set
+    last)."""
+    import threading
+
+    from serving import app, registry
+
+    name = registry_config.registry.model_name
+    real_pin = app._pin
+    read, release = threading.Event(), threading.Event()
+    calls = []
+
+    def pin(source, tracking_uri):
+        found = real_pin(source, tracking_uri)
+        calls.append(found["version"])
+        if len(calls) == 1:  # the poll's read: hold its answer back
+            read.set()
+            release.wait(10)
+        return found
+
+    async def scenario():
+        uri = f"models:/{name}@production"
+        follower = await _model_version(uri, registry_config.registry.tracking_uri, None)
+        monkeypatch.setattr(app, "_pin", pin)  # after the read at start (v1)
+        registry.set_alias(name, "production", "2")  # a promote (that told no one)
+        poll = asyncio.create_task(follower.refresh("poll"))
+        await asyncio.to_thread(read.wait, 10)
+        registry.set_alias(name, "production", "1")  # the rollback's move...
+        told = asyncio.create_task(follower.refresh("rollback"))  # ...and its call
+        await asyncio.wait({told}, timeout=1.5)  # unserialised, it ends here, before the poll
+        release.set()
+        await asyncio.gather(poll, told)
+        return (await follower.current())["version"]
+
+    assert asyncio.run(scenario()) == "1"
+    assert calls == ["2", "1"]
+
+
+def test_a_restarted_model_version_starts_on_its_last_target_when_the_registry_is_down(
+    registry_config, monkeypatch
+):
+    """ModelVersion keeps each target it sets (Ray's key-value store, here a dict in its
+    place: the write to the real store is checked by the serving integration test); started
+    again by Serve with the registry unreachable, it names that target, not the version the
+    app was built with."""
+    from types import SimpleNamespace
+
+    from ray.experimental import internal_kv
+
+    from serving import app, registry
+
+    store: dict = {}
+    monkeypatch.setattr(
+        internal_kv,
+        "_internal_kv_put",
+        lambda key, value, overwrite, namespace: store.__setitem__((namespace, key), value),
+    )
+    monkeypatch.setattr(
+        internal_kv, "_internal_kv_get", lambda key, namespace: store.get((namespace, key))
+    )
+    monkeypatch.setattr(
+        app.serve, "get_replica_context", lambda: SimpleNamespace(app_name="follow-test")
+    )
+    name = registry_config.registry.model_name
+    uri = f"models:/{name}@production"
+    tracking_uri = registry_config.registry.tracking_uri
+    pinned = app._pin(uri, tracking_uri)  # v1, as build_app pinned it
+
+    async def start(build: str, tracking: str):
+        cls = app.ModelVersion.func_or_class
+        follower = cls.__new__(cls)
+        await cls.__init__(
+            follower, uri, pinned, tracking_uri=tracking, poll_interval_s=None, build=build
+        )
+        return (await follower.current())["version"]
+
+    registry.set_alias(name, "production", "2")
+    assert asyncio.run(start("build-1", tracking_uri)) == "2"  # read at start, and kept
+    down = "http://127.0.0.1:9"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert asyncio.run(start("build-1", down)) == "2"  # restarted: its last target
+    assert asyncio.run(start("build-2", down)) == "1"  # a new build: its own pinned version
+
+
+def test_a_registry_that_cannot_be_read_is_not_a_missing_version(monkeypatch):
+    """An unreachable registry raises RegistryUnavailable (serving answers 503), never the
+    LookupError of a missing version or alias (a 404), nor None for an alias (promotion would
+    take it for no incumbent); its URI is shown without its credentials."""
+    from serving import registry
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = "http://raylift:s3cret-word@127.0.0.1:9"
+    with pytest.raises(registry.RegistryUnavailable) as raised:
+        registry.resolve_version("models:/m@production", down)
+    assert "s3cret-word" not in str(raised.value) and "127.0.0.1:9" in str(raised.value)
+    with pytest.raises(registry.RegistryUnavailable):
+        registry.get_alias_version("m", "production")  # configured by the call above
+
+
+def test_a_cancelled_request_is_counted_as_499_not_as_a_failure_of_the_app():
+    """A request cancelled before its answer (the client gone, Serve's request timeout) is
+    counted with status 499; 5xx are the app's own failures. The counter's inc is recorded in
+    place (creating Ray's metrics needs no Ray; the scrape is in the integration tests)."""
+    from serving.app import _RequestMetrics
+
+    async def cancelled(scope, receive, send):
+        raise asyncio.CancelledError
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("a bug")
+
+    statuses = []
+    for inner in (cancelled, failing):
+        metrics = _RequestMetrics(inner)
+        metrics._requests.inc = lambda value=1.0, tags=None: statuses.append(tags["status"])
+        with pytest.raises((asyncio.CancelledError, RuntimeError)):
+            asyncio.run(metrics({"type": "http", "state": {}}, None, None))
+    assert statuses == ["499", "500"]
+
+
 def test_tell_running_app_without_ray_logs_one_line_and_returns(registry_config, caplog):
     from serving.app import tell_running_app
 

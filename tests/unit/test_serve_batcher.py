@@ -133,3 +133,26 @@ def test_a_request_cancelled_while_waiting_is_left_out_of_its_batch():
         return model.batches
 
     assert asyncio.run(scenario()) == [["a"], ["kept"]]
+
+
+def test_waiting_counts_the_texts_queued_and_not_those_cancelled():
+    """What raylift_queued_texts reports: a text whose request was cancelled while it waited
+    is not waiting any more (counted per request, the gauge only grew past such texts)."""
+
+    async def scenario():
+        model = Model(held=True)
+        batcher = TextBatcher(model, max_batch_size=64, batch_wait_timeout_s=0.0)
+        running = asyncio.create_task(batcher.submit("a", 0))
+        await _until_in_the_model(model, 1)
+        queued = [asyncio.create_task(batcher.submit(t, 0)) for t in ("b", "c", "gone")]
+        await asyncio.sleep(0)
+        seen = [batcher.waiting]  # "a" is in the model, three wait
+        queued[-1].cancel()
+        await asyncio.sleep(0)
+        seen.append(batcher.waiting)
+        model.held.set()
+        await asyncio.gather(running, *queued[:2])
+        seen.append(batcher.waiting)
+        return seen
+
+    assert asyncio.run(scenario()) == [3, 2, 0]
