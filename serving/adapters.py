@@ -529,24 +529,19 @@ def _servable(model_name: str, home_version: str, tracking_uri: str | None) -> d
     }
     home = versions.get(home_version, {})
     task, base = home.get(tags.TASK), home.get(tags.BASE_MODEL)
-    adapters = sorted(
-        (
-            number
-            for number, found in versions.items()
-            if number != home_version
-            and found.get(tags.METHOD) in ("lora", "qlora")
-            and found.get(tags.TASK) == task
-            and task is not None
-            and _same_base(found.get(tags.BASE_MODEL, ""), base)
-        ),
-        key=int,
-    )
+    adapters: list[str] = []
     refused: dict[str, str] = {}
     for number, found in versions.items():
-        where = f"version {number} of {model_name!r}"
-        refusal = number != home_version and _refusal_by_tags(where, found, task, base)
-        if refusal:
+        if number == home_version:
+            continue
+        refusal = _refusal_by_tags(f"version {number} of {model_name!r}", found, task, base)
+        if refusal is not None:
             refused[number] = refusal.detail
+        elif None not in (task, base) and all(
+            found.get(k) for k in (tags.METHOD, tags.TASK, tags.BASE_MODEL)
+        ):
+            adapters.append(number)  # its tags say it fits (those without tags are not listed)
+    adapters.sort(key=int)
     named = {home_version, *adapters}
     aliases = client.get_registered_model(model_name).aliases or {}
     return {
