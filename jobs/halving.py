@@ -12,6 +12,13 @@ stop. The same 9 trials then train 9 + 3·2 + 1·6 = 21 epochs of 81 (26%), what
 A paused trial gives its CPUs back and is started again later: its trial function runs anew and
 continues the same Train run from the checkpoint it saved at the rung (jobs.tune._run_trial).
 
+A start costs CPU (about 1.5 epochs of the bench's sample on AVX512-BF16: Ray Train's actors,
+imports, the model, the data pipeline), so a trial that reaches a rung when no other trial
+waits for the CPUs (the last ones to arrive) is HELD, not paused: Tune lets it run on, and its
+workers wait after the rung's checkpoint (jobs.rung_gate) until the rung is decided. If the
+rung keeps it, the gate opens and it goes on in the same Train run; if not, it is stopped.
+Nothing is trained past an undecided rung either way.
+
 Each STOP is recorded beside the trial's results (jobs.scheduler_stops), which tells the
 trials halving stopped from those the time budget cut.
 
@@ -23,15 +30,19 @@ cap counts paused trials as live, and would starve a rung that waits for every t
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from jobs.rung_gate import open_gate
 from jobs.scheduler_stops import SchedulerStop, record_stop
 
 __all__ = ["SyncHalving", "rungs"]
+
+log = logging.getLogger(__name__)
 
 
 def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -56,7 +67,10 @@ class SyncHalving(TrialScheduler):
         reduction_factor: float,
         num_trials: int,
         max_running: int,
+        gate_prefix: str | None = None,
     ):
+        """gate_prefix: where the trials' workers wait for rung verdicts (jobs.rung_gate: the
+        search's parent run id); None holds no trial, every early arrival is paused."""
         super().__init__()
         self._time_attr = time_attr
         self._rungs = rungs(grace_period, reduction_factor, max_t)
@@ -67,6 +81,8 @@ class SyncHalving(TrialScheduler):
         self._at: dict[int, dict[str, float]] = {r: {} for r in self._rungs}
         self._kept: dict[int, set[str]] = {}  # rung → trials that go on (decided rungs only)
         self._passed: dict[int, set[str]] = {}  # rung → restored trials already past it
+        self._gate_prefix = gate_prefix
+        self._held: dict[int, set[str]] = {}  # rung → trials waiting there while running
         self.stopped = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -104,7 +120,23 @@ class SyncHalving(TrialScheduler):
             return self._verdict(trial, epoch)
         self._at[epoch][trial.trial_id] = float(result[self._metric])
         self._decide(tune_controller, epoch, current=trial)
-        return self._verdict(trial, epoch) if epoch in self._kept else TrialScheduler.PAUSE
+        if epoch in self._kept:
+            return self._verdict(trial, epoch)
+        waiting = f"{len(self._at[epoch])} of {self._num_trials} trials there"
+        if self._may_hold(tune_controller, trial, epoch):
+            self._held.setdefault(epoch, set()).add(trial.trial_id)
+            log.info(
+                "tune: trial %s held at the rung after epoch %d (%s; no trial waits for its "
+                "CPUs): it goes on without a restart if the rung keeps it",
+                trial.trial_id,
+                epoch,
+                waiting,
+            )
+            return TrialScheduler.CONTINUE  # its workers wait at the gate (jobs.rung_gate)
+        log.info(
+            "tune: trial %s paused at the rung after epoch %d (%s)", trial.trial_id, epoch, waiting
+        )
+        return TrialScheduler.PAUSE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         self._decide_waiting(tune_controller)
@@ -118,18 +150,17 @@ class SyncHalving(TrialScheduler):
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         trials = tune_controller.get_trials()
         self._decide_waiting(tune_controller)
-        # PENDING: chosen and starting (the others wait PAUSED), or restarted after a failure
-        if sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials) >= self._max_running:
-            return None
         # Trials the last decision kept first (they finish the bracket), then fresh ones.
         parked = [t for t in trials if t.status == Trial.PAUSED and not t.is_saving]
-        for trial in parked:
-            if self._rung_of(trial) is not None and self._may_go_on(trial):
-                return trial
-        for trial in parked:
-            if self._rung_of(trial) is None:
-                return trial
-        return None
+        chosen = next(
+            (t for t in parked if self._rung_of(t) is not None and self._may_go_on(t)), None
+        ) or next((t for t in parked if self._rung_of(t) is None), None)
+        # PENDING: chosen and starting (the others wait PAUSED), or restarted after a failure
+        if sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials) >= self._max_running:
+            if chosen is not None:
+                self._release_one_held(tune_controller)
+            return None
+        return chosen
 
     def debug_string(self) -> str:
         at = ", ".join(f"epoch {r}: {len(self._at[r])}" for r in self._rungs)
@@ -153,6 +184,7 @@ class SyncHalving(TrialScheduler):
 
     def _verdict(self, trial: Trial, rung: int) -> str:
         if trial.trial_id in self._kept[rung]:
+            self._open_gate(trial.trial_id, rung)
             return TrialScheduler.CONTINUE
         self._record_stop(trial, rung)
         return TrialScheduler.STOP
@@ -160,6 +192,42 @@ class SyncHalving(TrialScheduler):
     def _record_stop(self, trial: Trial, rung: int) -> None:
         value = self._at[rung].get(trial.trial_id)
         record_stop(trial, SchedulerStop("sha", rung, self._metric, value))
+
+    def _may_hold(self, tune_controller, trial: Trial, rung: int) -> bool:
+        """Whether `trial`, just arrived at the undecided `rung`, may keep its CPUs while it
+        waits: no other trial waits for CPUs (every one still to reach the rung is running)."""
+        if self._gate_prefix is None:
+            return False
+        trials = tune_controller.get_trials()
+        if len(trials) < self._num_trials:  # the searcher has more to start
+            return False
+        for other in trials:
+            if other is trial or other.trial_id in self._at[rung]:
+                continue
+            if other.status == Trial.PAUSED:
+                return False  # it waits for CPUs to reach the rung
+        return True
+
+    def _release_one_held(self, tune_controller) -> None:
+        """A trial waits for CPUs that held trials keep (a trial restarted after a failure,
+        say): one held trial goes on training, as under ASHA; the rung's decision stops it
+        later if it is not kept. A held trial cannot be paused: Tune's call for its next
+        result blocks the trial's actor until the gate opens."""
+        for rung in self._rungs:
+            for trial_id in sorted(self._held.get(rung, ())):
+                log.warning(
+                    "tune: trial %s, held at the rung after epoch %d, goes on before the rung "
+                    "is decided: another trial waits for its CPUs",
+                    trial_id,
+                    rung,
+                )
+                self._open_gate(trial_id, rung)
+                return
+
+    def _open_gate(self, trial_id: str, rung: int) -> None:
+        self._held.get(rung, set()).discard(trial_id)
+        if self._gate_prefix is not None:
+            open_gate(self._gate_prefix, trial_id, rung)
 
     def _decide_waiting(self, tune_controller) -> None:
         for rung in self._rungs:
@@ -191,10 +259,14 @@ class SyncHalving(TrialScheduler):
         ranked = sorted(arrived, key=lambda tid: sign * arrived[tid], reverse=True)
         keep = max(1, math.floor(len(ranked) / self._factor))
         self._kept[rung] = set(ranked[:keep])
+        held = self._held.pop(rung, set())
         for trial in trials:
             if trial.trial_id in arrived and trial.trial_id not in self._kept[rung]:
-                paused = trial.status in (Trial.PAUSED, Trial.PENDING) or trial.is_saving
-                if trial is not current and paused:
+                # paused, pausing, held, or released from its hold (_release_one_held)
+                ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
+                if trial is not current and not ended:
                     self._record_stop(trial, rung)  # the current one: in _verdict
                     tune_controller.stop_trial(trial)
                 self.stopped += 1
+            elif trial.trial_id in held and trial.status == Trial.RUNNING:
+                self._open_gate(trial.trial_id, rung)  # kept: goes on in the same Train run

@@ -43,6 +43,7 @@ from jobs import instruct
 from jobs.checkpoint import AdapterMeta, CheckpointMeta, InstructMeta
 from jobs.config import LifecycleConfig, TrainConfig
 from jobs.modeling import build_model, load_tokenizer, resolve_base_model, save_checkpoint
+from jobs.rung_gate import RungGate
 from jobs.tasks import Task, get_task, is_generative
 
 __all__ = [
@@ -109,6 +110,8 @@ class LoopInputs:
     # checkpoints report its worst finite value. None: promote.metric.
     checkpoint_metric: str | None = None
     checkpoint_mode: str = "max"
+    # A trial of the sha scheduler: after a rung's epoch, wait for the rung's verdict
+    rung_gate: RungGate | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -188,6 +191,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         if epoch_log is not None:
             epoch_log.log(metrics, epoch)
         _report(engine, metrics, tokenizer, meta, config, rank, done)
+        if inputs.rung_gate is not None and epoch < config.train.epochs:
+            inputs.rung_gate.wait(epoch, rank)  # held there until the rung keeps the trial
 
 
 def _restore(engine, inputs: LoopInputs, rank: int, world_size: int) -> TrainProgress:

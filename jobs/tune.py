@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray.tune import Callback
@@ -38,7 +38,9 @@ from jobs.finetune import (
     register_once,
     train_env,
 )
+from jobs.halving import SyncHalving, rungs
 from jobs.modeling import check_base_model
+from jobs.rung_gate import RungGate
 from jobs.scheduler_stops import SchedulerStop, recorded_stop
 from jobs.train_loop import REPORTED_METRICS
 from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
@@ -307,7 +309,7 @@ def _param_space(config: LifecycleConfig) -> dict[str, Any]:
     return {_OVERRIDES: space}
 
 
-def _scheduler(config: LifecycleConfig, concurrent: int):
+def _scheduler(config: LifecycleConfig, concurrent: int, gate_prefix: str):
     from ray.tune.schedulers import FIFOScheduler
 
     if config.tune.scheduler == "fifo":
@@ -316,8 +318,6 @@ def _scheduler(config: LifecycleConfig, concurrent: int):
     # a trial that continues its Train run after a pause or a failure reports the epochs it
     # really trained.
     if config.tune.scheduler == "sha":
-        from jobs.halving import SyncHalving
-
         return SyncHalving(
             time_attr="epoch",
             max_t=config.train.epochs,
@@ -325,6 +325,7 @@ def _scheduler(config: LifecycleConfig, concurrent: int):
             reduction_factor=config.tune.asha.reduction_factor,
             num_trials=config.tune.num_samples,
             max_running=concurrent,
+            gate_prefix=gate_prefix,  # each trial's workers wait there (_rung_gate)
         )
     from jobs.asha import ResumableASHA  # ASHA whose rungs survive --resume
 
@@ -402,7 +403,7 @@ def _tuner(
             metric=setup.metric,
             mode=setup.mode,
             num_samples=config.tune.num_samples,
-            scheduler=_scheduler(config, concurrent),
+            scheduler=_scheduler(config, concurrent, setup.parent_run_id),
             search_alg=_search_alg(config, concurrent),
             time_budget_s=config.tune.time_budget_s,
         ),
@@ -435,10 +436,11 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     # train_func reports the epochs that follow it. The driver picked the run (_TrialRuns).
     run_id = _assigned_run(setup, trial_id)
     meta = {**setup.lineage, tags.CONFIG_HASH: config_hash(config), tags.TUNE_TRIAL_ID: trial_id}
+    inputs = loop_inputs(config, data, meta, run_id)
     trainer = build_trainer(
         config,
         data,
-        loop_inputs(config, data, meta, run_id),
+        replace(inputs, rung_gate=_rung_gate(config, setup, trial_id)),
         name=f"{trial_id}-{run_id[:8]}",
         storage_path=setup.train_storage,
         metric=setup.metric,
@@ -449,6 +451,16 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     # trial the scheduler stops is torn down while its fit() unwinds, and a FAILED written from
     # here could land after the driver had already closed the run as FINISHED (seen in CI).
     trainer.fit()
+
+
+def _rung_gate(config: LifecycleConfig, setup: _TrialSetup, trial_id: str) -> RungGate | None:
+    """Where the trial's workers wait at each rung for the sha scheduler's verdict (a rung it
+    holds them at, jobs.halving); other schedulers decide without holding anyone."""
+    if config.tune.scheduler != "sha":
+        return None
+    asha = config.tune.asha
+    epochs = rungs(asha.grace_period, asha.reduction_factor, config.train.epochs)
+    return RungGate(prefix=setup.parent_run_id, trial_id=trial_id, epochs=tuple(epochs))
 
 
 def _trial_config(setup: _TrialSetup, overrides: dict[str, Any]) -> LifecycleConfig:

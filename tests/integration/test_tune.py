@@ -447,3 +447,47 @@ def test_a_search_logged_to_a_file_prints_lines_not_tables(killed_and_resumed):
             rf"tune: trial {trial_id} (stopped early after epoch \d|finished its {EPOCHS} epochs)",
             log,
         ), log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def halved(ray_session, tmp_path_factory, tiny_bert):
+    """A search under the sha scheduler: 2 trials running at once, one rung (epoch 1, factor 2).
+    The first to reach the rung waits there, holding its CPUs (no other trial wants them); the
+    second decides the rung."""
+    root = tmp_path_factory.mktemp("tune-sha")
+    config = with_overrides(
+        _config(root, tiny_bert),
+        {
+            "tune.scheduler": "sha",
+            "tune.num_samples": 2,
+            "train.epochs": 2,
+            # a gate that never opened would hang the search: this ends it, and the test fails
+            "tune.time_budget_s": 600,
+            "registry.model_name": "tune-tiny-sha",
+        },
+    )
+    load.main(config)
+    with _LogLines("jobs.tune", "jobs.halving") as lines:
+        result = tune.main(config)
+    return config, result, lines.lines
+
+
+def test_sha_holds_the_first_trial_at_its_rung_and_the_kept_one_goes_on_without_a_restart(
+    halved,
+):
+    config, result, lines = halved
+    assert [t.status for t in result.trials] == ["TERMINATED"] * 2
+    held = [line for line in lines if " held at the rung after epoch 1 " in line]
+    assert len(held) == 1, lines
+    assert not [line for line in lines if " paused at the rung " in line], lines
+    reported = _reported(config)
+    stops = {trial_id: stop for trial_id, (_, stop) in reported.items() if stop is not None}
+    assert [(s.scheduler, s.epoch) for s in stops.values()] == [("sha", 1)], reported
+    (kept,) = set(reported) - set(stops)
+    assert sorted(reported[kept][0]) == [1, 2]  # it trained its 2 epochs
+    for trial in result.trials:  # each Train run started once: nobody was paused and resumed
+        started = [line for line in lines if f"tune: trial {trial.trial_id} started" in line]
+        assert len(started) == 1, lines
+    for results in Path(tune._experiment_path(config)).glob("*/result.json"):  # never restored
+        for row in map(json.loads, results.read_text().splitlines()):
+            assert row["iterations_since_restore"] == row["training_iteration"], row

@@ -184,3 +184,93 @@ def test_each_stop_is_recorded_beside_the_trial_it_stopped():
         "t2": SchedulerStop("sha", 1, "val_accuracy", 0.5),
         "t3": None,
     }
+
+
+@pytest.fixture
+def gates(monkeypatch) -> list[tuple[str, str, int]]:
+    """The rung gates the scheduler opens (jobs.rung_gate writes them to Ray's key-value store;
+    the real gate is tests/integration/test_tune.py's sha search)."""
+    opened: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(
+        "jobs.halving.open_gate",
+        lambda prefix, trial_id, epoch: opened.append((prefix, trial_id, epoch)),
+    )
+    return opened
+
+
+def _gated(num_trials, max_running, factor=3, max_t=2) -> SyncHalving:
+    scheduler = SyncHalving(
+        time_attr="epoch",
+        max_t=max_t,
+        grace_period=1,
+        reduction_factor=factor,
+        num_trials=num_trials,
+        max_running=max_running,
+        gate_prefix="parent",
+    )
+    scheduler.set_search_properties("val_accuracy", "max")
+    return scheduler
+
+
+@pytest.mark.parametrize("kept", ["t1", "t2"])
+def test_a_trial_that_no_other_waits_for_is_held_and_goes_on_without_a_restart(gates, kept):
+    """t0 arrives while t2 still waits for CPUs: paused. t1 arrives while the only trial not
+    there yet (t2) runs: held. The rung then keeps `kept` and stops the others."""
+    trials = [_Trial(f"t{i}") for i in range(3)]
+    controller = _Controller(trials)
+    scheduler = _gated(num_trials=3, max_running=2)
+    _add(scheduler, controller, trials)
+    for trial in trials[:2]:
+        assert scheduler.choose_trial_to_run(controller) is trial
+        trial.status = Trial.PENDING  # Tune starts it
+    scores = {"t0": 0.1, "t1": 0.2, "t2": 0.3, kept: 0.9}
+
+    assert _report(scheduler, controller, trials[0], 1, scores["t0"]) == TrialScheduler.PAUSE
+    assert scheduler.choose_trial_to_run(controller) is trials[2]
+    trials[2].status = Trial.PENDING
+    assert _report(scheduler, controller, trials[1], 1, scores["t1"]) == TrialScheduler.CONTINUE
+    assert gates == []  # t1 is held: its workers wait at the gate
+    assert scheduler.choose_trial_to_run(controller) is None  # t0 waits for the rung
+
+    decision = _report(scheduler, controller, trials[2], 1, scores["t2"])
+    assert decision == (TrialScheduler.CONTINUE if kept == "t2" else TrialScheduler.STOP)
+    assert gates == [("parent", kept, 1)]  # the kept one goes on past the rung, in its run
+    assert sorted(controller.stopped) == sorted({"t0", "t1"} - {kept})
+    assert trials[1].status == (Trial.RUNNING if kept == "t1" else Trial.TERMINATED)
+    assert {t.trial_id: _stop_of(t) is not None for t in trials} == {
+        t: t != kept for t in ("t0", "t1", "t2")
+    }
+    assert scheduler.choose_trial_to_run(controller) is None  # nothing is left to start
+
+
+def test_without_a_gate_every_early_arrival_is_paused(gates):
+    trials = [_Trial(f"t{i}") for i in range(2)]
+    controller = _Controller(trials)
+    scheduler = _scheduler(num_trials=2, max_running=2, factor=2, max_t=2)
+    _add(scheduler, controller, trials)
+    for trial in trials:
+        assert scheduler.choose_trial_to_run(controller) is trial
+        trial.status = Trial.PENDING
+    assert _report(scheduler, controller, trials[0], 1, 0.9) == TrialScheduler.PAUSE
+    assert _report(scheduler, controller, trials[1], 1, 0.1) == TrialScheduler.STOP
+    assert gates == []
+
+
+def test_a_held_trial_goes_on_when_another_needs_its_cpus_and_the_rung_still_judges_it(gates):
+    """Held trials keep their CPUs; if a trial waits for them after all (Tune put one back to
+    wait), the held one trains on instead of blocking the search, and its rung still stops it."""
+    trials = [_Trial(f"t{i}") for i in range(2)]
+    controller = _Controller(trials)
+    scheduler = _gated(num_trials=2, max_running=1, factor=2)
+    _add(scheduler, controller, trials)
+    assert scheduler.choose_trial_to_run(controller) is trials[0]
+    trials[0].status = Trial.PENDING
+    trials[1].status = Trial.RUNNING  # e.g. restarted after a failure
+    assert _report(scheduler, controller, trials[0], 1, 0.1) == TrialScheduler.CONTINUE  # held
+    trials[1].status = Trial.PAUSED  # now it waits for CPUs, which held t0 keeps
+    assert scheduler.choose_trial_to_run(controller) is None
+    assert gates == [("parent", "t0", 1)]  # released: it trains on rather than block t1
+    trials[1].status = Trial.RUNNING
+    assert _report(scheduler, controller, trials[1], 1, 0.9) == TrialScheduler.CONTINUE
+    assert controller.stopped == ["t0"]  # the rung judged it all the same
+    assert _stop_of(trials[0]) == SchedulerStop("sha", 1, "val_accuracy", 0.1)
