@@ -841,10 +841,11 @@ class TuneConfig(_Strict):
         "asha",
         description="asha: stop weak trials early, each decision alone as a trial reaches a "
         "rung (Ray's ASHA: best when many trials run at once); sha: synchronous successive "
-        "halving, trials pause at each rung until all have reached it, then the best "
+        "halving, trials wait at each rung until all have reached it, then the best "
         "1/reduction_factor go on (best when the cluster runs few trials at once: the first "
-        "trials at an ASHA rung have no peers and always go on); fifo: every trial runs every "
-        "epoch.",
+        "trials at an ASHA rung have no peers and always go on); a waiting trial is paused "
+        "and later restarted from its checkpoint, or, when no other trial needs its CPUs, held "
+        "in its Train run; fifo: every trial runs every epoch.",
     )
     asha: AshaConfig = Field(
         default_factory=AshaConfig,
