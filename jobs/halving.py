@@ -14,10 +14,10 @@ continues the same Train run from the checkpoint it saved at the rung (jobs.tune
 
 A start costs CPU (about 1.5 epochs of the bench's sample on AVX512-BF16: Ray Train's actors,
 imports, the model, the data pipeline), so a trial that reaches a rung when no other trial
-waits for the CPUs (the last ones to arrive) is HELD, not paused: Tune lets it run on, and its
-workers wait after the rung's checkpoint (jobs.rung_gate) until the rung is decided. If the
-rung keeps it, the gate opens and it goes on in the same Train run; if not, it is stopped.
-Nothing is trained past an undecided rung either way.
+waits for the CPUs (the last ones to arrive) is HELD, not paused: it keeps its actors, Tune asks
+it for nothing (NOOP), and its workers wait after the rung's checkpoint (jobs.rung_gate) until
+the rung is decided. If the rung keeps it, the gate opens and it goes on in the same Train run;
+if not, it is stopped. Nothing is trained past an undecided rung either way.
 
 Each STOP is recorded beside the trial's results (jobs.scheduler_stops), which tells the
 trials halving stopped from those the time budget cut.
@@ -132,7 +132,11 @@ class SyncHalving(TrialScheduler):
                 epoch,
                 waiting,
             )
-            return TrialScheduler.CONTINUE  # its workers wait at the gate (jobs.rung_gate)
+            # NOOP: Tune asks the trial for no result until the rung is decided (_go_on), so
+            # a trial the rung stops is stopped at once. Under CONTINUE, Tune's call for the
+            # next result would block the trial's actor, and Tune's request to stop it would
+            # wait behind that call (up to TUNE_FORCE_TRIAL_CLEANUP_S, 600 s).
+            return TrialScheduler.NOOP  # its workers wait at the gate (jobs.rung_gate)
         log.info(
             "tune: trial %s paused at the rung after epoch %d (%s)", trial.trial_id, epoch, waiting
         )
@@ -196,8 +200,10 @@ class SyncHalving(TrialScheduler):
     def _may_hold(self, tune_controller, trial: Trial, rung: int) -> bool:
         """Whether `trial`, just arrived at the undecided `rung`, may keep its CPUs while it
         waits: no other trial waits for CPUs (every one still to reach the rung is running)."""
-        if self._gate_prefix is None:
-            return False
+        if self._gate_prefix is None or not callable(
+            getattr(tune_controller, "_schedule_trial_train", None)
+        ):
+            return False  # no gate, or a Tune that cannot be asked to go on (_go_on)
         trials = tune_controller.get_trials()
         if len(trials) < self._num_trials:  # the searcher has more to start
             return False
@@ -214,15 +220,22 @@ class SyncHalving(TrialScheduler):
         later if it is not kept. A held trial cannot be paused: Tune's call for its next
         result blocks the trial's actor until the gate opens."""
         for rung in self._rungs:
-            for trial_id in sorted(self._held.get(rung, ())):
-                log.warning(
-                    "tune: trial %s, held at the rung after epoch %d, goes on before the rung "
-                    "is decided: another trial waits for its CPUs",
-                    trial_id,
-                    rung,
-                )
-                self._open_gate(trial_id, rung)
-                return
+            for trial in tune_controller.get_trials():
+                if trial.trial_id in self._held.get(rung, ()) and trial.status == Trial.RUNNING:
+                    log.warning(
+                        "tune: trial %s, held at the rung after epoch %d, goes on before the "
+                        "rung is decided: another trial waits for its CPUs",
+                        trial.trial_id,
+                        rung,
+                    )
+                    self._go_on(tune_controller, trial, rung)
+                    return
+
+    def _go_on(self, tune_controller, trial: Trial, rung: int) -> None:
+        """A held trial trains on: its workers past the gate, Tune asking it for results."""
+        self._open_gate(trial.trial_id, rung)
+        # What Tune does on CONTINUE. A private call: _may_hold holds no trial without it.
+        tune_controller._schedule_trial_train(trial)
 
     def _open_gate(self, trial_id: str, rung: int) -> None:
         self._held.get(rung, set()).discard(trial_id)
@@ -269,4 +282,4 @@ class SyncHalving(TrialScheduler):
                     tune_controller.stop_trial(trial)
                 self.stopped += 1
             elif trial.trial_id in held and trial.status == Trial.RUNNING:
-                self._open_gate(trial.trial_id, rung)  # kept: goes on in the same Train run
+                self._go_on(tune_controller, trial, rung)  # kept: on in the same Train run

@@ -4,8 +4,8 @@ Synchronous successive halving judges a rung only once every trial has reached i
 arrives early is PAUSED: its Train run is torn down and, if the rung keeps it, started again
 from its checkpoint, which costs a whole start (actors, imports, model, data pipeline: about 1.5
 epochs of the bench's sample on AVX512-BF16). When no other trial waits for the CPUs, the
-scheduler HOLDS the trial instead: Tune lets it run on, and its workers wait here, after the
-rung epoch's checkpoint, until the scheduler opens the gate (the rung kept it) or stops the
+scheduler HOLDS the trial instead: the trial keeps its actors, and its workers wait here, after
+the rung epoch's checkpoint, until the scheduler opens the gate (the rung kept it) or stops the
 trial (the rung did not). A held trial that the rung keeps goes on without a restart, and no
 trial ever trains past a rung that has not been decided.
 

@@ -453,7 +453,7 @@ def test_a_search_logged_to_a_file_prints_lines_not_tables(killed_and_resumed):
 def halved(ray_session, tmp_path_factory, tiny_bert):
     """A search under the sha scheduler: 2 trials running at once, one rung (epoch 1, factor 2).
     The first to reach the rung waits there, holding its CPUs (no other trial wants them); the
-    second decides the rung."""
+    second decides the rung, which keeps one of the two."""
     root = tmp_path_factory.mktemp("tune-sha")
     config = with_overrides(
         _config(root, tiny_bert),
@@ -475,6 +475,10 @@ def halved(ray_session, tmp_path_factory, tiny_bert):
 def test_sha_holds_the_first_trial_at_its_rung_and_the_kept_one_goes_on_without_a_restart(
     halved,
 ):
+    """Whichever the rung keeps, nobody restarts: the held one goes on in its Train run (Tune
+    asks it for results again), or the rung stops it; the other, the current one, goes on or
+    stops as it reports. (A held trial that Tune still had a call for results out to did not
+    stop until Tune's forced cleanup, 600 s later: tests/unit/test_halving.py asks for none.)"""
     config, result, lines = halved
     assert [t.status for t in result.trials] == ["TERMINATED"] * 2
     held = [line for line in lines if " held at the rung after epoch 1 " in line]

@@ -41,6 +41,7 @@ class _Controller:
     def __init__(self, trials):
         self.trials = trials
         self.stopped: list[str] = []
+        self.asked: list[str] = []  # held trials asked for their next result
 
     def get_trials(self):
         return self.trials
@@ -48,6 +49,10 @@ class _Controller:
     def stop_trial(self, trial):
         trial.status = Trial.TERMINATED
         self.stopped.append(trial.trial_id)
+
+    def _schedule_trial_train(self, trial):  # what Tune does on CONTINUE: ask for a result
+        assert trial.status == Trial.RUNNING
+        self.asked.append(trial.trial_id)
 
 
 def _scheduler(num_trials=4, max_running=1, factor=2, max_t=4, mode="max") -> SyncHalving:
@@ -228,13 +233,15 @@ def test_a_trial_that_no_other_waits_for_is_held_and_goes_on_without_a_restart(g
     assert _report(scheduler, controller, trials[0], 1, scores["t0"]) == TrialScheduler.PAUSE
     assert scheduler.choose_trial_to_run(controller) is trials[2]
     trials[2].status = Trial.PENDING
-    assert _report(scheduler, controller, trials[1], 1, scores["t1"]) == TrialScheduler.CONTINUE
-    assert gates == []  # t1 is held: its workers wait at the gate
+    assert _report(scheduler, controller, trials[1], 1, scores["t1"]) == TrialScheduler.NOOP
+    assert trials[1].status == Trial.RUNNING  # held: it keeps its actors
+    assert gates == []  # its workers wait at the gate
     assert scheduler.choose_trial_to_run(controller) is None  # t0 waits for the rung
 
     decision = _report(scheduler, controller, trials[2], 1, scores["t2"])
     assert decision == (TrialScheduler.CONTINUE if kept == "t2" else TrialScheduler.STOP)
     assert gates == [("parent", kept, 1)]  # the kept one goes on past the rung, in its run
+    assert controller.asked == (["t1"] if kept == "t1" else [])  # Tune asks t1 for results
     assert sorted(controller.stopped) == sorted({"t0", "t1"} - {kept})
     assert trials[1].status == (Trial.RUNNING if kept == "t1" else Trial.TERMINATED)
     assert {t.trial_id: _stop_of(t) is not None for t in trials} == {
@@ -243,10 +250,19 @@ def test_a_trial_that_no_other_waits_for_is_held_and_goes_on_without_a_restart(g
     assert scheduler.choose_trial_to_run(controller) is None  # nothing is left to start
 
 
-def test_without_a_gate_every_early_arrival_is_paused(gates):
+class _TuneWithoutTrain(_Controller):
+    _schedule_trial_train = None  # a Tune whose controller lacks the call _go_on makes
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_without_a_gate_every_early_arrival_is_paused(gates, gated):
     trials = [_Trial(f"t{i}") for i in range(2)]
-    controller = _Controller(trials)
-    scheduler = _scheduler(num_trials=2, max_running=2, factor=2, max_t=2)
+    controller = _TuneWithoutTrain(trials) if gated else _Controller(trials)
+    scheduler = (
+        _gated(num_trials=2, max_running=2, factor=2)
+        if gated
+        else _scheduler(num_trials=2, max_running=2, factor=2, max_t=2)
+    )
     _add(scheduler, controller, trials)
     for trial in trials:
         assert scheduler.choose_trial_to_run(controller) is trial
@@ -266,10 +282,11 @@ def test_a_held_trial_goes_on_when_another_needs_its_cpus_and_the_rung_still_jud
     assert scheduler.choose_trial_to_run(controller) is trials[0]
     trials[0].status = Trial.PENDING
     trials[1].status = Trial.RUNNING  # e.g. restarted after a failure
-    assert _report(scheduler, controller, trials[0], 1, 0.1) == TrialScheduler.CONTINUE  # held
+    assert _report(scheduler, controller, trials[0], 1, 0.1) == TrialScheduler.NOOP  # held
     trials[1].status = Trial.PAUSED  # now it waits for CPUs, which held t0 keeps
     assert scheduler.choose_trial_to_run(controller) is None
     assert gates == [("parent", "t0", 1)]  # released: it trains on rather than block t1
+    assert controller.asked == ["t0"]
     trials[1].status = Trial.RUNNING
     assert _report(scheduler, controller, trials[1], 1, 0.9) == TrialScheduler.CONTINUE
     assert controller.stopped == ["t0"]  # the rung judged it all the same
