@@ -10,9 +10,10 @@ Two things are pinned once, in the driver, before any actor starts:
   so a commit to the input table during the run changes neither, and every row of the snapshot
   is either scored or quarantined. The snapshot id is in the result and in both tables' commits.
 
-Writing replaces the run date's rows in one Iceberg commit: re-running a date never duplicates
-it. Rows with no usable text (`serving.text`) go to the quarantine table with the reason instead
-of failing the run.
+Writing replaces the run date's rows in one Iceberg commit per table: re-running a date never
+duplicates it. Both tables are written before either is committed, so a run that fails while
+writing leaves both as they were. Rows with no usable text (`serving.text`) go to the
+quarantine table with the reason instead of failing the run.
 
 A causal-lm version generates instead (batch generation, the same run): the input is
 task.prompt_column, each prompt is one user turn through the version's prompt template,
@@ -28,7 +29,7 @@ import datetime
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from serving.text import UNUSABLE_REASON, usable_mask
 if TYPE_CHECKING:
     import ray.data  # noqa: F401  (annotations)
 
+    from jobs import warehouse
     from serving import registry
 
 # Each Predictor actor imports this module (UsableRows and StampRun run in it), so the warehouse
@@ -135,27 +137,84 @@ def main(config: LifecycleConfig) -> ScoreResult:
     started = time.perf_counter()
     from jobs import warehouse
 
+    _check_tables(config)
     init_ray()
     pinned = _pin(config)
     board = RuntimeBoard()
     try:
-        # The quarantine pass runs beside scoring, while the Predictor actors import and load
-        # (3-7 s of a run's start, measured): its read, filter and commit (0.3 s here) leave the
-        # tail. Each branch reads the pinned snapshot through its own datasource (no SQLAlchemy
-        # engine shared across threads). The two tables are committed apart, as they always
-        # were.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylift-quarantine") as pool:
-            quarantine = pool.submit(_quarantine, config, _read_input(config, pinned), pinned)
-            _score(config, _read_input(config, pinned), pinned, board)
-            quarantined = quarantine.result()
-        scored = warehouse.count_rows(
-            config.catalog, config.score.output_table, run_date=pinned.run_date
+        _score_and_quarantine(config, pinned, board)
+        score = config.score
+        scored = warehouse.rows_on_date(config.catalog, score.output_table, pinned.run_date)
+        quarantined = warehouse.rows_on_date(
+            config.catalog, score.quarantine_table, pinned.run_date
         )
         result = _result(config, pinned, scored, quarantined, time.perf_counter() - started)
         result.runtime = board.seen()
     finally:
         board.clear()
     return result
+
+
+def _check_tables(config: LifecycleConfig) -> None:
+    """Refuse one table named twice in score.*: both writes replace the date's rows, so the
+    quarantine commit would drop the predictions it shares a table with, and predictions
+    written to the input table would land among the rows to score."""
+    score = config.score
+    keys = ("input_table", "output_table", "quarantine_table")
+    for i, key in enumerate(keys):
+        for other in keys[i + 1 :]:
+            if getattr(score, key) == getattr(score, other):
+                raise ValueError(
+                    f"score.{key} and score.{other} are both {getattr(score, key)!r}; each "
+                    "needs a table of its own: set score.output_table and "
+                    "score.quarantine_table to two tables other than the input"
+                )
+
+
+def _score_and_quarantine(config: LifecycleConfig, pinned: _Pinned, board: Any) -> None:
+    """Write the predictions and the quarantine rows, then commit both: a run that fails in
+    either write leaves both tables as they were (each write only stages its files).
+
+    The quarantine pass runs beside scoring, while the Predictor actors import and load (3-7 s
+    of a run's start, measured): its read, filter and write (0.3 s here) leave the tail. Each
+    branch reads the pinned snapshot through its own datasource (no SQLAlchemy engine shared
+    across threads). Iceberg commits one table at a time, so the two commits come last, back to
+    back, predictions first."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylift-quarantine") as pool:
+        quarantine = pool.submit(_quarantine, config, _read_input(config, pinned), pinned)
+        try:
+            predictions = _score(config, _read_input(config, pinned), pinned, board)
+        except BaseException:
+            _discard_when_written(quarantine)
+            raise
+        try:
+            quarantined = quarantine.result()
+        except BaseException:
+            predictions.discard()
+            raise
+    try:
+        predictions.commit()
+    except BaseException:
+        quarantined.discard()
+        raise
+    try:
+        quarantined.commit()
+    except Exception as error:
+        error.add_note(
+            f"run_date={pinned.run_date}: {config.score.output_table} holds this run's "
+            f"predictions but {config.score.quarantine_table} still holds the date's earlier "
+            "quarantine rows; run the same date again, which replaces both"
+        )
+        raise
+
+
+def _discard_when_written(staged: Future) -> None:
+    """Discard the sink `staged` yields, once its write ends (a failed write left nothing)."""
+    try:
+        sink = staged.result()
+    except Exception:  # noqa: BLE001  (the write failed: nothing staged, the caller's error wins)
+        return
+    sink.discard()
 
 
 class RuntimeBoard:
@@ -217,13 +276,20 @@ def _read_input(config: LifecycleConfig, pinned: _Pinned) -> ray.data.Dataset:
     """
     from jobs import warehouse
 
-    columns = [*config.score.key_columns, config.task.input_column]
+    text_key = "task.prompt_column" if _generates(config) else "task.text_column"
+    columns = {
+        **dict.fromkeys(config.score.key_columns, "score.key_columns"),
+        config.task.input_column: text_key,
+    }
     return warehouse.read_table(
         config.catalog, config.score.input_table, snapshot_id=pinned.snapshot_id, columns=columns
     )
 
 
-def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned, board: Any) -> None:
+def _score(
+    config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned, board: Any
+) -> warehouse.RunDateSink:
+    """Predictions of the usable rows, written and staged (main commits them)."""
     from jobs import warehouse
 
     usable = rows.map_batches(UsableRows(config.task.input_column, keep=True), batch_format="numpy")
@@ -231,12 +297,13 @@ def _score(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned, boa
         StampRun(pinned.run_date, datetime.datetime.now(datetime.UTC)), batch_format="numpy"
     )
     write = _write_completions if _generates(config) else warehouse.write_predictions
-    write(
+    return write(
         predictions,
         config.catalog,
         config.score.output_table,
         run_date=pinned.run_date,
         properties=pinned.lineage(config.score.input_table),
+        defer_commit=True,
     )
 
 
@@ -247,8 +314,14 @@ def _generates(config: LifecycleConfig) -> bool:
 
 
 def _write_completions(
-    ds: ray.data.Dataset, catalog: Any, table: str, *, run_date: str, properties: dict
-) -> None:
+    ds: ray.data.Dataset,
+    catalog: Any,
+    table: str,
+    *,
+    run_date: str,
+    properties: dict,
+    defer_commit: bool = False,
+) -> warehouse.RunDateSink:
     """warehouse.write_predictions for completions: the same sink, replacing the date."""
     from jobs.warehouse.catalog import catalog_properties, table_namespace
     from jobs.warehouse.sink import RunDateSink
@@ -261,8 +334,10 @@ def _write_completions(
         required_columns=COMPLETION_COLUMNS,
         timestamp_column="scored_at",
         properties=properties,
+        defer_commit=defer_commit,
     )
     ds.map_batches(_text_columns, batch_format="pyarrow").write_datasink(sink)
+    return sink
 
 
 # Completion columns that hold text. In a block where one is null on every row (`error` on most
@@ -339,8 +414,11 @@ def actor_pool(config: LifecycleConfig) -> dict[str, Any]:
     }
 
 
-def _quarantine(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned) -> int:
-    """Rows whose text cannot be scored, with the reason; replaced per run date like predictions."""
+def _quarantine(
+    config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned
+) -> warehouse.RunDateSink:
+    """Rows whose text cannot be scored, with the reason; replaced per run date like
+    predictions. Written and staged (main commits them)."""
     from jobs import warehouse
 
     text = config.task.input_column
@@ -352,6 +430,7 @@ def _quarantine(config: LifecycleConfig, rows: ray.data.Dataset, pinned: _Pinned
         run_date=pinned.run_date,
         reason=UNUSABLE_REASON,
         properties=pinned.lineage(config.score.input_table),
+        defer_commit=True,
     )
 
 

@@ -22,7 +22,13 @@ from jobs.warehouse.reads import (
     scan_labels,
     table_snapshot,
 )
-from jobs.warehouse.sink import PREDICTION_COLUMNS, RunDateSink, write_predictions, write_quarantine
+from jobs.warehouse.sink import (
+    PREDICTION_COLUMNS,
+    RunDateSink,
+    rows_on_date,
+    write_predictions,
+    write_quarantine,
+)
 from jobs.warehouse.split import SplitFilter, key_hash, split_thresholds
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "load_catalog",
     "load_table_from_file",
     "read_table",
+    "rows_on_date",
     "scan_labels",
     "split_thresholds",
     "table_snapshot",

@@ -21,7 +21,9 @@ IcebergDatasink (subclassed by RunDateSink, idempotent per run date in one commi
                 attributes `table_identifier`, `_table`, `_table_metadata`,
                 `_snapshot_properties`; `write` returning results with `.data_files`;
                 `on_write_complete` calling `_commit_overwrite(txn, data_files)` once in
-                OVERWRITE mode.
+                OVERWRITE mode, with `txn` a transaction of `_table` (RunDateSink reloads the
+                table before each commit attempt, so a commit that lost a race is redone on
+                the table as it then is).
 
 Ray Data's stats actor (`start_data_stats_actor`, called by `raylift tune` before a search):
     relies on   `ray.data._internal.stats.get_or_create_stats_actor()`, which creates the

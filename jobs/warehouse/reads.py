@@ -3,6 +3,7 @@ rows, whatever is committed meanwhile."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -51,12 +52,13 @@ def read_table(
     table: str,
     *,
     snapshot_id: int | None = None,
-    columns: list[str] | None = None,
+    columns: Sequence[str] | Mapping[str, str] | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of `table` at `snapshot_id` (default: the current one, pinned now).
 
     Pinning at call time means a lazily executed dataset reads what the table held when the
-    run started, whatever is committed meanwhile.
+    run started, whatever is committed meanwhile. `columns` may map each column to the config
+    key naming it, which a missing column's error then names.
     """
     import ray.data
 
@@ -66,7 +68,11 @@ def read_table(
     schema = schema_at(tbl, table, snapshot_id)
     if columns:
         where = f"{table}@{snapshot_id}"
-        require_columns(schema.column_names, dict.fromkeys(columns), where, "Read one of them")
+        if isinstance(columns, Mapping):
+            require_columns(schema.column_names, columns, where)
+        else:
+            require_columns(schema.column_names, dict.fromkeys(columns), where, "Read one of them")
+        columns = list(dict.fromkeys(columns))  # a column named twice is read once
     source = IcebergTableSource(
         table_identifier=table,
         selected_fields=tuple(columns) if columns else ("*",),

@@ -8,6 +8,8 @@ the table as it was (DESIGN.md, "Predictions table").
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,12 +33,25 @@ if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
     from pyiceberg.manifest import DataFile
 
-__all__ = ["PREDICTION_COLUMNS", "RunDateSink", "write_predictions", "write_quarantine"]
+__all__ = [
+    "PREDICTION_COLUMNS",
+    "RunDateSink",
+    "rows_on_date",
+    "write_predictions",
+    "write_quarantine",
+]
 
 # Columns the scorer adds to the input key columns (DESIGN.md, "Predictions table").
 PREDICTION_COLUMNS = ("label", "score", "model_name", "model_version", "scored_at", "run_date")
 
 _MIN_BYTES_PER_WRITE = 64 * 1024 * 1024
+
+# A commit that lost a race with another writer (another scoring job on another date, or a rerun
+# of this one) is redone on the table as it then is; a few tries cover jobs that end together.
+_COMMIT_ATTEMPTS = 5
+_COMMIT_RETRY_WAIT_S = 0.5
+
+log = logging.getLogger(__name__)
 
 
 class RunDateSink(IcebergDatasink):
@@ -46,7 +61,12 @@ class RunDateSink(IcebergDatasink):
       again if that first write fails;
     - replaces the date's rows in one commit AND one snapshot (Ray's overwrite commits a
       delete snapshot then an append snapshot: a reader pinned to the first sees no day);
-    - an empty result still removes the date's old rows (Ray's sink commits nothing then).
+    - an empty result still removes the date's old rows (Ray's sink commits nothing then);
+    - the commit is computed on the table as it is when committing, and redone when another
+      writer commits first (Ray's and pyiceberg's commit a transaction built on the table as
+      it was when the write started: a commit of another date meanwhile failed the run);
+    - with `defer_commit`, the write only stages its files: `commit()` commits them later,
+      `discard()` drops them, so a job writing two tables commits neither if either fails.
     """
 
     def __init__(
@@ -58,6 +78,7 @@ class RunDateSink(IcebergDatasink):
         required_columns: tuple[str, ...],
         timestamp_column: str,
         properties: Mapping[str, str] | None = None,
+        defer_commit: bool = False,
     ):
         from ray.data import SaveMode
         from ray.data.expressions import col
@@ -73,6 +94,8 @@ class RunDateSink(IcebergDatasink):
         self._required = (*required_columns, timestamp_column, "run_date")
         self._timestamp_column = timestamp_column
         self._created = False
+        self._defer_commit = defer_commit
+        self._staged: Any = None  # the write result a deferred write has yet to commit
 
     @property
     def min_bytes_per_write(self) -> int:
@@ -105,24 +128,82 @@ class RunDateSink(IcebergDatasink):
         return super().write((self._normalise(block, known) for block in arrow), ctx)
 
     def on_write_complete(self, write_result: Any) -> None:
-        if any(r and r.data_files for r in write_result.write_returns):
-            super().on_write_complete(write_result)  # reconciles schemas, calls _commit_overwrite
+        if self._defer_commit:
+            self._staged = write_result
             return
+        self._commit(write_result)
+
+    def on_write_failed(self, error: Exception) -> None:
+        self._drop_if_created()
+        super().on_write_failed(error)
+
+    def commit(self) -> None:
+        """Commit what a deferred write staged (see `defer_commit`); once."""
+        if self._staged is None:
+            raise RuntimeError(f"nothing staged for {self.table_identifier}: write it first")
+        staged, self._staged = self._staged, None
+        try:
+            self._commit(staged)
+        except BaseException:
+            self._drop_if_created()
+            raise
+
+    def discard(self) -> None:
+        """Drop what a deferred write staged: the table is left as it was (its data files
+        stay unreferenced, as a failed write's do)."""
+        self._staged = None
+        self._drop_if_created()
+
+    def _commit(self, write_result: Any) -> None:
+        """Replace the date's rows with the written files, on the table as it is now; after a
+        concurrent commit, again on the table as it then is (the other writer's rows of other
+        dates stay; its rows of this date are replaced, as a rerun's would be)."""
+        from pyiceberg.exceptions import CommitFailedException, ValidationException
+
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                self._commit_once(write_result)
+                return
+            except (CommitFailedException, ValidationException) as error:
+                if attempt == _COMMIT_ATTEMPTS:
+                    raise
+                log.warning(
+                    "run_date=%s: %s changed while this run wrote (%s); committing again on "
+                    "the table as it is now (%d/%d)",
+                    self._run_date,
+                    self.table_identifier,
+                    error,
+                    attempt,
+                    _COMMIT_ATTEMPTS - 1,
+                )
+                time.sleep(_COMMIT_RETRY_WAIT_S * attempt)
+
+    def _commit_once(self, write_result: Any) -> None:
         from pyiceberg.exceptions import NoSuchTableError
 
         try:
             self._reload_table()
         except NoSuchTableError:
+            if self._staged_files(write_result):
+                raise
             return  # nothing written and nothing stored: nothing to replace
-        self._commit_overwrite(self._table.transaction(), [])
+        if self._staged_files(write_result):
+            super().on_write_complete(write_result)  # reconciles schemas, calls _commit_overwrite
+        else:
+            self._commit_overwrite(self._table.transaction(), [])
 
-    def on_write_failed(self, error: Exception) -> None:
+    @staticmethod
+    def _staged_files(write_result: Any) -> bool:
+        return any(r and r.data_files for r in write_result.write_returns)
+
+    def _drop_if_created(self) -> None:
         # Leave the catalog as it was: a table this write created goes with the write.
         if self._created:
             catalog = self._get_catalog()
-            if catalog.load_table(self.table_identifier).current_snapshot() is None:
+            table = try_load_table(catalog, self.table_identifier)
+            if table is not None and table.current_snapshot() is None:
                 catalog.drop_table(self.table_identifier)
-        super().on_write_failed(error)
+            self._created = False
 
     def _commit_overwrite(self, txn: Any, data_files: list[DataFile]) -> None:
         old_files = self._date_files()
@@ -189,13 +270,15 @@ def write_predictions(
     *,
     run_date: str,
     properties: Mapping[str, str] | None = None,
-) -> None:
-    """Write scored rows to `table`, replacing `run_date`'s rows in one commit.
+    defer_commit: bool = False,
+) -> RunDateSink:
+    """Write scored rows to `table`, replacing `run_date`'s rows in one commit; the sink.
 
     `ds` holds the input key columns plus PREDICTION_COLUMNS; every row's run_date must equal
     `run_date`. The table is created on first write. Re-running a date leaves no duplicates and
     no partial day; other dates are untouched; a failed run leaves the table as it was.
     `properties` go into the commit's snapshot summary (lineage: input snapshot, model).
+    With `defer_commit`, nothing is committed until the sink's `commit()` (or `discard()`).
     """
     _check_run_date(run_date)
     table_namespace(table)
@@ -207,8 +290,10 @@ def write_predictions(
         required_columns=required,
         timestamp_column="scored_at",
         properties=properties,
+        defer_commit=defer_commit,
     )
     ds.write_datasink(sink)
+    return sink
 
 
 def write_quarantine(
@@ -219,11 +304,10 @@ def write_quarantine(
     run_date: str,
     reason: str,
     properties: Mapping[str, str] | None = None,
-) -> int:
-    """Write rows that could not be scored, with `reason`, replacing `run_date`'s rows.
-
-    Same guarantees as write_predictions; returns how many rows `run_date` now has there.
-    """
+    defer_commit: bool = False,
+) -> RunDateSink:
+    """Write rows that could not be scored, with `reason`, replacing `run_date`'s rows; the
+    sink. Same guarantees as write_predictions (`rows_on_date` counts them afterwards)."""
     _check_run_date(run_date)
     table_namespace(table)
     stamp = _QuarantineStamp(reason, run_date, dt.datetime.now(dt.UTC))
@@ -234,12 +318,19 @@ def write_quarantine(
         required_columns=("reason",),
         timestamp_column="quarantined_at",
         properties=properties,
+        defer_commit=defer_commit,
     )
     ds.map_batches(stamp, batch_format="pyarrow").write_datasink(sink)
+    return sink
+
+
+def rows_on_date(cfg: CatalogConfig, table: str, run_date: str) -> int:
+    """Rows `table` holds for `run_date`; 0 when no write ever created it (a first run with
+    nothing to write)."""
     try:
         return count_rows(cfg, table, run_date=run_date)
     except LookupError:
-        return 0  # no bad rows on the first run: the table was never created
+        return 0
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def load_inbox(config, directory: Path, texts: list[str | None]) -> int:
     """Replace the inbox with `texts` (keys 0..n-1); the new snapshot id."""
     path = directory / f"inbox-{len(texts)}.parquet"
     category = ["x"] * len(texts)
-    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "category": category}), path)
+    columns = {"text": pa.array(texts, pa.string()), "category": pa.array(category, pa.string())}
+    pq.write_table(pa.table(columns), path)
     return warehouse.load_table_from_file(config.catalog, INBOX, path, **LOAD)
 
 
@@ -97,8 +98,9 @@ def test_scoring_and_quarantine_read_the_snapshot_pinned_at_start(
         return snapshot
 
     def write_then_commit(*args, **kwargs):  # ... and again between scoring and quarantine
-        real_write(*args, **kwargs)
+        sink = real_write(*args, **kwargs)
         load_inbox(config, tmp_path, texts(40, dict.fromkeys(range(10), ""), seed=3))
+        return sink
 
     downloads = []
     real_download = mlflow.artifacts.download_artifacts
@@ -167,3 +169,69 @@ def test_resolve_version_names_the_alias_target_without_downloading(
     assert pinned.source.endswith("/checkpoint")
     with pytest.raises(LookupError, match=r"models:/pin-router@staging is not in the registry"):
         registry.resolve_version(f"models:/{MODEL}@staging", config.registry.tracking_uri)
+
+
+def _with_tables(config, suffix: str, **score):
+    """`config` writing to tables of its own (support.predictions_<suffix>, ...)."""
+    tables = {
+        "output_table": f"support.predictions_{suffix}",
+        "quarantine_table": f"support.quarantine_{suffix}",
+    }
+    return config.model_copy(update={"score": config.score.model_copy(update={**tables, **score})})
+
+
+def _table_state(config, table: str) -> tuple[int | None, list[dict]]:
+    """(current snapshot id, rows sorted by key) of `table`."""
+    tbl = warehouse.load_catalog(config.catalog).load_table(table)
+    snapshot = tbl.current_snapshot()
+    rows = tbl.scan().to_arrow().sort_by("ticket_id").to_pylist()
+    return (snapshot.snapshot_id if snapshot else None), rows
+
+
+def _break_table(config, table: str, column: str) -> None:
+    """Give `table` an int `column` where the scorer writes text: its next write fails."""
+    catalog = warehouse.load_catalog(config.catalog)
+    tbl = catalog.load_table(table)
+    arrow = tbl.scan().to_arrow()
+    catalog.drop_table(table)
+    arrow = arrow.set_column(
+        arrow.column_names.index(column), column, pa.array([1] * arrow.num_rows, pa.int64())
+    )
+    catalog.create_table(table, arrow.schema).append(arrow)
+
+
+@pytest.mark.parametrize("failing", ["output_table", "quarantine_table"])
+def test_a_run_that_fails_leaves_both_tables_as_they_were(
+    ray_session, config, registered, tmp_path, failing
+):
+    """Scoring and quarantine are written side by side; when either write fails, neither
+    table may have changed (before, the other one's commit had replaced the date already)."""
+    cfg = _with_tables(config, f"fails_{failing[:6]}")
+    load_inbox(config, tmp_path, texts(30, {2: None, 5: ""}, seed=4))
+    first = score.main(cfg)
+    assert (first.rows_scored, first.rows_quarantined) == (28, 2)
+    broken = getattr(cfg.score, failing)
+    _break_table(cfg, broken, "label" if failing == "output_table" else "reason")
+    tables = (cfg.score.output_table, cfg.score.quarantine_table)
+    before = {table: _table_state(cfg, table) for table in tables}
+
+    load_inbox(config, tmp_path, texts(20, {1: "  ", 7: None, 9: ""}, seed=5))
+    with pytest.raises(Exception, match="label|reason"):
+        score.main(cfg)
+    assert {table: _table_state(cfg, table) for table in tables} == before
+
+
+def test_an_empty_inbox_scores_nothing_on_a_first_run(ray_session, config, registered, tmp_path):
+    """An inbox with no rows (a quiet night) on a first run: nothing to write, no tables to
+    count in; the run reports 0 and 0 instead of failing with 'run raylift warehouse load'."""
+    cfg = _with_tables(config, "empty")
+    load_inbox(config, tmp_path, [])
+    result = score.main(cfg)
+    assert (result.rows_scored, result.rows_quarantined) == (0, 0)
+
+    # Every text unusable, on a first run of the predictions table: all of them quarantined.
+    cfg = _with_tables(config, "unusable")
+    load_inbox(config, tmp_path, [None, "", "   "])
+    result = score.main(cfg)
+    assert (result.rows_scored, result.rows_quarantined) == (0, 3)
+    assert keys_of(cfg, cfg.score.quarantine_table) == {0, 1, 2}

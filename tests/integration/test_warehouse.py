@@ -343,10 +343,10 @@ def test_quarantine_rows_carry_their_reason_and_date(ray_session, cfg):
     # All-None text arrives as pa.null(), which Iceberg cannot store: the table gets a string.
     bad = ray.data.from_items([{"ticket_id": 5, "text": None}, {"ticket_id": 9, "text": None}])
     for _ in range(2):  # idempotent like predictions
-        written = warehouse.write_quarantine(
+        warehouse.write_quarantine(
             bad, cfg, "support.quarantine", run_date="2024-06-01", reason="text is empty"
         )
-        assert written == 2
+        assert warehouse.rows_on_date(cfg, "support.quarantine", "2024-06-01") == 2
     rows = stored(cfg, "support.quarantine")
     assert sorted(rows["ticket_id"].to_pylist()) == [5, 9]
     assert set(rows["reason"].to_pylist()) == {"text is empty"}
@@ -355,11 +355,88 @@ def test_quarantine_rows_carry_their_reason_and_date(ray_session, cfg):
 
     # Blocks with no rows and no columns (what a row filter that keeps nothing yields).
     none = bad.map_batches(lambda batch: pa.table({}), batch_format="pyarrow")
-    assert (
-        warehouse.write_quarantine(
-            none, cfg, "support.quarantine_none", run_date="2024-06-01", reason="x"
-        )
-        == 0
+    warehouse.write_quarantine(
+        none, cfg, "support.quarantine_none", run_date="2024-06-01", reason="x"
     )
+    assert warehouse.rows_on_date(cfg, "support.quarantine_none", "2024-06-01") == 0
     with pytest.raises(LookupError):  # no rows, no table
         warehouse.table_snapshot(cfg, "support.quarantine_none")
+
+
+def _commit_rows(cfg, table: str, run_date: str, keys: range) -> None:
+    """Commit `keys` for `run_date` to `table` as another scoring job would."""
+    tbl = warehouse.load_catalog(cfg).load_table(table)
+    n = len(keys)
+    rows = {
+        "ticket_id": list(keys),
+        "label": ["refund"] * n,
+        "score": [0.5] * n,
+        "model_name": ["ticket-router"] * n,
+        "model_version": ["6"] * n,
+        "scored_at": [dt.datetime(2024, 6, 1, tzinfo=dt.UTC)] * n,
+        "run_date": [run_date] * n,
+    }
+    tbl.append(pa.Table.from_pydict(rows, schema=tbl.schema().as_arrow()))
+
+
+@pytest.mark.parametrize("other_date", ["2024-06-02", "2024-06-01"])
+def test_a_commit_by_another_job_during_the_write_neither_fails_nor_duplicates(
+    ray_session, cfg, other_date, monkeypatch
+):
+    """Two scoring jobs on one table (a backfill beside the nightly run, or the same date run
+    twice): the other job commits after this one's write started, before its commit. This
+    one's commit must be based on the table as it is then: another date's rows stay, the same
+    date's are replaced (the last run's rows, none twice)."""
+    table = f"support.preds_concurrent_{other_date[-1]}"
+    warehouse.write_predictions(
+        predictions(range(100), "2024-06-01", 0.1), cfg, table, run_date="2024-06-01"
+    )
+    real_start = warehouse.RunDateSink.on_write_start
+
+    def start_then_other_job_commits(sink, schema=None):
+        real_start(sink, schema)
+        _commit_rows(cfg, table, other_date, range(1000, 1007))
+
+    monkeypatch.setattr(warehouse.RunDateSink, "on_write_start", start_then_other_job_commits)
+    ours = predictions(range(50), "2024-06-01", 0.3)
+    warehouse.write_predictions(ours, cfg, table, run_date="2024-06-01")
+
+    if other_date == "2024-06-01":
+        assert per_date(cfg, table) == {"2024-06-01": (50, {0.3})}
+    else:
+        assert per_date(cfg, table) == {"2024-06-01": (50, {0.3}), "2024-06-02": (7, {0.5})}
+    assert snapshots(cfg, table)[-1].summary[tags.RUN_DATE_PROPERTY] == "2024-06-01"
+
+
+def test_a_deferred_write_changes_nothing_until_committed(ray_session, cfg):
+    """What a job writing two tables relies on: a staged write is invisible until commit(),
+    and discard() leaves the catalog as it was (a table the write created goes too)."""
+    table = "support.preds_deferred"
+    first = warehouse.write_predictions(
+        predictions(range(10), "2024-06-01", 0.1),
+        cfg,
+        table,
+        run_date="2024-06-01",
+        defer_commit=True,
+    )
+    assert warehouse.rows_on_date(cfg, table, "2024-06-01") == 0  # created, nothing in it yet
+    first.discard()
+    with pytest.raises(LookupError, match="not found"):
+        warehouse.table_snapshot(cfg, table)
+
+    warehouse.write_predictions(
+        predictions(range(10), "2024-06-01", 0.1), cfg, table, run_date="2024-06-01"
+    )
+    before = warehouse.table_snapshot(cfg, table)
+    staged = warehouse.write_predictions(
+        predictions(range(4), "2024-06-01", 0.2),
+        cfg,
+        table,
+        run_date="2024-06-01",
+        defer_commit=True,
+    )
+    assert warehouse.table_snapshot(cfg, table) == before
+    staged.commit()
+    assert per_date(cfg, table) == {"2024-06-01": (4, {0.2})}
+    with pytest.raises(RuntimeError, match="nothing staged"):
+        staged.commit()  # once

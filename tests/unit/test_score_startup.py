@@ -5,6 +5,8 @@ the check below can see an import."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import make_full_checkpoint, make_lora_checkpoint, run_in_fresh_process
 
 LABELS = ["card_arrival", "lost_card", "refund"]
@@ -74,3 +76,49 @@ def test_an_actor_loads_the_version_its_driver_pinned_without_asking_mlflow(tiny
     assert loaded == {**asked, "mlflow": False}
     assert asked["mlflow"] is True and asked["name"] == "pinned" and asked["version"] == version
     assert asked["label"] in LABELS
+
+
+@pytest.mark.parametrize(
+    ("same", "keys"),
+    [
+        ({"output_table": "support.out", "quarantine_table": "support.out"}, "output_table"),
+        ({"output_table": "support.inbox"}, "input_table"),
+        ({"quarantine_table": "support.inbox"}, "quarantine_table"),
+    ],
+)
+def test_a_run_writing_over_its_own_tables_is_refused_before_ray_starts(same, keys):
+    """One table named twice in score.*: the quarantine commit would replace the date's
+    predictions (both replace the date's rows), or the predictions would go into the inbox.
+    Refused naming both keys, before Ray starts (ray.init fails every unit test)."""
+    from jobs import score
+    from jobs.config import validate_mapping
+
+    tables = {"input_table": "support.inbox", "output_table": "support.preds"}
+    config = validate_mapping({"name": "same", "score": {**tables, **same}})
+    with pytest.raises(ValueError, match=rf"score\.{keys}.*score\.|score\..*score\.{keys}"):
+        score.main(config)
+
+
+def test_a_missing_input_column_names_the_config_key(tmp_path):
+    """The scorer reads score.key_columns and the task's text column from the input table;
+    one it lacks is named with its config key (it said only "Read one of them")."""
+    from jobs import score, warehouse
+    from jobs.config import validate_mapping
+
+    catalog = {"uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": str(tmp_path / "wh")}
+    rows = tmp_path / "inbox.csv"
+    rows.write_text("text,category\nmy card is lost,lost_card\n")
+    load = {"text_column": "text", "label_column": "category", "key_column": "ticket_id"}
+    config = validate_mapping(
+        {"name": "cols", "catalog": catalog, "score": {"input_table": "support.inbox"}}
+    )
+    snapshot = warehouse.load_table_from_file(config.catalog, "support.inbox", rows, **load)
+    pinned = score._Pinned(snapshot_id=snapshot, model=None, run_date="2026-11-23")
+
+    for section, key, value, named in (
+        ("score", "key_columns", ["id"], r"'id' \(score\.key_columns\)"),
+        ("task", "text_column", "body", r"'body' \(task\.text_column\)"),
+    ):
+        part = getattr(config, section).model_copy(update={key: value})
+        with pytest.raises(ValueError, match=named):
+            score._read_input(config.model_copy(update={section: part}), pinned)
