@@ -216,9 +216,8 @@ class SyncHalving(TrialScheduler):
 
     def _release_one_held(self, tune_controller) -> None:
         """A trial waits for CPUs that held trials keep (a trial restarted after a failure,
-        say): one held trial goes on training, as under ASHA; the rung's decision stops it
-        later if it is not kept. A held trial cannot be paused: Tune's call for its next
-        result blocks the trial's actor until the gate opens."""
+        say): one held trial goes on training, as under ASHA, keeping its Train run; the
+        rung's decision stops it later if it is not kept."""
         for rung in self._rungs:
             for trial in tune_controller.get_trials():
                 if trial.trial_id in self._held.get(rung, ()) and trial.status == Trial.RUNNING:

@@ -40,6 +40,7 @@ from jobs.finetune import (
 )
 from jobs.halving import SyncHalving, rungs
 from jobs.modeling import check_base_model
+from jobs.rung_gate import NAMESPACE as _GATE_NAMESPACE
 from jobs.rung_gate import RungGate
 from jobs.scheduler_stops import SchedulerStop, recorded_stop
 from jobs.train_loop import REPORTED_METRICS
@@ -436,11 +437,11 @@ def _run_trial(sample: dict[str, Any], *, data: PreparedData, setup: _TrialSetup
     # train_func reports the epochs that follow it. The driver picked the run (_TrialRuns).
     run_id = _assigned_run(setup, trial_id)
     meta = {**setup.lineage, tags.CONFIG_HASH: config_hash(config), tags.TUNE_TRIAL_ID: trial_id}
-    inputs = loop_inputs(config, data, meta, run_id)
+    gate = _rung_gate(config, setup, trial_id)
     trainer = build_trainer(
         config,
         data,
-        replace(inputs, rung_gate=_rung_gate(config, setup, trial_id)),
+        replace(loop_inputs(config, data, meta, run_id), rung_gate=gate),
         name=f"{trial_id}-{run_id[:8]}",
         storage_path=setup.train_storage,
         metric=setup.metric,
@@ -468,7 +469,7 @@ def _trial_config(setup: _TrialSetup, overrides: dict[str, Any]) -> LifecycleCon
     return with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
 
 
-_RUNS_NAMESPACE = "raylift-tune"
+_RUNS_NAMESPACE = _GATE_NAMESPACE  # the rung gates live under the same prefix
 
 
 def _run_key(setup: _TrialSetup, trial_id: str) -> bytes:

@@ -55,7 +55,9 @@ class _Controller:
         self.asked.append(trial.trial_id)
 
 
-def _scheduler(num_trials=4, max_running=1, factor=2, max_t=4, mode="max") -> SyncHalving:
+def _scheduler(
+    num_trials=4, max_running=1, factor=2, max_t=4, mode="max", gate_prefix=None
+) -> SyncHalving:
     scheduler = SyncHalving(
         time_attr="epoch",
         max_t=max_t,
@@ -63,6 +65,7 @@ def _scheduler(num_trials=4, max_running=1, factor=2, max_t=4, mode="max") -> Sy
         reduction_factor=factor,
         num_trials=num_trials,
         max_running=max_running,
+        gate_prefix=gate_prefix,
     )
     scheduler.set_search_properties("val_accuracy", mode)
     return scheduler
@@ -204,17 +207,7 @@ def gates(monkeypatch) -> list[tuple[str, str, int]]:
 
 
 def _gated(num_trials, max_running, factor=3, max_t=2) -> SyncHalving:
-    scheduler = SyncHalving(
-        time_attr="epoch",
-        max_t=max_t,
-        grace_period=1,
-        reduction_factor=factor,
-        num_trials=num_trials,
-        max_running=max_running,
-        gate_prefix="parent",
-    )
-    scheduler.set_search_properties("val_accuracy", "max")
-    return scheduler
+    return _scheduler(num_trials, max_running, factor, max_t, gate_prefix="parent")
 
 
 @pytest.mark.parametrize("kept", ["t1", "t2"])
