@@ -38,6 +38,11 @@ Measured (AVX512-BF16, 2 cores, shared machine, 16 clients):
   Predictor loop on 2 threads (506.8 req/s); the most with p99 under 100 ms 184 req/s (4
   clients). Standalone runs of (a) alone, alternating: two replicas 318 and 374 req/s, one
   222 and 248.
+- stop 38, another AVX512-BF16 CPU (AMD EPYC, Zen 4, no AMX), the demo config with
+  serve.access_log false: (a) 232.0 req/s at 16 clients, p99 144 ms, 8.1 ms of CPU a request;
+  (a)/min(b,d) 0.80x (0.88, 0.85, 0.69 by round), (b) 289.2; (a)/(c) 5.74x; the most with p99
+  under 100 ms 145 req/s (4 clients). With the access log on, the same day: 194.6 req/s, 9.5
+  ms, 0.68x.
 
 Where a replica's time goes (py-spy, one replica, HAProxy, 16 clients): OpenVINO 53% of its
 samples, its model thread busy about 60% of the time; Serve's direct-ingress request path,
