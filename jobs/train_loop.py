@@ -382,10 +382,7 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
         _choose_cpu_allreduce(train.shm_allreduce)
     precision = resolve_precision(train.precision, train.use_gpu)
     model = build_model(config.model, task, inputs.labels, precision, zero_stage=train.zero_stage)
-    steps_per_epoch = math.ceil(inputs.train_rows / world_size / train.batch_size)
-    if train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, train.max_steps_per_epoch)
-    total_steps = max(1, steps_per_epoch * train.epochs)
+    total_steps = max(1, _steps_per_epoch(inputs.train_rows, world_size, train) * train.epochs)
     optimizer = torch.optim.AdamW(_param_groups(model, train, task), lr=train.learning_rate)
 
     def schedule(opt):
@@ -399,6 +396,16 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
         config=deepspeed_config(train, precision),
     )
     return engine, precision
+
+
+def _steps_per_epoch(train_rows: int, world_size: int, train: TrainConfig) -> int:
+    """Optimizer steps of one epoch, as the LR schedule plans them: Ray Train's equal split
+    gives every worker train_rows // world_size rows (the remainder is dropped), each batch at
+    most train.batch_size of them; train.max_steps_per_epoch caps it."""
+    steps = math.ceil((train_rows // world_size) / train.batch_size)
+    if train.max_steps_per_epoch:
+        steps = min(steps, train.max_steps_per_epoch)
+    return steps
 
 
 def _param_groups(model: torch.nn.Module, train: TrainConfig, task: Task) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from jobs.config import ModelConfig, TrainConfig
+from jobs.config import ModelConfig, TrainConfig, validate_mapping
 from jobs.modeling import build_model
 from jobs.tasks import get_task
 from jobs.train_loop import (
@@ -25,6 +25,8 @@ from jobs.train_loop import (
     _load_rng,
     _load_trainable_weights,
     _mid_epoch_checkpoint_due,
+    _setup_engine,
+    _steps_per_epoch,
     _train_epoch,
     deepspeed_config,
     epoch_stream,
@@ -348,3 +350,50 @@ def test_first_batch_ahead_hands_on_errors_and_empty_streams():
         next(failing)
     assert list(FirstBatchAhead(iter(()))) == []
     assert list(FirstBatchAhead(iter([1, 2, 3]))) == [1, 2, 3]
+
+
+# --- the LR schedule plans the steps the epochs run -------------------------------------------
+
+
+def test_the_lr_schedule_ends_at_zero_on_the_last_step_trained(process_group, tiny_bert):
+    """129 training rows over 2 workers, batches of 32: Ray Train's equal split gives each
+    worker 64 rows, so an epoch is 2 steps, and the linear schedule planned from the row count
+    ends at 0 after the 4 steps of 2 epochs (it planned 3 an epoch before, and ended at a third
+    of the peak)."""
+    config = validate_mapping(
+        {
+            "name": "schedule",
+            "model": {"base": tiny_bert, "lora": {"target_modules": ["query", "value"]}},
+            "train": {"batch_size": 32, "epochs": 2, "warmup_ratio": 0.0, "precision": "fp32"},
+        }
+    )
+    inputs = LoopInputs(
+        config=config.model_dump(mode="json"), labels=["a", "b", "c"], train_rows=129
+    )
+    engine, _ = _setup_engine(config, get_task("sequence-classification"), inputs, world_size=2)
+    lrs = []
+    for i in range(4):
+        _step(engine, seed=i)
+        lrs.append(engine.get_lr()[0])
+    assert lrs[0] > 0 and lrs[-2] > 0
+    assert engine.get_lr() == [0.0] * len(engine.get_lr())  # every group, the head's too
+
+
+@pytest.mark.parametrize(
+    ("rows", "workers", "batch", "window", "cap"),
+    [
+        (129, 2, 32, 8, None),  # 64 rows a worker: 2 full batches (planned 3 before)
+        (130, 4, 8, 2, None),  # 32 a worker: 4 batches, windows of 16 rows
+        (23, 2, 4, 1, None),  # 11 a worker: 2 full batches and one of 3
+        (100, 1, 32, 2, None),  # one worker reads the whole split
+        (129, 2, 8, 2, 5),  # capped below the 8 batches a worker's rows hold
+    ],
+)
+def test_the_planned_steps_are_the_steps_an_epoch_runs(
+    process_group, rows, workers, batch, window, cap
+):
+    train = TrainConfig(batch_size=batch, length_window=window, max_steps_per_epoch=cap)
+    engine = _Engine()
+    # One worker's shard of Ray Train's equal split: rows // workers (the split drops the rest).
+    stats = _train_epoch(engine, _Shard(rows // workers), train, 0, TrainProgress(), print)
+    assert stats["train_steps"] == len(engine.steps) == _steps_per_epoch(rows, workers, train)
