@@ -42,6 +42,7 @@ from jobs.train_loop import STATE_DIR, LoopInputs, train_func
 from jobs.training_data import (
     EveryEvalRowConfig,
     PreparedData,
+    plan_split,
     prepare_training_data,
     scan_training_rows,
 )
@@ -82,8 +83,9 @@ def main(config: LifecycleConfig, resume: bool = False) -> FinetuneResult:
     # snapshot the first driver pinned (the config itself, and so its hash, stay as given).
     pinned = {"data.snapshot_id": state["snapshot_id"]} if resume else {}
     rows = scan_training_rows(with_overrides(config, pinned))
+    split = plan_split(config, rows)  # a training split too small for the workers: refused
     init_ray()
-    data = prepare_training_data(config, rows)
+    data = prepare_training_data(config, rows, split)
     tags = tracking.lineage_tags(config, data.lineage())
     with _sigterm_raises(), _mlflow_run(config, tags, state.get("run_id")) as run_id:
         _write_state(run_path, run_id, data.snapshot_id, finished=False)

@@ -647,6 +647,13 @@ def _train_epoch(
             saving = time.perf_counter()
             save_state(_progress(engine, epoch, tally.steps, tally.loss_sum, tally.rows))
             tally.checkpointing += time.perf_counter() - saving
+    if tally.steps == 0:  # every rank stops at the same step, so every rank raises here
+        raise RuntimeError(
+            f"epoch {epoch} trained no batch: the training shards of the "
+            f"{engine.dp_world_size} worker(s) are empty (Ray Train gives each worker "
+            "train_rows // train.num_workers rows of the training split); load more rows or "
+            "lower train.num_workers"
+        )
     elapsed = max(time.perf_counter() - start - tally.checkpointing, 1e-9)
     return {
         "train_loss": _global_mean(tally.loss_sum, tally.rows),

@@ -35,7 +35,9 @@ from serving.text import UNUSABLE_REASON, usable_mask
 __all__ = [
     "EveryEvalRowConfig",
     "PreparedData",
+    "SplitPlan",
     "TrainingRows",
+    "plan_split",
     "prepare_training_data",
     "scan_training_rows",
     "tokenize_batch",
@@ -254,39 +256,75 @@ def _require_two_labels(config: LifecycleConfig, where: str, labels: np.ndarray)
         )
 
 
-def prepare_training_data(
-    config: LifecycleConfig, rows: TrainingRows | None = None
-) -> PreparedData:
-    """Derive labels and the split from the scanned rows, and build the two streams."""
-    data, task = config.data, config.task
-    if rows is None:
-        rows = scan_training_rows(config)
-    generative = _generative(task.type)
-    labels = [] if generative else _label_set(config, rows.labels)
+@dataclass(frozen=True)
+class SplitPlan:
+    """The validation split of the scanned rows, sized before Ray starts."""
+
+    thresholds: dict[str, int]  # per split group (warehouse.split_thresholds)
+    train_rows: int
+    validation_rows: int
+
+
+def plan_split(config: LifecycleConfig, rows: TrainingRows) -> SplitPlan:
+    """Size the split of the scanned rows (no Ray). Raises ValueError when the training side
+    would leave a worker without rows: Ray Train gives each of train.num_workers workers
+    train_rows // num_workers of them, and a worker with none trains nothing."""
+    data = config.data
     thresholds = warehouse.split_thresholds(
         rows.keys, rows.labels, data.validation.fraction, data.validation.seed
     )
-    group_column = _GROUP_COLUMN if generative else task.label_column
-
-    def split(side: str) -> warehouse.SplitFilter:
-        return warehouse.SplitFilter(
-            thresholds, task.key_column, group_column, keep=side, seed=data.validation.seed
+    held_out = _split_filter(config, thresholds, "validation").mask(
+        rows.keys, pa.array(rows.labels.tolist())
+    )
+    validation_rows = int(held_out.sum())
+    train_rows = len(rows.keys) - validation_rows
+    workers = config.train.num_workers
+    if train_rows < workers:
+        raise ValueError(
+            f"{data.table}@{rows.snapshot_id} leaves {train_rows} training row(s) after the "
+            f"validation split ({validation_rows} held out), fewer than train.num_workers="
+            f"{workers}: each worker trains on train_rows // num_workers rows, so a worker "
+            "would train on none; load more rows or lower train.num_workers"
         )
+    return SplitPlan(thresholds, train_rows, validation_rows)
 
-    label_array = pa.array(rows.labels.tolist())
-    validation_rows = int(split("validation").mask(rows.keys, label_array).sum())
+
+def _split_filter(
+    config: LifecycleConfig, thresholds: dict[str, int], side: str
+) -> warehouse.SplitFilter:
+    task = config.task
+    group_column = _GROUP_COLUMN if _generative(task.type) else task.label_column
+    return warehouse.SplitFilter(
+        thresholds, task.key_column, group_column, keep=side, seed=config.data.validation.seed
+    )
+
+
+def prepare_training_data(
+    config: LifecycleConfig, rows: TrainingRows | None = None, plan: SplitPlan | None = None
+) -> PreparedData:
+    """Derive labels and the split from the scanned rows, and build the two streams; `plan`:
+    the split plan_split already made of these rows."""
+    data, task = config.data, config.task
+    if rows is None:
+        rows = scan_training_rows(config)
+    if plan is None:
+        plan = plan_split(config, rows)
+    generative = _generative(task.type)
+    labels = [] if generative else _label_set(config, rows.labels)
     source = _trainable_source(config, rows.snapshot_id)
     tokenized = _tokenized_instructions if generative else _tokenized
-    datasets = {
-        side: tokenized(config, labels, source.map_batches(split(side), batch_format="pyarrow"))
-        for side in ("train", "validation")
-    }
+    datasets = {}
+    for side in ("train", "validation"):
+        kept = source.map_batches(
+            _split_filter(config, plan.thresholds, side), batch_format="pyarrow"
+        )
+        datasets[side] = tokenized(config, labels, kept)
     return PreparedData(
         table=data.table,
         snapshot_id=rows.snapshot_id,
         labels=labels,
-        train_rows=len(rows.keys) - validation_rows,
-        validation_rows=validation_rows,
+        train_rows=plan.train_rows,
+        validation_rows=plan.validation_rows,
         datasets=datasets,
         rows_refused=rows.rows_refused,
     )

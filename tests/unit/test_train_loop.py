@@ -397,3 +397,11 @@ def test_the_planned_steps_are_the_steps_an_epoch_runs(
     # One worker's shard of Ray Train's equal split: rows // workers (the split drops the rest).
     stats = _train_epoch(engine, _Shard(rows // workers), train, 0, TrainProgress(), print)
     assert stats["train_steps"] == len(engine.steps) == _steps_per_epoch(rows, workers, train)
+
+
+def test_an_epoch_that_trains_no_batch_is_refused(process_group):
+    """Fewer training rows than workers: every shard is empty and the epoch would report no
+    step and a NaN loss, and its untrained model would be checkpointed and registered."""
+    expected = r"epoch 1 trained no batch: .* load more rows or lower train\.num_workers"
+    with pytest.raises(RuntimeError, match=expected):
+        _train_epoch(_Engine(), _Shard(0), TrainConfig(batch_size=4), 0, TrainProgress(), print)

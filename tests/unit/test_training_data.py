@@ -116,6 +116,25 @@ def test_a_second_label_seen_only_on_unusable_rows_does_not_count(tmp_path, tiny
         finetune.main(config)
 
 
+def test_a_training_split_smaller_than_the_workers_is_refused_before_ray_starts(
+    tmp_path, tiny_bert
+):
+    """4 rows of 2 labels: one of each is held out, 2 are left to train on, and Ray Train's
+    equal split would give each of 3 workers train_rows // num_workers = 0 of them."""
+    config = _load(tmp_path, make_ticket_rows(4, ["a", "b"]), tiny_bert)
+    config.train.num_workers = 3
+    expected = (
+        r"support.tickets@\d+ leaves 2 training row\(s\) after the validation split \(2 held "
+        r"out\), fewer than train.num_workers=3: .* load more rows or lower train.num_workers"
+    )
+    with pytest.raises(ValueError, match=expected):
+        finetune.main(config)
+    from jobs.training_data import plan_split
+
+    config.train.num_workers = 2  # one row each: trains
+    assert plan_split(config, scan_training_rows(config)).train_rows == 2
+
+
 def test_tokenize_never_turns_a_missing_text_into_an_empty_one(tiny_bert):
     batch = pa.table({"text": ["card arrived", None], "category": ["a", "b"]})
     kwargs = {
