@@ -66,14 +66,15 @@ Template = Literal["chat", "plain"]
 def prepare_tokenizer(tokenizer):
     """`tokenizer` with a pad token: its eos token when it has none (Llama's has none), as
     jobs.modeling.load_tokenizer already pads. Padding is never trained on (label -100,
-    attention off), so which token pads does not matter."""
-    if pad_with_eos(tokenizer).pad_token_id is None:
+    attention off), so which token pads does not matter. Refused without an eos token, pad
+    token or not: the plain template ends every answer with it, and a generator stops at it."""
+    if tokenizer.eos_token_id is None:
         raise ValueError(
-            "the tokenizer of model.base has neither a pad nor an eos token; a causal LM "
-            "needs an eos token to learn where an answer ends: use a base whose tokenizer "
-            "defines one"
+            "the tokenizer of model.base has no eos token; a causal LM needs one to learn "
+            "where an answer ends: use a base whose tokenizer defines one (eos_token in its "
+            "tokenizer_config.json)"
         )
-    return tokenizer
+    return pad_with_eos(tokenizer)
 
 
 def resolve_template(tokenizer, setting: str = "auto") -> Template:

@@ -103,6 +103,28 @@ def test_prompt_tokens_are_ignored_by_the_loss(tiny_llama, model):
     assert tokens == 4 and math.isclose(loss.item(), nll / tokens, rel_tol=1e-5)
 
 
+def test_a_tokenizer_with_a_pad_but_no_eos_token_is_refused():
+    """The pad token must not stand in for the eos token a causal LM learns to end with."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(
+        models.WordLevel(vocab={"<pad>": 0, "<unk>": 1, "refund": 2}, unk_token="<unk>")
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>")
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id is None
+    with pytest.raises(ValueError, match="tokenizer of model.base has no eos token"):
+        instruct.prepare_tokenizer(tokenizer)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    base = make_tiny_llama(tmp_path / "no-pad", pad_token=False)
+    tokenizer = instruct.prepare_tokenizer(AutoTokenizer.from_pretrained(base))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
+
+
 def test_pack_rows_fill_rows_up_to_capacity():
     lengths = [5, 2, 8, 5, 6, 4]
     rows = pack_rows(lengths, capacity=10)
