@@ -225,13 +225,17 @@ def accumulate_confusion(state: torch.Tensor, logits: torch.Tensor, targets: tor
 
 
 def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction)."""
+    """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction).
+
+    The macro mean is over the classes that occur in the truth or the predictions, as
+    scikit-learn's f1_score(average="macro") takes it: a class only ever predicted counts,
+    with an F1 of 0; a class neither in this split nor predicted does not."""
     confusion = confusion.astype(np.float64)
     total = confusion.sum()
     true_pos = np.diag(confusion)
     predicted = confusion.sum(axis=0)
     actual = confusion.sum(axis=1)
-    present = actual > 0  # classes absent from this split do not count toward the macro mean
+    present = (actual > 0) | (predicted > 0)
     denom = predicted + actual
     f1 = np.divide(2 * true_pos, denom, out=np.zeros_like(true_pos), where=denom > 0)
     return {
