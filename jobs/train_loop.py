@@ -764,12 +764,7 @@ def _report(
     """The epoch-end checkpoint: weights, tokenizer and raylift.json (rank 0), state/ (all)."""
     import ray.train
 
-    # Under ZeRO-3 the weights are partitioned: every rank joins the gather, rank 0 saves. The
-    # gathered tensors keep the weights' dtype (fp32: mixed precision is autocast), so nothing
-    # is rounded on the way to the checkpoint.
-    state_dict = None
-    if config.train.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    state_dict = _consolidated_weights(engine, config)
     with tempfile.TemporaryDirectory(prefix="raylift-ckpt-") as directory:
         started = time.perf_counter()
         if rank == 0:
@@ -787,6 +782,22 @@ def _report(
         ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
         )
+
+
+def _consolidated_weights(engine, config: LifecycleConfig) -> dict[str, torch.Tensor] | None:
+    """What rank 0's checkpoint saves under ZeRO-3, where the weights are partitioned (a
+    collective: every rank joins the gather; None on the other ranks, and below ZeRO-3, where
+    rank 0 holds every weight itself). The gathered tensors keep the weights' dtype (fp32:
+    mixed precision is autocast), so nothing is rounded on the way to the checkpoint.
+
+    An adapter checkpoint (lora, qlora) holds trainable weights only (peft saves its adapters
+    and a new head), so rank 0 keeps only those: DeepSpeed still gathers each layer in turn,
+    but no longer copies the whole frozen base into rank 0's memory for peft to drop. full and
+    frozen save every weight, so every weight is kept."""
+    if config.train.zero_stage != 3:
+        return None
+    adapters = config.model.method in ("lora", "qlora")
+    return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters)
 
 
 # A mid-epoch checkpoint's score: ranked last in either mode, so Ray Train keeps it only while it

@@ -23,6 +23,7 @@ from jobs.train_loop import (
     LoopInputs,
     TrainProgress,
     _checkpoint_meta,
+    _consolidated_weights,
     _evaluate,
     _setup_engine,
     _train_epoch,
@@ -115,8 +116,10 @@ def test_method_trains_evaluates_and_saves_a_loadable_checkpoint(
 
     metrics = {"epoch": 1, **stats, **after}
     meta = _checkpoint_meta(inputs, config, metrics, precision, tokenizer)
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
+    state_dict = _consolidated_weights(engine, config)  # what the epoch-end checkpoint saves
     save_checkpoint(engine.module, tokenizer, tmp_path / "ckpt", meta, state_dict=state_dict)
+    if stage == 3 and method != "full":
+        _check_adapter_gathered_alone(engine, state_dict, tokenizer, meta, tmp_path)
     loaded = load_checkpoint(tmp_path / "ckpt")
     assert loaded.meta.instruct.packing and loaded.meta.method == method
     assert loaded.tokenizer.pad_token_id == tokenizer.pad_token_id  # saved with the checkpoint
@@ -125,3 +128,26 @@ def test_method_trains_evaluates_and_saves_a_loadable_checkpoint(
     with torch.no_grad():
         reloaded = loaded.model(**encoded).logits[0, -1]
     assert torch.isfinite(reloaded).all()
+
+
+def _check_adapter_gathered_alone(engine, state_dict, tokenizer, meta, tmp_path) -> None:
+    """Under ZeRO-3 an adapter run's rank 0 kept the trainable weights only, not the frozen
+    base, and saved the adapter that gathering every weight saves: the same tensors, and a
+    model that loads from it and answers the same."""
+    from safetensors.torch import load_file
+
+    params = {name for name, _ in engine.module.named_parameters()}
+    trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+    assert trainable and set(state_dict) & params == trainable
+    whole = engine._zero3_consolidated_16bit_state_dict()  # every weight, as it was gathered
+    save_checkpoint(engine.module, tokenizer, tmp_path / "whole", meta, state_dict=whole)
+    saved = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    ids = torch.tensor([[2, 7, 8, 9, 10]])
+    with torch.no_grad():
+        answers = [
+            load_checkpoint(tmp_path / d).model(input_ids=ids).logits for d in ("ckpt", "whole")
+        ]
+    assert torch.equal(*answers)

@@ -22,6 +22,7 @@ from jobs.train_loop import (
     TrainProgress,
     _belongs_to,
     _choose_cpu_allreduce,
+    _consolidated_weights,
     _load_rng,
     _load_trainable_weights,
     _mid_epoch_checkpoint_due,
@@ -405,3 +406,29 @@ def test_an_epoch_that_trains_no_batch_is_refused(process_group):
     expected = r"epoch 1 trained no batch: .* load more rows or lower train\.num_workers"
     with pytest.raises(RuntimeError, match=expected):
         _train_epoch(_Engine(), _Shard(0), TrainConfig(batch_size=4), 0, TrainProgress(), print)
+
+
+# --- what the epoch-end checkpoint gathers under ZeRO-3 ---------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "frozen", "full"])
+def test_zero3_gathers_the_weights_the_method_saves(process_group, tiny_bert, method):
+    """An adapter checkpoint keeps trainable weights only, so rank 0 gathers those and not the
+    frozen base; full and frozen checkpoints save every weight, so every weight is gathered,
+    whole (each parameter at its full shape, not this rank's ZeRO-3 part)."""
+    engine = _engine(tiny_bert, method, 3, seed=0)
+    config = validate_mapping(
+        {
+            "name": "gather",
+            "model": {"base": tiny_bert, "method": method},
+            "train": {"zero_stage": 3},
+        }
+    )
+    gathered = _consolidated_weights(engine, config)
+    params = dict(engine.module.named_parameters())
+    trainable = {name for name, param in params.items() if param.requires_grad}
+    assert (len(trainable) < len(params)) == (method != "full")
+    expected = trainable if method == "lora" else set(params)
+    assert set(gathered) & set(params) == expected
+    for name in expected:
+        assert gathered[name].shape == params[name].ds_shape
