@@ -49,7 +49,9 @@ __all__ = [
     "perplexity_metrics",
     "prepare_tokenizer",
     "prompt_text",
+    "loss_is_mean_token_nll",
     "resolve_template",
+    "scored_tokens",
     "token_nll",
 ]
 
@@ -234,7 +236,27 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return float(nll), int((targets != IGNORE_INDEX).sum())
+    return float(nll), scored_tokens(labels)
+
+
+def scored_tokens(labels: torch.Tensor) -> int:
+    """Tokens next-token prediction scores in a batch: the labels after the first that are not
+    IGNORE_INDEX."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def loss_is_mean_token_nll(model) -> bool:
+    """Whether `model`'s own loss (given labels, and no num_items_in_batch) is the mean of what
+    token_nll sums, in fp32: transformers' ForCausalLMLoss (logits upcast, labels shifted by
+    one, mean over those not IGNORE_INDEX) on a model class transformers ships (remote code
+    computes its loss as it likes), with no auxiliary loss added to it (a mixture of experts'
+    router loss, config.output_router_logits). A peft model's loss is its base model's."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shipped = type(base).__module__.startswith("transformers.models.")
+    router_loss = bool(getattr(base.config, "output_router_logits", False))
+    return shipped and getattr(base, "loss_function", None) is ForCausalLMLoss and not router_loss
 
 
 def perplexity_metrics(nll_sum: float, tokens: float) -> dict[str, float]:

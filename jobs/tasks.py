@@ -11,10 +11,11 @@ loop all-reduces it (a sum), and `metrics(state.numpy())` reads the summed state
 
 Two flags set a task's shape. `generative`: the model writes text (causal-lm); there is no
 label set, the targets are the response tokens (jobs.instruct masks the prompt), `targets` in
-`accumulate` are per-token labels (-100: not scored), and answers come from generation, not
-`postprocess`. `new_head`: the head is created for the task, randomly initialised, so adapter
-methods must train it in full (peft's modules_to_save); a pretrained head (a causal LM's
-lm_head) stays frozen under LoRA and QLoRA.
+`accumulate` are per-token labels (-100: not scored; the loop also passes `loss=`, the model's
+own mean loss of the batch, where that is the mean NLL of those tokens), and answers come from
+generation, not `postprocess`. `new_head`: the head is created for the task, randomly
+initialised, so adapter methods must train it in full (peft's modules_to_save); a pretrained
+head (a causal LM's lm_head) stays frozen under LoRA and QLoRA.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Task:
     head_modules: tuple[str, ...]
     target_ids: Callable[[np.ndarray, dict[str, int]], np.ndarray]
     eval_state: Callable[[int], torch.Tensor]  # n_labels → zeroed float64 sum-reducible state
-    accumulate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # state, logits, ids
+    # state, logits, ids; a generative task also takes loss= (see the module docstring)
+    accumulate: Callable[..., None]
     metrics: Callable[[np.ndarray], dict[str, float]]  # from the all-reduced state
     postprocess: Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]]
     generative: bool = False  # writes text: no labels, per-token targets (see module docstring)
@@ -280,11 +282,24 @@ def token_loss_state(n_labels: int) -> torch.Tensor:
     return torch.zeros(2, dtype=torch.float64)
 
 
-def accumulate_token_loss(state: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """Add one batch's next-token NLL over its non-ignored labels to `state`, in place."""
-    from jobs.instruct import token_nll
+def accumulate_token_loss(
+    state: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: torch.Tensor | None = None,
+) -> None:
+    """Add one batch's next-token NLL over its non-ignored labels to `state`, in place.
 
-    nll, tokens = token_nll(logits, targets)
+    `loss`: the model's own loss of the batch, where it is the mean of that same NLL
+    (jobs.instruct.loss_is_mean_token_nll): the sum is then the mean times the scored tokens,
+    and the logits are not scored a second time."""
+    from jobs.instruct import scored_tokens, token_nll
+
+    if loss is None:
+        nll, tokens = token_nll(logits, targets)
+    else:
+        tokens = scored_tokens(targets)
+        nll = float(loss) * tokens if tokens else 0.0  # no token scored: the mean is NaN
     state[0] += nll
     state[1] += tokens
 

@@ -717,6 +717,11 @@ def _evaluate(
     batches = _stream(shard, train, rng=None)
     device = _rank_device()
     state = task.eval_state(n)  # on the CPU: accumulate moves each batch's figures to it
+    # A causal LM's own loss is the mean NLL of the scored tokens: accumulate takes the sum
+    # from it instead of a second full-vocabulary cross-entropy in fp32.
+    with_loss = task.generative and instruct.loss_is_mean_token_nll(
+        getattr(engine, "module", engine)
+    )
     loss_sum, rows = 0.0, 0
     dummy = None
     while True:
@@ -733,7 +738,10 @@ def _evaluate(
         out = engine(**inputs)
         loss_sum += float(out.loss) * len(item[0])
         rows += len(item[0])
-        task.accumulate(state, out.logits, inputs["labels"])
+        if with_loss:
+            task.accumulate(state, out.logits, inputs["labels"], loss=out.loss)
+        else:
+            task.accumulate(state, out.logits, inputs["labels"])
     state = _summed_over_ranks(state)  # a sum over batches, so over ranks too
     metrics = task.metrics(state.numpy())
     return {

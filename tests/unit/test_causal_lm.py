@@ -125,6 +125,95 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
 
 
+class _Shard:
+    """Tokenized instruction rows, as a worker's validation shard hands them to the loop."""
+
+    def __init__(self, encoded: list[tuple[np.ndarray, np.ndarray]]):
+        self.encoded = encoded
+
+    def iter_batches(self, *, batch_size, **kwargs):
+        for start in range(0, len(self.encoded), batch_size):
+            part = self.encoded[start : start + batch_size]
+            yield {
+                "input_ids": np.array([e[0] for e in part] + [None], dtype=object)[:-1],
+                "targets": np.array([e[1] for e in part] + [None], dtype=object)[:-1],
+            }
+
+
+def test_evaluation_takes_the_models_own_loss_instead_of_scoring_the_logits_again(
+    process_group, tiny_llama, monkeypatch
+):
+    """The LoRA model training evaluates (peft over Llama): its loss is the mean NLL of the
+    scored tokens, so the evaluation's figures from it equal the summed NLL of the logits
+    (jobs.instruct.token_nll, what evaluation computed before) while the full-vocabulary
+    cross-entropy runs once per batch, in the model, not twice."""
+    from jobs.config import ModelConfig, TrainConfig
+    from jobs.modeling import build_model
+    from jobs.train_loop import _evaluate, _stream
+
+    task = get_task("causal-lm")
+    tok = instruct.prepare_tokenizer(load_tokenizer(tiny_llama))
+    pairs = [
+        ("card arrived late", "card_arrival"),
+        ("lost card stolen pin", "lost_card refund"),
+        ("refund", "refund"),
+        ("atm declined payment pending", "refund fee"),
+        ("pin", "lost_card"),
+    ]
+    shard = _Shard([encode_example(tok, p, r, template="chat", max_length=32) for p, r in pairs])
+    torch.manual_seed(0)
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    model = build_model(ModelConfig(base=tiny_llama, method="lora", lora=lora), task, [])
+    model.eval()
+    assert instruct.loss_is_mean_token_nll(model)
+    train = TrainConfig(batch_size=2, length_window=1)
+    collate = BatchInputs(task, tok.pad_token_id)
+
+    nll, tokens, batches = 0.0, 0, 0
+    with torch.no_grad():
+        for item in _stream(shard, train, rng=None):
+            inputs, _ = collate(item, training=False)
+            batch_nll, batch_tokens = instruct.token_nll(model(**inputs).logits, inputs["labels"])
+            nll, tokens, batches = nll + batch_nll, tokens + batch_tokens, batches + 1
+    assert batches == 3 and tokens > batches
+
+    scored = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def counted(*args, **kwargs):
+        scored.append(args[0].shape)
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counted)
+    metrics = _evaluate(model, shard, task, train, 0, tok.pad_token_id, collate)
+    assert len(scored) == batches  # the model's own loss only
+    assert metrics["val_loss"] == pytest.approx(nll / tokens, rel=1e-6)
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-6)
+    assert metrics["val_rows"] == len(pairs)
+
+
+def test_a_batch_without_a_scored_token_adds_nothing():
+    """The model's mean over no token is NaN; the sum it stands for is 0."""
+    task = get_task("causal-lm")
+    state = task.eval_state(0)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    task.accumulate(state, torch.zeros(2, 5, 7), labels, loss=torch.tensor(float("nan")))
+    assert state.tolist() == [0.0, 0.0]
+
+
+def test_a_loss_that_is_not_the_mean_token_nll_is_not_taken(model):
+    """A model that adds a router loss to its own, or a class transformers does not ship (remote
+    code computes its loss as it likes), is scored from its logits."""
+    assert instruct.loss_is_mean_token_nll(model)
+    model.config.output_router_logits = True
+    try:
+        assert not instruct.loss_is_mean_token_nll(model)
+    finally:
+        model.config.output_router_logits = False
+    remote = type("RemoteCodeForCausalLM", (type(model),), {"__module__": "remote_code.modeling"})
+    assert not instruct.loss_is_mean_token_nll(remote(model.config))
+
+
 def test_pack_rows_fill_rows_up_to_capacity():
     lengths = [5, 2, 8, 5, 6, 4]
     rows = pack_rows(lengths, capacity=10)
