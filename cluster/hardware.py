@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Literal
 
-__all__ = ["cpu_has_native_bf16", "cuda_has_native_bf16", "resolve_precision"]
+__all__ = ["cpu_has_native_bf16", "cuda_has_native_bf16", "native_bf16", "resolve_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,28 @@ def cuda_has_native_bf16() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def resolve_precision(requested: str, use_gpu: bool) -> Precision:
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether this process's device computes bf16 natively: its GPU's, else its CPU's."""
+    return cuda_has_native_bf16() if use_gpu else cpu_has_native_bf16()
+
+
+def resolve_precision(requested: str, use_gpu: bool, native: bool | None = None) -> Precision:
     """'auto' → bf16 where the device does it natively, else fp32 on a CPU and fp16
     (DeepSpeed's loss-scaled mode) on a GPU; explicit values honoured, except bf16 on a CPU
-    without native bf16, which falls back to fp32 with a warning."""
-    if use_gpu:
-        if requested == "auto":
-            return "bf16" if cuda_has_native_bf16() else "fp16"
+    without native bf16, which falls back to fp32 with a warning.
+
+    `native`: whether bf16 is native, when that is decided for more than this process (the
+    workers of one training run agree on it: jobs.train_loop); this process's device if None.
+    """
+    if requested not in ("auto", "bf16"):
         return requested  # type: ignore[return-value]
-    native = cpu_has_native_bf16()
+    if native is None:
+        native = native_bf16(use_gpu)
+    if use_gpu:
+        return "bf16" if native or requested == "bf16" else "fp16"
     if requested == "auto":
         return "bf16" if native else "fp32"
-    if requested == "bf16" and not native:
-        log.warning("precision=bf16 asked on a CPU without native bf16: using fp32")
+    if not native:
+        log.warning("precision=bf16 asked where a CPU has no native bf16: using fp32")
         return "fp32"
-    return requested  # type: ignore[return-value]
+    return "bf16"

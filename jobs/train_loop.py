@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.hardware import resolve_precision
+from cluster.hardware import native_bf16, resolve_precision
 from jobs import instruct
 from jobs.checkpoint import AdapterMeta, CheckpointMeta, InstructMeta
 from jobs.config import LifecycleConfig, TrainConfig
@@ -380,7 +380,7 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
     train = config.train
     if not train.use_gpu:  # reading DeepSpeed's op table probes every op (compilers, on a GPU)
         _choose_cpu_allreduce(train.shm_allreduce)
-    precision = resolve_precision(train.precision, train.use_gpu)
+    precision = _agreed_precision(train)
     model = build_model(config.model, task, inputs.labels, precision, zero_stage=train.zero_stage)
     total_steps = max(1, _steps_per_epoch(inputs.train_rows, world_size, train) * train.epochs)
     optimizer = torch.optim.AdamW(_param_groups(model, train, task), lr=train.learning_rate)
@@ -406,6 +406,23 @@ def _steps_per_epoch(train_rows: int, world_size: int, train: TrainConfig) -> in
     if train.max_steps_per_epoch:
         steps = min(steps, train.max_steps_per_epoch)
     return steps
+
+
+def _agreed_precision(train: TrainConfig) -> str:
+    """The precision every rank trains in (a collective: every rank calls it): bf16 only where
+    every rank's device computes it natively. Each rank resolving `auto` on its own hardware
+    would build DeepSpeed engines of different precisions on a mixed cluster (AVX512-BF16 and
+    AVX2-only nodes, or Ampere and older GPUs)."""
+    here = native_bf16(train.use_gpu)
+    _, everywhere = _all_ranks_have(here)
+    precision = resolve_precision(train.precision, train.use_gpu, native=everywhere)
+    if here and not everywhere:
+        print(
+            f"raylift.train: another worker's {'GPU' if train.use_gpu else 'CPU'} has no native "
+            f"bf16: every worker trains in {precision} (train.precision={train.precision})",
+            flush=True,
+        )
+    return precision
 
 
 def _param_groups(model: torch.nn.Module, train: TrainConfig, task: Task) -> list[dict[str, Any]]:
