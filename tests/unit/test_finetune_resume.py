@@ -30,8 +30,16 @@ def config(tmp_path, tiny_bert, monkeypatch):
     return config
 
 
-def _prepared(config, rows) -> PreparedData:
-    return PreparedData(config.data.table, rows.snapshot_id, LABELS, 16, 4, datasets={})
+def _prepared(config, rows, split) -> PreparedData:
+    """prepare_training_data without Ray: the split the driver planned, no streams."""
+    return PreparedData(
+        config.data.table,
+        rows.snapshot_id,
+        LABELS,
+        split.train_rows,
+        split.validation_rows,
+        datasets={},
+    )
 
 
 def _client(config):
