@@ -644,6 +644,7 @@ def _train_epoch(
                 f"{begin.batches} trained before the checkpoint: the training stream changed"
             )
     start = time.perf_counter()
+    checkpoint_due = False  # after the last step; written once the next batch shows up
     while train.max_steps_per_epoch is None or tally.steps < train.max_steps_per_epoch:
         fetch = time.perf_counter()
         item = next(batches, None)
@@ -651,6 +652,8 @@ def _train_epoch(
         _, all_have = _all_ranks_have(item is not None)
         if not all_have:  # a rank ran dry: stop together so ZeRO collectives never hang
             break
+        if checkpoint_due:  # not the epoch's last step: no epoch-end checkpoint follows it
+            _save_mid_epoch(engine, epoch, tally, save_state)
         _train_step(engine, collate(item), tally, item[0])
         if tally.steps % _LOG_EVERY_STEPS == 0 and engine.global_rank == 0:
             rate = tally.fresh_rows / (time.perf_counter() - start - tally.checkpointing)
@@ -660,10 +663,7 @@ def _train_epoch(
                 f"{rate:.0f} rows/s/worker",
                 flush=True,
             )
-        if _mid_epoch_checkpoint_due(train, tally.steps):
-            saving = time.perf_counter()
-            save_state(_progress(engine, epoch, tally.steps, tally.loss_sum, tally.rows))
-            tally.checkpointing += time.perf_counter() - saving
+        checkpoint_due = _mid_epoch_checkpoint_due(train, tally.steps)
     if tally.steps == 0:  # every rank stops at the same step, so every rank raises here
         raise RuntimeError(
             f"epoch {epoch} trained no batch: the training shards of the "
@@ -681,6 +681,15 @@ def _train_epoch(
         "data_wait_fraction": tally.waited / elapsed,
         "learning_rate": float(engine.get_lr()[0]),
     }
+
+
+def _save_mid_epoch(
+    engine, epoch: int, tally: _EpochTally, save_state: Callable[[TrainProgress], None]
+) -> None:
+    """The state after tally.steps batches (the next one is fetched, not yet trained)."""
+    saving = time.perf_counter()
+    save_state(_progress(engine, epoch, tally.steps, tally.loss_sum, tally.rows))
+    tally.checkpointing += time.perf_counter() - saving
 
 
 def _train_step(engine, batch, tally: _EpochTally, sequences: list[np.ndarray]) -> None:
