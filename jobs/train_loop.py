@@ -395,7 +395,29 @@ def _setup_engine(config: LifecycleConfig, task: Task, inputs: LoopInputs, world
         lr_scheduler=schedule,
         config=deepspeed_config(train, precision),
     )
+    note = _capped_epoch_note(train, inputs.train_rows, world_size)
+    if note and engine.global_rank == 0:
+        print(f"raylift.train: {note}", flush=True)
     return engine, precision
+
+
+def _capped_epoch_note(train: TrainConfig, train_rows: int, world_size: int) -> str | None:
+    """What to say once when train.max_steps_per_epoch leaves most of a shard out of reach.
+
+    Every epoch reads a worker's shard from its start (in the same order, with preserve_order),
+    drawing batches from a shuffle buffer of train.shuffle_buffer_rows rows, so a capped epoch
+    only ever trains on about the first cap x batch_size + buffer rows of it."""
+    cap, shard = train.max_steps_per_epoch, train_rows // world_size
+    reach = (cap or 0) * train.batch_size + train.shuffle_buffer_rows
+    if not cap or reach >= shard:
+        return None
+    return (
+        f"train.max_steps_per_epoch={cap} trains {cap * train.batch_size} rows an epoch, and "
+        f"every epoch reads its shard from the start: rows past about the first {reach} of the "
+        f"{shard} in each worker's shard are never trained on; raise train.shuffle_buffer_rows "
+        f"(now {train.shuffle_buffer_rows}) toward {shard} to draw each epoch's rows from the "
+        "whole shard, or raise or drop the cap"
+    )
 
 
 def _steps_per_epoch(train_rows: int, world_size: int, train: TrainConfig) -> int:

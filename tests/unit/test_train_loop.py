@@ -433,3 +433,32 @@ def test_zero3_gathers_the_weights_the_method_saves(process_group, tiny_bert, me
     assert set(gathered) & set(params) == expected
     for name in expected:
         assert gathered[name].shape == params[name].ds_shape
+
+
+@pytest.mark.parametrize(("buffer", "said"), [(16, True), (10_000, False)])
+def test_a_cap_that_never_reaches_most_of_a_shard_is_said_once(
+    process_group, tiny_bert, capsys, buffer, said
+):
+    """2 steps of 8 rows an epoch over a worker's 100 rows: every epoch reads its shard from the
+    start, so with a 16-row shuffle buffer rows past about the 32nd are never trained on, and
+    the run says so once. A buffer as large as the shard draws each epoch's 16 rows from all
+    of it: nothing to say."""
+    config = validate_mapping(
+        {
+            "name": "capped",
+            "model": {"base": tiny_bert, "lora": {"target_modules": ["query", "value"]}},
+            "train": {
+                "batch_size": 8,
+                "epochs": 2,
+                "max_steps_per_epoch": 2,
+                "shuffle_buffer_rows": buffer,
+                "precision": "fp32",
+            },
+        }
+    )
+    inputs = LoopInputs(config=config.model_dump(mode="json"), labels=["a", "b"], train_rows=200)
+    capsys.readouterr()
+    _setup_engine(config, get_task("sequence-classification"), inputs, world_size=2)
+    out = capsys.readouterr().out
+    expected = "rows past about the first 32 of the 100 in each worker's shard are never trained"
+    assert out.count(expected) == int(said)
