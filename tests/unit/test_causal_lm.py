@@ -121,8 +121,11 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
     from transformers import AutoTokenizer
 
     base = make_tiny_llama(tmp_path / "no-pad", pad_token=False)
-    tokenizer = instruct.prepare_tokenizer(AutoTokenizer.from_pretrained(base))
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
+    loaded = AutoTokenizer.from_pretrained(base)
+    assert loaded.pad_token is None
+    tokenizer = instruct.prepare_tokenizer(loaded)
+    assert tokenizer.pad_token == "</s>"
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("</s>")
 
 
 class _Shard:
