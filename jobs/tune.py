@@ -40,11 +40,16 @@ from jobs.finetune import (
 )
 from jobs.halving import SyncHalving, rungs
 from jobs.modeling import check_base_model
-from jobs.rung_gate import NAMESPACE as _GATE_NAMESPACE
+from jobs.rung_gate import NAMESPACE as _RUNS_NAMESPACE  # the rung gates' prefix too
 from jobs.rung_gate import RungGate
 from jobs.scheduler_stops import SchedulerStop, recorded_stop
 from jobs.train_loop import REPORTED_METRICS
-from jobs.training_data import PreparedData, prepare_training_data, scan_training_rows
+from jobs.training_data import (
+    PreparedData,
+    plan_split,
+    prepare_training_data,
+    scan_training_rows,
+)
 from jobs.warehouse._ray_internal import start_data_stats_actor
 from serving import registry, tags
 
@@ -123,9 +128,10 @@ def main(config: LifecycleConfig, resume: bool = False) -> TuneResult:
     # the snapshot the finished ones saw (the config itself, and so its hash, stay as given).
     pinned = {"data.snapshot_id": state["snapshot_id"]} if resume else {}
     rows = scan_training_rows(with_overrides(config, pinned))
+    split = plan_split(config, rows)  # a training split too small for the workers: refused
     init_ray()
     start_data_stats_actor()  # from here, not from a trial: it would die with the trial
-    data = prepare_training_data(config, rows)
+    data = prepare_training_data(config, rows, split)
     lineage = tracking.lineage_tags(config, data.lineage())
     with _parent_run(config, lineage, state.get("parent_run_id")) as parent_run_id:
         _write_state(experiment, parent_run_id, data.snapshot_id, finished=False)
@@ -467,9 +473,6 @@ def _rung_gate(config: LifecycleConfig, setup: _TrialSetup, trial_id: str) -> Ru
 def _trial_config(setup: _TrialSetup, overrides: dict[str, Any]) -> LifecycleConfig:
     """The search's config with a trial's sample applied."""
     return with_overrides(LifecycleConfig.model_validate(setup.base_config), overrides)
-
-
-_RUNS_NAMESPACE = _GATE_NAMESPACE  # the rung gates live under the same prefix
 
 
 def _run_key(setup: _TrialSetup, trial_id: str) -> bytes:

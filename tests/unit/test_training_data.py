@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from jobs import finetune, load
-from jobs.config import validate_mapping
+from jobs import finetune, load, tune
+from jobs.config import LifecycleConfig, validate_mapping
 from jobs.train_loop import INPUT_IDS, TARGETS
 from jobs.training_data import scan_training_rows, tokenize_batch, trainable_rows
 from tests.helpers import make_ticket_rows, run_in_fresh_process
@@ -129,6 +129,12 @@ def test_a_training_split_smaller_than_the_workers_is_refused_before_ray_starts(
     )
     with pytest.raises(ValueError, match=expected):
         finetune.main(config)
+    space = {"train.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}
+    searched = LifecycleConfig.model_validate(
+        {**config.model_dump(), "tune": {"search_space": space, "num_samples": 2}}
+    )
+    with pytest.raises(ValueError, match=expected):
+        tune.main(searched)
     from jobs.training_data import plan_split
 
     config.train.num_workers = 2  # one row each: trains
