@@ -21,7 +21,10 @@ Compute is counted two ways: trial-epochs (epochs each trial trained: those Tune
 its MLflow history holds where a stopped trial finished one more while Tune was stopping it), and
 CPU-seconds of the whole local Ray (driver, GCS, raylet, every trial's workers and data tasks),
 sampled from /proc through psutil (TreeCpu). CPU used by other processes on the machine
-meanwhile is printed beside it: large means the timing was contended.
+meanwhile is printed beside it: large means the timing was contended. Run it through `make
+bench`: where Python may not write bytecode (PYTHONDONTWRITEBYTECODE, which the Makefile clears),
+every Ray process compiles each module it imports, and every trial's start costs more; the
+report says so when that was the case.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import csv
 import json
 import os
 import random
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -269,6 +273,11 @@ def _report(runs: dict[str, SearchRun], cpu_kind: str) -> str:
         + "; CPU-s of other processes on the machine meanwhile: "
         + ", ".join(f"{name} {run.other_cpu_s:.0f}" for name, run in runs.items())
     )
+    if sys.flags.dont_write_bytecode:
+        lines.append(
+            "  NOTE: PYTHONDONTWRITEBYTECODE is set: every Ray process compiled what it imported, "
+            "and the CPU-s include it (run through `make bench`)"
+        )
     return "\n".join(lines)
 
 
@@ -302,6 +311,7 @@ def test_early_stopping_against_full_budget_search(ray_session, root):
                 "rows": PER_CLASS * 77,
                 "trials": TRIALS,
                 "epochs": EPOCHS,
+                "bytecode_written": not sys.flags.dont_write_bytecode,
                 "runs": {name: asdict(run) for name, run in runs.items()},
                 "ratios": {
                     name: {
