@@ -3,8 +3,9 @@
 run `jobs.tune.main` on configs/banking77/minilm_tune.yaml (MiniLM-L6 LoRA, the same search
 space, seed and rung settings: grace 1, reduction factor 3) over a stratified sample of
 BANKING77, 9 trials of at most 9 epochs, so that there are rungs at epochs 1 and 3 and the
-three searches fit about 40 minutes on 2 cores (AVX512-BF16). Run by `make bench`; prints a table
-and ratios and writes them to .raylift/bench/tune_asha.json; asserts nothing about time.
+three searches take about 47 minutes on 2 cores (AVX512-BF16 Zen 4, stop 40). Run by `make
+bench`; prints a table and ratios and writes them to .raylift/bench/tune_asha.json; asserts
+nothing about time.
 RAYLIFT_TUNE_BENCH_SCHEDULERS=sha,fifo runs fewer of the early-stopping searches (fifo, the
 baseline, always runs): on a CPU without native bf16, where training runs in fp32, the three
 take far longer.
