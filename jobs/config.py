@@ -871,6 +871,15 @@ class TuneConfig(_Strict):
         description="Trials running at once; by default as many as the cluster's CPUs fit "
         "(each trial's workers plus its data stages).",
     )
+    max_held_trials: int | None = Field(
+        None,
+        ge=0,
+        description="scheduler sha: trials that may wait at a rung keeping their workers (CPUs "
+        "and memory) outside the running slots, because they are among the best so far, so "
+        "that the rung keeps them without a restart. By default as many as the cluster's CPUs "
+        "leave beside the running trials; never while the node has under a quarter of its "
+        "memory free. 0: only the last trials to reach a rung wait that way.",
+    )
     max_failures: int = Field(
         1, ge=0, description="Times a failed trial is restarted before it counts as failed."
     )

@@ -19,6 +19,16 @@ it for nothing (NOOP), and its workers wait after the rung's checkpoint (jobs.ru
 the rung is decided. If the rung keeps it, the gate opens and it goes on in the same Train run;
 if not, it is stopped. Nothing is trained past an undecided rung either way.
 
+A trial that arrives early but near the rung's decision (the trials still to come fit in two
+rounds of the running slots, _PARK_ROUNDS), and among the best the rung can keep so far (a
+CONTENDER: fewer than the rung's keep have done better), may be PARKED: held the same way,
+outside the running slots, so the next trial starts beside it. Parked trials keep their
+workers' CPUs and memory, so their number is capped (`max_held`: what the cluster's CPUs leave
+beside the running trials and one trial's data stages, jobs.tune) and a park is refused when
+`memory_allows` says the node is short of memory. When the cap is reached, a better contender
+takes the place of the weakest parked one, which is paused. A held or parked trial that later
+arrivals push out of contention is stopped at once; so is an arrival that cannot be kept.
+
 Each STOP is recorded beside the trial's results (jobs.scheduler_stops), which tells the
 trials halving stopped from those the time budget cut.
 
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -43,6 +54,13 @@ from jobs.scheduler_stops import SchedulerStop, record_stop
 __all__ = ["SyncHalving", "rungs"]
 
 log = logging.getLogger(__name__)
+
+# A parked trial's seven Ray processes (its workers, Train's controller and helpers, Tune's trial
+# actor) cost about 0.07 CPU-s per second while they wait, and a restart about 30 CPU-s (2 cores,
+# AVX512-BF16, the bench's sample). Parking from a rung's first arrival on cost the bench about
+# 36 CPU-s of waiting, most of it by trials that later arrivals displaced. So a contender is
+# parked only when the trials still to reach the rung fit in this many rounds of the slots.
+_PARK_ROUNDS = 2
 
 
 def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -68,9 +86,13 @@ class SyncHalving(TrialScheduler):
         num_trials: int,
         max_running: int,
         gate_prefix: str | None = None,
+        max_held: int = 0,
+        memory_allows: Callable[[], bool] | None = None,
     ):
         """gate_prefix: where the trials' workers wait for rung verdicts (jobs.rung_gate: the
-        search's parent run id); None holds no trial, every early arrival is paused."""
+        search's parent run id); None holds no trial, every early arrival is paused.
+        max_held: contenders that may be parked at rungs outside the running slots;
+        memory_allows: asked before each park (None: always)."""
         super().__init__()
         self._time_attr = time_attr
         self._rungs = rungs(grace_period, reduction_factor, max_t)
@@ -83,6 +105,10 @@ class SyncHalving(TrialScheduler):
         self._passed: dict[int, set[str]] = {}  # rung → restored trials already past it
         self._gate_prefix = gate_prefix
         self._held: dict[int, set[str]] = {}  # rung → trials waiting there while running
+        self._parked: set[str] = set()  # held trials outside the running slots (contenders)
+        self._max_held = max_held
+        self._memory_allows = memory_allows
+        self._stopped_ids: set[str] = set()
         self.stopped = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -122,7 +148,19 @@ class SyncHalving(TrialScheduler):
         self._decide(tune_controller, epoch, current=trial)
         if epoch in self._kept:
             return self._verdict(trial, epoch)
+        self._stop_out_of_contention(tune_controller, epoch)
         waiting = f"{len(self._at[epoch])} of {self._num_trials} trials there"
+        if not self._contends(tune_controller, trial.trial_id, epoch):
+            log.info(
+                "tune: trial %s stopped at the rung after epoch %d (%s): %d have done better, "
+                "and the rung keeps at most that many",
+                trial.trial_id,
+                epoch,
+                waiting,
+                self._keep_at_most(tune_controller, epoch),
+            )
+            self._count_stop(trial, epoch)
+            return TrialScheduler.STOP
         if self._may_hold(tune_controller, trial, epoch):
             self._held.setdefault(epoch, set()).add(trial.trial_id)
             log.info(
@@ -137,31 +175,45 @@ class SyncHalving(TrialScheduler):
             # next result would block the trial's actor, and Tune's request to stop it would
             # wait behind that call (up to TUNE_FORCE_TRIAL_CLEANUP_S, 600 s).
             return TrialScheduler.NOOP  # its workers wait at the gate (jobs.rung_gate)
+        if self._may_park(tune_controller, trial, epoch):
+            self._held.setdefault(epoch, set()).add(trial.trial_id)
+            self._parked.add(trial.trial_id)
+            log.info(
+                "tune: trial %s parked at the rung after epoch %d (%s; among the best so far): "
+                "it keeps its workers and goes on without a restart if the rung keeps it",
+                trial.trial_id,
+                epoch,
+                waiting,
+            )
+            return TrialScheduler.NOOP  # as a held trial: its workers wait at the gate
         log.info(
             "tune: trial %s paused at the rung after epoch %d (%s)", trial.trial_id, epoch, waiting
         )
         return TrialScheduler.PAUSE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        self._forget_hold(trial)
         self._decide_waiting(tune_controller)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        self._forget_hold(trial)
         self._decide_waiting(tune_controller)
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        self._forget_hold(trial)
         self._decide_waiting(tune_controller)
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         trials = tune_controller.get_trials()
         self._decide_waiting(tune_controller)
+        self._unpark_kept(tune_controller)  # kept parked trials go on first: no restart
         # Trials the last decision kept first (they finish the bracket), then fresh ones.
-        parked = [t for t in trials if t.status == Trial.PAUSED and not t.is_saving]
+        paused = [t for t in trials if t.status == Trial.PAUSED and not t.is_saving]
         chosen = next(
-            (t for t in parked if self._rung_of(t) is not None and self._may_go_on(t)), None
-        ) or next((t for t in parked if self._rung_of(t) is None), None)
-        # PENDING: chosen and starting (the others wait PAUSED), or restarted after a failure
-        if sum(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials) >= self._max_running:
-            if chosen is not None:
+            (t for t in paused if self._rung_of(t) is not None and self._may_go_on(t)), None
+        ) or next((t for t in paused if self._rung_of(t) is None), None)
+        if self._slots_taken(trials) >= self._max_running:
+            if chosen is not None or self._parked_and_kept(trials):
                 self._release_one_held(tune_controller)
             return None
         return chosen
@@ -170,7 +222,7 @@ class SyncHalving(TrialScheduler):
         at = ", ".join(f"epoch {r}: {len(self._at[r])}" for r in self._rungs)
         return (
             f"Synchronous successive halving: rungs at epochs {self._rungs}, factor "
-            f"{self._factor:g}; reached {at}; {self.stopped} stopped."
+            f"{self._factor:g}; reached {at}; {len(self._parked)} parked; {self.stopped} stopped."
         )
 
     # --- decisions -----------------------------------------------------------------------
@@ -197,6 +249,146 @@ class SyncHalving(TrialScheduler):
         value = self._at[rung].get(trial.trial_id)
         record_stop(trial, SchedulerStop("sha", rung, self._metric, value))
 
+    def _count_stop(self, trial: Trial, rung: int) -> None:
+        """Record the stop of `trial` at `rung` once, and count it."""
+        if trial.trial_id in self._stopped_ids:
+            return
+        self._stopped_ids.add(trial.trial_id)
+        self._record_stop(trial, rung)
+        self.stopped += 1
+
+    def _slots_taken(self, trials: list[Trial]) -> int:
+        """Trials in the running slots: RUNNING or PENDING (chosen and starting, or restarted
+        after a failure), parked ones left out."""
+        parked = self._parked
+        return sum(
+            t.status == Trial.PENDING or (t.status == Trial.RUNNING and t.trial_id not in parked)
+            for t in trials
+        )
+
+    def _may_reach(self, tune_controller, rung: int) -> int:
+        """Trials that reached `rung` or may still: all but those that ended before it."""
+        arrived = self._at[rung]
+        ended = sum(
+            t.status in (Trial.TERMINATED, Trial.ERROR) and t.trial_id not in arrived
+            for t in tune_controller.get_trials()
+        )
+        return self._num_trials - ended
+
+    def _keep_at_most(self, tune_controller, rung: int) -> int:
+        """The most trials `rung` can keep (its keep only shrinks as trials end before it)."""
+        return max(1, math.floor(self._may_reach(tune_controller, rung) / self._factor))
+
+    def _still_to_arrive(self, tune_controller, rung: int) -> int:
+        return self._may_reach(tune_controller, rung) - len(self._at[rung])
+
+    def _score(self, trial_id: str, rung: int) -> float:
+        """The trial's metric at `rung`, higher is better whatever the mode."""
+        value = self._at[rung][trial_id]
+        return value if self._mode == "max" else -value
+
+    def _better(self, trial_id: str, rung: int) -> int:
+        """How many trials did strictly better at `rung` than `trial_id`."""
+        mine = self._score(trial_id, rung)
+        return sum(self._score(other, rung) > mine for other in self._at[rung])
+
+    def _contends(self, tune_controller, trial_id: str, rung: int) -> bool:
+        """Whether the rung may still keep `trial_id`: fewer trials than it can keep did better."""
+        return self._better(trial_id, rung) < self._keep_at_most(tune_controller, rung)
+
+    def _stop_out_of_contention(self, tune_controller, rung: int) -> None:
+        """Stop the trials held at the undecided `rung` that arrivals pushed out of contention:
+        they free their CPUs and memory now rather than when the rung is decided."""
+        for trial in tune_controller.get_trials():
+            if trial.trial_id not in self._held.get(rung, ()) or trial.status != Trial.RUNNING:
+                continue
+            if not self._contends(tune_controller, trial.trial_id, rung):
+                log.info(
+                    "tune: trial %s, held at the rung after epoch %d, stopped: later arrivals "
+                    "did better",
+                    trial.trial_id,
+                    rung,
+                )
+                self._unhold(trial.trial_id, rung)
+                self._count_stop(trial, rung)
+                tune_controller.stop_trial(trial)
+
+    def _may_park(self, tune_controller, trial: Trial, rung: int) -> bool:
+        """Whether the contender `trial` may wait at `rung` outside the running slots: the
+        cap leaves room (or it is better than the weakest parked contender there, which is
+        paused to make room), and the node has the memory."""
+        if self._max_held <= 0 or self._gate_prefix is None:
+            return False
+        if not callable(getattr(tune_controller, "_schedule_trial_train", None)):
+            return False
+        if self._still_to_arrive(tune_controller, rung) > _PARK_ROUNDS * self._max_running:
+            return False  # the rung is far from decided: waiting would cost more than a restart
+        if self._memory_allows is not None and not self._memory_allows():
+            return False
+        if len(self._parked) < self._max_held:
+            return True
+        rivals = [
+            t
+            for t in tune_controller.get_trials()
+            if t.trial_id in self._parked
+            and t.trial_id in self._held.get(rung, ())
+            and t.status == Trial.RUNNING
+        ]
+        if not rivals:
+            return False
+        weakest = min(rivals, key=lambda t: self._score(t.trial_id, rung))
+        if self._score(weakest.trial_id, rung) >= self._score(trial.trial_id, rung):
+            return False
+        log.info(
+            "tune: trial %s, parked at the rung after epoch %d, paused to make room for the "
+            "better %s",
+            weakest.trial_id,
+            rung,
+            trial.trial_id,
+        )
+        self._unhold(weakest.trial_id, rung)
+        tune_controller.pause_trial(weakest)
+        return True
+
+    def _unhold(self, trial_id: str, rung: int) -> None:
+        self._held.get(rung, set()).discard(trial_id)
+        self._parked.discard(trial_id)
+
+    def _forget_hold(self, trial: Trial) -> None:
+        for rung in self._rungs:
+            self._unhold(trial.trial_id, rung)
+
+    def _parked_and_kept(self, trials: list[Trial]) -> bool:
+        """Whether a parked trial that its rung kept waits for a running slot."""
+        return any(
+            t.trial_id in self._parked and t.trial_id in self._kept.get(rung, ())
+            for t in trials
+            for rung in self._rungs
+            if t.trial_id in self._held.get(rung, ())
+        )
+
+    def _unpark_kept(self, tune_controller) -> None:
+        """Parked trials their rung kept go on, best first, while the running slots allow."""
+        trials = tune_controller.get_trials()
+        for rung in self._rungs:
+            if rung not in self._kept:
+                continue
+            waiting = sorted(
+                (
+                    t
+                    for t in trials
+                    if t.trial_id in self._parked
+                    and t.trial_id in self._held.get(rung, ())
+                    and t.status == Trial.RUNNING
+                ),
+                key=lambda t: -self._score(t.trial_id, rung),
+            )
+            for trial in waiting:
+                if self._slots_taken(trials) >= self._max_running:
+                    return
+                self._parked.discard(trial.trial_id)
+                self._go_on(tune_controller, trial, rung)
+
     def _may_hold(self, tune_controller, trial: Trial, rung: int) -> bool:
         """Whether `trial`, just arrived at the undecided `rung`, may keep its CPUs while it
         waits: no other trial waits for CPUs (every one still to reach the rung is running)."""
@@ -210,8 +402,8 @@ class SyncHalving(TrialScheduler):
         for other in trials:
             if other is trial or other.trial_id in self._at[rung]:
                 continue
-            if other.status == Trial.PAUSED:
-                return False  # it waits for CPUs to reach the rung
+            if other.status == Trial.PAUSED or other.trial_id in self._parked:
+                return False  # it waits for CPUs (or, parked and kept, for a slot)
         return True
 
     def _release_one_held(self, tune_controller) -> None:
@@ -220,6 +412,8 @@ class SyncHalving(TrialScheduler):
         rung's decision stops it later if it is not kept."""
         for rung in self._rungs:
             for trial in tune_controller.get_trials():
+                if trial.trial_id in self._parked:
+                    continue  # outside the slots: it keeps no trial from starting
                 if trial.trial_id in self._held.get(rung, ()) and trial.status == Trial.RUNNING:
                     log.warning(
                         "tune: trial %s, held at the rung after epoch %d, goes on before the "
@@ -237,7 +431,7 @@ class SyncHalving(TrialScheduler):
         tune_controller._schedule_trial_train(trial)
 
     def _open_gate(self, trial_id: str, rung: int) -> None:
-        self._held.get(rung, set()).discard(trial_id)
+        self._unhold(trial_id, rung)
         if self._gate_prefix is not None:
             open_gate(self._gate_prefix, trial_id, rung)
 
@@ -271,14 +465,25 @@ class SyncHalving(TrialScheduler):
         ranked = sorted(arrived, key=lambda tid: sign * arrived[tid], reverse=True)
         keep = max(1, math.floor(len(ranked) / self._factor))
         self._kept[rung] = set(ranked[:keep])
-        held = self._held.pop(rung, set())
+        held = set(self._held.get(rung, ()))
         for trial in trials:
             if trial.trial_id in arrived and trial.trial_id not in self._kept[rung]:
-                # paused, pausing, held, or released from its hold (_release_one_held)
+                # paused, pausing, held, parked, or released from its hold (_release_one_held)
+                self._unhold(trial.trial_id, rung)
                 ended = trial.status in (Trial.TERMINATED, Trial.ERROR)
-                if trial is not current and not ended:
-                    self._record_stop(trial, rung)  # the current one: in _verdict
+                if trial is current:
+                    self._stopped_ids.add(trial.trial_id)  # recorded in _verdict
+                    self.stopped += 1
+                elif not ended:
+                    self._count_stop(trial, rung)
                     tune_controller.stop_trial(trial)
-                self.stopped += 1
-            elif trial.trial_id in held and trial.status == Trial.RUNNING:
+                elif trial.trial_id not in self._stopped_ids:
+                    self._stopped_ids.add(trial.trial_id)  # it failed after it arrived
+                    self.stopped += 1
+            elif (
+                trial.trial_id in held
+                and trial.status == Trial.RUNNING
+                and trial.trial_id not in self._parked  # parked: _unpark_kept, below
+            ):
                 self._go_on(tune_controller, trial, rung)  # kept: on in the same Train run
+        self._unpark_kept(tune_controller)  # kept parked ones: as the slots allow

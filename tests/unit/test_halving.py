@@ -284,3 +284,113 @@ def test_a_held_trial_goes_on_when_another_needs_its_cpus_and_the_rung_still_jud
     assert _report(scheduler, controller, trials[1], 1, 0.9) == TrialScheduler.CONTINUE
     assert controller.stopped == ["t0"]  # the rung judged it all the same
     assert _stop_of(trials[0]) == SchedulerStop("sha", 1, "val_accuracy", 0.1)
+
+
+# --- parking: contenders wait at a rung outside the running slots ----------------------------
+
+
+class _PausingController(_Controller):
+    def __init__(self, trials):
+        super().__init__(trials)
+        self.paused: list[str] = []
+
+    def pause_trial(self, trial, should_checkpoint=True):
+        trial.status = Trial.PAUSED
+        self.paused.append(trial.trial_id)
+
+
+def _parking(num_trials, max_held, factor=3, memory=True) -> SyncHalving:
+    scheduler = SyncHalving(
+        time_attr="epoch",
+        max_t=2,
+        grace_period=1,
+        reduction_factor=factor,
+        num_trials=num_trials,
+        max_running=1,
+        gate_prefix="parent",
+        max_held=max_held,
+        memory_allows=lambda: memory,
+    )
+    scheduler.set_search_properties("val_accuracy", "max")
+    return scheduler
+
+
+def _start(scheduler, controller, trial):
+    assert scheduler.choose_trial_to_run(controller) is trial
+    trial.status = Trial.PENDING  # Tune starts it
+
+
+def test_a_contender_is_parked_beside_the_next_trial_and_goes_on_without_a_restart(gates):
+    """t0 leads when it arrives while t1 and t2 wait for the one slot: parked, not paused. t1
+    starts beside it; t1 and t2 cannot be kept once they arrive behind t0 and stop at once; t0,
+    kept, goes on in its own Train run as soon as the slot is free."""
+    trials = [_Trial(f"t{i}") for i in range(3)]
+    controller = _PausingController(trials)
+    scheduler = _parking(num_trials=3, max_held=1)  # factor 3: the rung keeps 1
+    _add(scheduler, controller, trials)
+    _start(scheduler, controller, trials[0])
+    assert _report(scheduler, controller, trials[0], 1, 0.9) == TrialScheduler.NOOP
+    assert trials[0].status == Trial.RUNNING and gates == []  # parked at the gate
+    _start(scheduler, controller, trials[1])  # the slot is free: parked trials are outside
+    assert _report(scheduler, controller, trials[1], 1, 0.5) == TrialScheduler.STOP  # behind t0
+    assert _stop_of(trials[1]) == SchedulerStop("sha", 1, "val_accuracy", 0.5)
+    _start(scheduler, controller, trials[2])
+    assert _report(scheduler, controller, trials[2], 1, 0.7) == TrialScheduler.STOP  # decided
+    assert scheduler.choose_trial_to_run(controller) is None  # nothing to start: t0 goes on
+    assert gates == [("parent", "t0", 1)] and controller.asked == ["t0"]
+    assert controller.paused == [] and scheduler.stopped == 2
+    assert _stop_of(trials[0]) is None
+
+
+def test_a_contender_parks_near_the_decision_and_takes_the_place_of_a_weaker_one(gates):
+    """5 trials, one slot, the rung keeps 2. The first two arrive while 3 or more trials are
+    still to come, too early to wait: paused. t2 arrives with 2 to come and leads: parked. t3,
+    better still, takes its place (t2, still second, is paused). The rung keeps t3 (no restart)
+    and t2 (restarted)."""
+    trials = [_Trial(f"t{i}") for i in range(5)]
+    controller = _PausingController(trials)
+    scheduler = _parking(num_trials=5, max_held=1, factor=2)
+    _add(scheduler, controller, trials)
+    for trial, score in zip(trials[:2], [0.5, 0.4], strict=True):
+        _start(scheduler, controller, trial)
+        assert _report(scheduler, controller, trial, 1, score) == TrialScheduler.PAUSE
+    _start(scheduler, controller, trials[2])
+    assert _report(scheduler, controller, trials[2], 1, 0.6) == TrialScheduler.NOOP
+    _start(scheduler, controller, trials[3])
+    assert _report(scheduler, controller, trials[3], 1, 0.8) == TrialScheduler.NOOP
+    assert controller.paused == ["t2"] and controller.stopped == []
+    _start(scheduler, controller, trials[4])
+    assert _report(scheduler, controller, trials[4], 1, 0.1) == TrialScheduler.STOP
+    assert sorted(controller.stopped) == ["t0", "t1"]
+    assert scheduler.choose_trial_to_run(controller) is None  # t3, parked and kept, goes on
+    assert gates == [("parent", "t3", 1)] and controller.asked == ["t3"]
+    trials[3].status = Trial.TERMINATED  # it finishes (max_t 2)
+    assert scheduler.choose_trial_to_run(controller) is trials[2]  # kept, restarted
+    assert scheduler.stopped == 3
+
+
+def test_a_parked_trial_that_an_arrival_pushes_out_of_contention_is_stopped_at_once(gates):
+    trials = [_Trial(f"t{i}") for i in range(5)]
+    controller = _PausingController(trials)
+    scheduler = _parking(num_trials=5, max_held=1, factor=2)
+    _add(scheduler, controller, trials)
+    for trial, score in zip(trials[:2], [0.9, 0.5], strict=True):
+        _start(scheduler, controller, trial)
+        assert _report(scheduler, controller, trial, 1, score) == TrialScheduler.PAUSE
+    _start(scheduler, controller, trials[2])
+    assert _report(scheduler, controller, trials[2], 1, 0.6) == TrialScheduler.NOOP  # second
+    _start(scheduler, controller, trials[3])
+    assert _report(scheduler, controller, trials[3], 1, 0.8) == TrialScheduler.NOOP
+    assert controller.stopped == ["t2"]  # third now: it frees its CPUs and memory at once
+    assert _stop_of(trials[2]) == SchedulerStop("sha", 1, "val_accuracy", 0.6)
+    assert controller.paused == []
+
+
+@pytest.mark.parametrize("max_held, memory", [(0, True), (1, False)])
+def test_no_parking_without_room_or_memory(gates, max_held, memory):
+    trials = [_Trial(f"t{i}") for i in range(3)]
+    controller = _PausingController(trials)
+    scheduler = _parking(num_trials=3, max_held=max_held, memory=memory)
+    _add(scheduler, controller, trials)
+    _start(scheduler, controller, trials[0])
+    assert _report(scheduler, controller, trials[0], 1, 0.9) == TrialScheduler.PAUSE

@@ -242,6 +242,43 @@ def test_max_concurrent_trials_above_what_fits_runs_what_fits_and_says_so(caplog
     assert "max_concurrent_trials" not in caplog.text
 
 
+def _held(
+    workers: int, cpus: float, cluster: dict, samples: int = 9, gpu: bool = False, **tune
+) -> int:
+    from jobs.tune import concurrent_trials, held_trials
+
+    config = validate_mapping(
+        {
+            "name": "sizing",
+            "train": {"num_workers": workers, "cpus_per_worker": cpus, "use_gpu": gpu},
+            "tune": {"num_samples": samples, "scheduler": "sha", **tune},
+        }
+    )
+    return held_trials(config, cluster, concurrent_trials(config, cluster))
+
+
+def test_parked_trials_keep_only_the_cpus_the_running_trials_and_a_read_task_leave():
+    """sha parks contenders at a rung with their workers' CPUs: 2 running trials of one 0.5-CPU
+    worker on 4 logical CPUs take 1.02 for workers and leave 1 for a read task; 3 parked ones
+    fit in the 1.98 left. Never more than the first rung keeps (9 trials, factor 3: 3)."""
+    factor3 = {"asha": {"reduction_factor": 3}}
+    assert _held(1, 0.5, {"CPU": 4.0}, **factor3) == 3
+    assert _held(1, 0.5, {"CPU": 3.0}, **factor3) == 2  # 1 running: 3 - 0.51 - 1 = 1.49
+    assert _held(1, 0.5, {"CPU": 4.0}, max_held_trials=1, **factor3) == 1
+    assert _held(1, 0.5, {"CPU": 4.0}, max_held_trials=0, **factor3) == 0
+    assert _held(1, 0.5, {"CPU": 64.0}, **factor3) == 3  # what the first rung keeps
+    assert _held(1, 0.5, {"CPU": 64.0}, max_held_trials=8, **factor3) == 8
+    assert _held(2, 1, {"CPU": 4.0}, **factor3) == 0  # one trial fills it
+    assert _held(1, 1, {"CPU": 64.0, "GPU": 2.0}, gpu=True, **factor3) == 0  # both GPUs run
+    one_running = {"max_concurrent_trials": 1, **factor3}
+    assert _held(1, 1, {"CPU": 64.0, "GPU": 3.0}, gpu=True, **one_running) == 2  # 2 GPUs free
+
+
+def test_max_held_trials_must_not_be_negative():
+    with pytest.raises(ConfigError, match="tune.max_held_trials"):
+        validate_mapping({"name": "x", "tune": {"max_held_trials": -1}})
+
+
 # --- tune.searcher: optuna --------------------------------------------------------------------
 
 SPACE = {
