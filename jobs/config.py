@@ -846,8 +846,9 @@ class TuneConfig(_Strict):
         "halving, trials wait at each rung until all have reached it, then the best "
         "1/reduction_factor go on (best when the cluster runs few trials at once: the first "
         "trials at an ASHA rung have no peers and always go on); a waiting trial is paused "
-        "and later restarted from its checkpoint, or, when no other trial needs its CPUs, held "
-        "in its Train run; fifo: every trial runs every epoch.",
+        "and later restarted from its checkpoint, or held in its Train run when no other trial "
+        "needs its CPUs, or when it is among the best so far near the rung's decision "
+        "(tune.max_held_trials); fifo: every trial runs every epoch.",
     )
     asha: AshaConfig = Field(
         default_factory=AshaConfig,
