@@ -320,6 +320,29 @@ def _start(scheduler, controller, trial):
     trial.status = Trial.PENDING  # Tune starts it
 
 
+def _arrive(scheduler, controller, trial, score):
+    """`trial` starts in the free slot and reports `score` at the rung after epoch 1."""
+    _start(scheduler, controller, trial)
+    return _report(scheduler, controller, trial, 1, score)
+
+
+def _arrivals(scheduler, controller, trials, scores):
+    """The decisions as the first len(scores) trials arrive, one after the other."""
+    return [
+        _arrive(scheduler, controller, trial, score)
+        for trial, score in zip(trials[: len(scores)], scores, strict=True)
+    ]
+
+
+def _five_trials_one_slot():
+    """5 trials, one slot, at most one parked; the rung keeps 2."""
+    trials = [_Trial(f"t{i}") for i in range(5)]
+    controller = _PausingController(trials)
+    scheduler = _parking(num_trials=5, max_held=1, factor=2)
+    _add(scheduler, controller, trials)
+    return trials, controller, scheduler
+
+
 def test_a_contender_is_parked_beside_the_next_trial_and_goes_on_without_a_restart(gates):
     """t0 leads when it arrives while t1 and t2 wait for the one slot: parked, not paused. t1
     starts beside it; t1 and t2 cannot be kept once they arrive behind t0 and stop at once; t0,
@@ -328,14 +351,12 @@ def test_a_contender_is_parked_beside_the_next_trial_and_goes_on_without_a_resta
     controller = _PausingController(trials)
     scheduler = _parking(num_trials=3, max_held=1)  # factor 3: the rung keeps 1
     _add(scheduler, controller, trials)
-    _start(scheduler, controller, trials[0])
-    assert _report(scheduler, controller, trials[0], 1, 0.9) == TrialScheduler.NOOP
+    assert _arrive(scheduler, controller, trials[0], 0.9) == TrialScheduler.NOOP
     assert trials[0].status == Trial.RUNNING and gates == []  # parked at the gate
-    _start(scheduler, controller, trials[1])  # the slot is free: parked trials are outside
-    assert _report(scheduler, controller, trials[1], 1, 0.5) == TrialScheduler.STOP  # behind t0
+    # the slot is free (parked trials are outside it); t1 arrives behind t0: stopped at once
+    assert _arrive(scheduler, controller, trials[1], 0.5) == TrialScheduler.STOP
     assert _stop_of(trials[1]) == SchedulerStop("sha", 1, "val_accuracy", 0.5)
-    _start(scheduler, controller, trials[2])
-    assert _report(scheduler, controller, trials[2], 1, 0.7) == TrialScheduler.STOP  # decided
+    assert _arrive(scheduler, controller, trials[2], 0.7) == TrialScheduler.STOP  # decided
     assert scheduler.choose_trial_to_run(controller) is None  # nothing to start: t0 goes on
     assert gates == [("parent", "t0", 1)] and controller.asked == ["t0"]
     assert controller.paused == [] and scheduler.stopped == 2
@@ -343,24 +364,14 @@ def test_a_contender_is_parked_beside_the_next_trial_and_goes_on_without_a_resta
 
 
 def test_a_contender_parks_near_the_decision_and_takes_the_place_of_a_weaker_one(gates):
-    """5 trials, one slot, the rung keeps 2. The first two arrive while 3 or more trials are
-    still to come, too early to wait: paused. t2 arrives with 2 to come and leads: parked. t3,
-    better still, takes its place (t2, still second, is paused). The rung keeps t3 (no restart)
-    and t2 (restarted)."""
-    trials = [_Trial(f"t{i}") for i in range(5)]
-    controller = _PausingController(trials)
-    scheduler = _parking(num_trials=5, max_held=1, factor=2)
-    _add(scheduler, controller, trials)
-    for trial, score in zip(trials[:2], [0.5, 0.4], strict=True):
-        _start(scheduler, controller, trial)
-        assert _report(scheduler, controller, trial, 1, score) == TrialScheduler.PAUSE
-    _start(scheduler, controller, trials[2])
-    assert _report(scheduler, controller, trials[2], 1, 0.6) == TrialScheduler.NOOP
-    _start(scheduler, controller, trials[3])
-    assert _report(scheduler, controller, trials[3], 1, 0.8) == TrialScheduler.NOOP
+    """The first two arrive while 3 or more trials are still to come, too early to wait:
+    paused. t2 arrives with 2 to come and leads: parked. t3, better still, takes its place (t2,
+    still second, is paused). The rung keeps t3 (no restart) and t2 (restarted)."""
+    trials, controller, scheduler = _five_trials_one_slot()
+    decisions = _arrivals(scheduler, controller, trials, [0.5, 0.4, 0.6, 0.8])
+    assert decisions == [TrialScheduler.PAUSE] * 2 + [TrialScheduler.NOOP] * 2
     assert controller.paused == ["t2"] and controller.stopped == []
-    _start(scheduler, controller, trials[4])
-    assert _report(scheduler, controller, trials[4], 1, 0.1) == TrialScheduler.STOP
+    assert _arrive(scheduler, controller, trials[4], 0.1) == TrialScheduler.STOP
     assert sorted(controller.stopped) == ["t0", "t1"]
     assert scheduler.choose_trial_to_run(controller) is None  # t3, parked and kept, goes on
     assert gates == [("parent", "t3", 1)] and controller.asked == ["t3"]
@@ -370,17 +381,9 @@ def test_a_contender_parks_near_the_decision_and_takes_the_place_of_a_weaker_one
 
 
 def test_a_parked_trial_that_an_arrival_pushes_out_of_contention_is_stopped_at_once(gates):
-    trials = [_Trial(f"t{i}") for i in range(5)]
-    controller = _PausingController(trials)
-    scheduler = _parking(num_trials=5, max_held=1, factor=2)
-    _add(scheduler, controller, trials)
-    for trial, score in zip(trials[:2], [0.9, 0.5], strict=True):
-        _start(scheduler, controller, trial)
-        assert _report(scheduler, controller, trial, 1, score) == TrialScheduler.PAUSE
-    _start(scheduler, controller, trials[2])
-    assert _report(scheduler, controller, trials[2], 1, 0.6) == TrialScheduler.NOOP  # second
-    _start(scheduler, controller, trials[3])
-    assert _report(scheduler, controller, trials[3], 1, 0.8) == TrialScheduler.NOOP
+    trials, controller, scheduler = _five_trials_one_slot()
+    decisions = _arrivals(scheduler, controller, trials, [0.9, 0.5, 0.6, 0.8])
+    assert decisions == [TrialScheduler.PAUSE] * 2 + [TrialScheduler.NOOP] * 2  # t2 was second
     assert controller.stopped == ["t2"]  # third now: it frees its CPUs and memory at once
     assert _stop_of(trials[2]) == SchedulerStop("sha", 1, "val_accuracy", 0.6)
     assert controller.paused == []
