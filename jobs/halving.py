@@ -296,12 +296,20 @@ class SyncHalving(TrialScheduler):
         """Whether the rung may still keep `trial_id`: fewer trials than it can keep did better."""
         return self._better(trial_id, rung) < self._keep_at_most(tune_controller, rung)
 
+    def _waiting_at(self, trials: list[Trial], rung: int, parked_only: bool) -> list[Trial]:
+        """The trials held (or, with parked_only, parked) at `rung` that still wait there."""
+        return [
+            t
+            for t in trials
+            if t.trial_id in self._held.get(rung, ())
+            and t.status == Trial.RUNNING
+            and (not parked_only or t.trial_id in self._parked)
+        ]
+
     def _stop_out_of_contention(self, tune_controller, rung: int) -> None:
         """Stop the trials held at the undecided `rung` that arrivals pushed out of contention:
         they free their CPUs and memory now rather than when the rung is decided."""
-        for trial in tune_controller.get_trials():
-            if trial.trial_id not in self._held.get(rung, ()) or trial.status != Trial.RUNNING:
-                continue
+        for trial in self._waiting_at(tune_controller.get_trials(), rung, parked_only=False):
             if not self._contends(tune_controller, trial.trial_id, rung):
                 log.info(
                     "tune: trial %s, held at the rung after epoch %d, stopped: later arrivals "
@@ -327,13 +335,7 @@ class SyncHalving(TrialScheduler):
             return False
         if len(self._parked) < self._max_held:
             return True
-        rivals = [
-            t
-            for t in tune_controller.get_trials()
-            if t.trial_id in self._parked
-            and t.trial_id in self._held.get(rung, ())
-            and t.status == Trial.RUNNING
-        ]
+        rivals = self._waiting_at(tune_controller.get_trials(), rung, parked_only=True)
         if not rivals:
             return False
         weakest = min(rivals, key=lambda t: self._score(t.trial_id, rung))
@@ -374,13 +376,7 @@ class SyncHalving(TrialScheduler):
             if rung not in self._kept:
                 continue
             waiting = sorted(
-                (
-                    t
-                    for t in trials
-                    if t.trial_id in self._parked
-                    and t.trial_id in self._held.get(rung, ())
-                    and t.status == Trial.RUNNING
-                ),
+                self._waiting_at(trials, rung, parked_only=True),
                 key=lambda t: -self._score(t.trial_id, rung),
             )
             for trial in waiting:

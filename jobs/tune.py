@@ -349,8 +349,9 @@ def memory_allows_holding() -> bool:
     return memory.available >= _HOLD_FREE_MEMORY * memory.total
 
 
-def _scheduler(config: LifecycleConfig, concurrent: int, gate_prefix: str):
-    import ray
+def _scheduler(
+    config: LifecycleConfig, cluster: dict[str, float], concurrent: int, gate_prefix: str
+):
     from ray.tune.schedulers import FIFOScheduler
 
     if config.tune.scheduler == "fifo":
@@ -367,7 +368,7 @@ def _scheduler(config: LifecycleConfig, concurrent: int, gate_prefix: str):
             num_trials=config.tune.num_samples,
             max_running=concurrent,
             gate_prefix=gate_prefix,  # each trial's workers wait there (_rung_gate)
-            max_held=held_trials(config, ray.cluster_resources(), concurrent),
+            max_held=held_trials(config, cluster, concurrent),
             memory_allows=memory_allows_holding,
         )
     from jobs.asha import ResumableASHA  # ASHA whose rungs survive --resume
@@ -435,7 +436,8 @@ def _tuner(
     if resume:
         # Finished trials keep their results; unfinished ones start their Train run again.
         return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-    concurrent = concurrent_trials(config, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    concurrent = concurrent_trials(config, cluster)
     log.info("tune: %d trials, %d at a time", config.tune.num_samples, concurrent)
     tables, epochs = progress_bars_wanted(), config.train.epochs
     storage, _, name = experiment.rpartition("/")
@@ -446,7 +448,7 @@ def _tuner(
             metric=setup.metric,
             mode=setup.mode,
             num_samples=config.tune.num_samples,
-            scheduler=_scheduler(config, concurrent, setup.parent_run_id),
+            scheduler=_scheduler(config, cluster, concurrent, setup.parent_run_id),
             search_alg=_search_alg(config, concurrent),
             time_budget_s=config.tune.time_budget_s,
         ),
