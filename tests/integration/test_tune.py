@@ -38,6 +38,7 @@ LABELS = ["card_arrival", "lost_card", "refund"]
 # epoch after ASHA decided it (seen: every trial reported 2 of 2 epochs): epochs 3 and 4 are the
 # slack that keeps a stopped trial below max_t.
 EPOCHS = 4
+LEARNS_FIRST = [3.0e-2, 3.0e-2, 1.0e-6, 3.0e-2]  # train.learning_rate of trials 0-3 (tune.seed)
 
 
 def _config(root: Path, tiny_bert: str):
@@ -66,7 +67,13 @@ def _config(root: Path, tiny_bert: str):
             "metric": "val_loss",  # continuous: no ties at an ASHA rung
             "mode": "min",
             "asha": {"grace_period": 1, "reduction_factor": 2},
-            "seed": 3,
+            # Seed 4 draws rates [3e-2, 3e-2, 1e-6, 3e-2] (LEARNS_FIRST): the two trials that
+            # start first learn, and the non-learner starts once one of them has ended, so the
+            # first rung holds only learners' values when it arrives there, and ASHA stops it
+            # whatever order the trials reach the rung in. (Seed 3 drew [3e-2, 1e-6, 1e-6, 3e-2]:
+            # a non-learner could reach the rung first, a second one a hair better than it next,
+            # and nothing was stopped.)
+            "seed": 4,
             "max_concurrent_trials": 2,
         },
         registry={"experiment": "tune", "model_name": "tune-tiny"},
@@ -184,10 +191,17 @@ def _reported(config) -> dict[str, tuple[dict[int, float], Any]]:
     return trials
 
 
+def _index(trial) -> int:
+    return int(trial.trial_id.rsplit("_", 1)[1])
+
+
 def test_asha_stopped_a_trial_early_and_let_one_finish(searched):
     config, result = searched
     assert len(result.trials) == 4
     assert all(t.status == "TERMINATED" for t in result.trials)
+    # the draw that makes the stop certain (see _config): trial ids end in the trial's index
+    drawn = [t.params["train.learning_rate"] for t in sorted(result.trials, key=_index)]
+    assert drawn == LEARNS_FIRST, drawn
     reported = _reported(config)
     stops = {trial_id: stop for trial_id, (_, stop) in reported.items() if stop is not None}
     assert stops, f"ASHA recorded no stop: {reported}"
