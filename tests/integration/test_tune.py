@@ -67,10 +67,10 @@ def _config(root: Path, tiny_bert: str):
             "metric": "val_loss",  # continuous: no ties at an ASHA rung
             "mode": "min",
             "asha": {"grace_period": 1, "reduction_factor": 2},
-            # Seed 4 draws rates [3e-2, 3e-2, 1e-6, 3e-2] (LEARNS_FIRST): the two trials that
-            # start first learn, and the non-learner starts once one of them has ended, so the
-            # first rung holds only learners' values when it arrives there, and ASHA stops it
-            # whatever order the trials reach the rung in. (Seed 3 drew [3e-2, 1e-6, 1e-6, 3e-2]:
+            # Seed 4 draws the rates LEARNS_FIRST: the two trials that start first learn, and
+            # the non-learner starts once one of them has ended, so the first rung holds only
+            # learners' values when it arrives there, and ASHA stops it whatever order the
+            # trials reach the rung in. (Seed 3 drew [3e-2, 1e-6, 1e-6, 3e-2]:
             # a non-learner could reach the rung first, a second one a hair better than it next,
             # and nothing was stopped.)
             "seed": 4,
